@@ -1,0 +1,197 @@
+"""A user's steering dictionary: keys (input embeddings) and per-site vectors.
+
+On disk (export/import), a dictionary is a folder with ``vectors.safetensors``
+(``keys`` ``[N, key_dim]`` and ``vectors`` ``[N, sites, hidden]``) and
+``dictionary.json`` (metadata, item ids and, optionally, the history texts).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from fints.errors import DictionaryMismatchError, InvalidInputError
+from fints.history import HistoryItem
+from fints.sites import Site, parse_sites
+from fints.steering import SteeringVector
+
+FORMAT_VERSION = 1
+TENSORS_FILE = "vectors.safetensors"
+META_FILE = "dictionary.json"
+
+
+def now_iso() -> str:
+    return datetime.now(UTC).isoformat(timespec="seconds")
+
+
+@dataclass(frozen=True)
+class DictionaryMeta:
+    """What a dictionary was made with; a model that differs cannot use it."""
+
+    model_fingerprint: str
+    model_name: str
+    sites: tuple[Site, ...]
+    hidden_size: int
+    key_encoder: str
+    key_dim: int
+    prompt_template: str
+    dtype: str
+    contrast: str = "context"
+    site_norms: tuple[float, ...] = ()  # typical activation norm per site
+    created_at: str = field(default_factory=now_iso)
+
+    def __post_init__(self) -> None:
+        if self.site_norms and len(self.site_norms) != len(self.sites):
+            raise InvalidInputError(
+                f"{len(self.site_norms)} site norms for {len(self.sites)} sites"
+            )
+
+    def to_json(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["sites"] = [str(s) for s in self.sites]
+        data["site_norms"] = list(self.site_norms)
+        return data
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> DictionaryMeta:
+        try:
+            fields = dict(data)
+            fields["sites"] = parse_sites(fields["sites"])
+            fields["site_norms"] = tuple(float(x) for x in fields.get("site_norms", ()))
+            return cls(**fields)
+        except (KeyError, TypeError) as exc:
+            raise InvalidInputError(f"dictionary metadata is malformed: {exc}") from None
+
+    def same_space(self, other: DictionaryMeta) -> bool:
+        """True when entries made under ``other`` can live in the same dictionary."""
+        return (
+            self.model_fingerprint == other.model_fingerprint
+            and self.sites == other.sites
+            and self.hidden_size == other.hidden_size
+            and self.key_encoder == other.key_encoder
+            and self.key_dim == other.key_dim
+            and self.contrast == other.contrast
+        )
+
+    def check_model(self, fingerprint: str, hidden_size: int, num_layers: int) -> None:
+        if self.model_fingerprint != fingerprint:
+            raise DictionaryMismatchError(
+                f"this dictionary was extracted from model {self.model_name!r} "
+                f"(fingerprint {self.model_fingerprint[:12]}), not from the loaded model "
+                f"(fingerprint {fingerprint[:12]}); re-extract it with `fints build`"
+            )
+        if self.hidden_size != hidden_size:
+            raise DictionaryMismatchError(
+                f"dictionary hidden size {self.hidden_size} != model hidden size {hidden_size}"
+            )
+        deepest = max(site.layer for site in self.sites)
+        if deepest >= num_layers:
+            raise DictionaryMismatchError(
+                f"dictionary site layer {deepest} is out of range for a {num_layers}-layer model"
+            )
+
+
+@dataclass(frozen=True)
+class DictionaryEntry:
+    """One history item's key and steering vector."""
+
+    item_id: str
+    key: torch.Tensor  # [key_dim]
+    vector: SteeringVector
+
+
+def check_finite(name: str, tensor: torch.Tensor) -> None:
+    if not torch.isfinite(tensor).all():
+        raise InvalidInputError(f"{name} contains NaN or infinite values")
+
+
+@dataclass
+class UserDictionary:
+    """Every entry of one user for one model, stacked for fast retrieval."""
+
+    user: str
+    meta: DictionaryMeta
+    item_ids: list[str]
+    keys: torch.Tensor  # [N, key_dim], L2-normalised float32
+    vectors: torch.Tensor  # [N, sites, hidden] float32
+    items: list[HistoryItem] = field(default_factory=list)  # texts, when known
+
+    def __post_init__(self) -> None:
+        n = len(self.item_ids)
+        if self.keys.shape != (n, self.meta.key_dim):
+            raise InvalidInputError(
+                f"keys have shape {tuple(self.keys.shape)}, expected ({n}, {self.meta.key_dim})"
+            )
+        expected = (n, len(self.meta.sites), self.meta.hidden_size)
+        if tuple(self.vectors.shape) != expected:
+            raise InvalidInputError(
+                f"vectors have shape {tuple(self.vectors.shape)}, expected {expected}"
+            )
+        check_finite("dictionary keys", self.keys)
+        check_finite("dictionary vectors", self.vectors)
+
+    def __len__(self) -> int:
+        return len(self.item_ids)
+
+    @property
+    def site_norms(self) -> torch.Tensor:
+        norms = self.meta.site_norms or tuple(math.nan for _ in self.meta.sites)
+        return torch.tensor(norms, dtype=torch.float32)
+
+    def entry(self, index: int) -> DictionaryEntry:
+        return DictionaryEntry(
+            self.item_ids[index],
+            self.keys[index],
+            SteeringVector(self.meta.sites, self.vectors[index]),
+        )
+
+    def save(self, folder: str | Path, *, include_texts: bool = True) -> Path:
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        save_file(
+            {"keys": self.keys.contiguous(), "vectors": self.vectors.contiguous()},
+            str(folder / TENSORS_FILE),
+            metadata={"format": "fints-dictionary", "version": str(FORMAT_VERSION)},
+        )
+        payload = {
+            "format_version": FORMAT_VERSION,
+            "user": self.user,
+            "meta": self.meta.to_json(),
+            "item_ids": self.item_ids,
+            "items": [i.to_json() for i in self.items] if include_texts else [],
+        }
+        (folder / META_FILE).write_text(json.dumps(payload, indent=2, ensure_ascii=False))
+        return folder
+
+    @classmethod
+    def load(cls, folder: str | Path) -> UserDictionary:
+        folder = Path(folder)
+        tensors_path, meta_path = folder / TENSORS_FILE, folder / META_FILE
+        for path in (tensors_path, meta_path):
+            if not path.is_file():
+                raise InvalidInputError(f"not a fints dictionary folder: {str(path)!r} is missing")
+        try:
+            payload = json.loads(meta_path.read_text())
+            tensors = load_file(str(tensors_path))
+        except (json.JSONDecodeError, OSError, Exception) as exc:
+            raise InvalidInputError(f"cannot read dictionary in {str(folder)!r}: {exc}") from None
+        if payload.get("format_version") != FORMAT_VERSION:
+            raise InvalidInputError(
+                f"unsupported dictionary format version {payload.get('format_version')!r}"
+            )
+        items = [HistoryItem(i["input"], i["output"], i["id"]) for i in payload.get("items", [])]
+        return cls(
+            user=str(payload["user"]),
+            meta=DictionaryMeta.from_json(payload["meta"]),
+            item_ids=[str(x) for x in payload["item_ids"]],
+            keys=tensors["keys"].to(torch.float32),
+            vectors=tensors["vectors"].to(torch.float32),
+            items=items,
+        )

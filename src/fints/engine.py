@@ -1,0 +1,260 @@
+"""The personalization engine: history in, personalized generations out.
+
+:class:`Personalizer` ties the pieces together for one loaded model: it stores
+history, extracts dictionaries, and serves batches of (user, query) requests,
+each row steered with its own user's retrieved and aggregated vectors.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch
+
+from fints.dictionary import UserDictionary
+from fints.encoders import KeyEncoder, SentenceTransformerEncoder
+from fints.errors import InvalidInputError, UnknownUserError
+from fints.extraction import ExtractionConfig, ExtractionResult, Extractor
+from fints.generation import GenerationOptions, generate_batch
+from fints.history import HistoryItem
+from fints.models import LoadedModel
+from fints.prompts import PromptTemplate, build_prompt_ids, encode_prompt, get_template
+from fints.retrieval import retrieve_and_aggregate
+from fints.sites import Site, check_layers_in_range, default_sites
+from fints.steering import SteeringConfig, effective_vectors
+from fints.store import DEFAULT_TENANT, Store, check_name
+
+UnknownUserPolicy = Literal["unsteered", "error"]
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    """One query of one user. ``steering`` overrides the engine's defaults for this row."""
+
+    user: str | None
+    query: str
+    tenant: str = DEFAULT_TENANT
+    steering: SteeringConfig | None = None
+    raw_prompt: bool = False  # the query is the whole prompt text (no chat template)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.query, str) or not self.query.strip():
+            raise InvalidInputError("the query is empty")
+
+
+@dataclass
+class GenerationResult:
+    user: str | None
+    text: str
+    steered: bool
+    note: str = ""  # why a row was not steered, e.g. "user has no history"
+    retrieved: list[str] = field(default_factory=list)  # item ids, best first
+    weights: list[float] = field(default_factory=list)
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    finish_reason: str = "stop"
+
+
+@dataclass
+class PreparedBatch:
+    """Prompts and per-row steering vectors, ready for :func:`generate_batch`."""
+
+    prompts: list[list[int]]
+    vectors: dict[Site, torch.Tensor]
+    results: list[GenerationResult]  # text filled in after decoding
+
+
+class Personalizer:
+    """One model, one store, one key encoder; any number of tenants and users."""
+
+    def __init__(
+        self,
+        model: LoadedModel,
+        store: Store,
+        *,
+        encoder: KeyEncoder | None = None,
+        template: str | PromptTemplate = "generic",
+        steering: SteeringConfig | None = None,
+        extraction: ExtractionConfig | None = None,
+        unknown_user: UnknownUserPolicy = "unsteered",
+    ) -> None:
+        self.model = model
+        self.store = store
+        self.encoder = encoder or SentenceTransformerEncoder()
+        self.template = get_template(template)
+        self.steering = steering or SteeringConfig()
+        self.extraction = extraction or ExtractionConfig(sites=default_sites(model.num_layers))
+        check_layers_in_range(self.extraction.sites, model.num_layers)
+        self.unknown_user = unknown_user
+        self._cache: dict[tuple[str, str], tuple[int, UserDictionary | None]] = {}
+        self._cache_lock = threading.Lock()
+
+    # -- history and dictionaries -------------------------------------------------------
+
+    def add_history(
+        self,
+        user: str,
+        items: Sequence[HistoryItem],
+        *,
+        tenant: str = DEFAULT_TENANT,
+        build: bool = True,
+        progress: bool = False,
+    ) -> list[str]:
+        """Store items and (by default) extract their entries right away."""
+        ids = self.store.add_items(tenant, user, items)
+        if build:
+            self.build(user, tenant=tenant, progress=progress)
+        return ids
+
+    def build(
+        self, user: str, *, tenant: str = DEFAULT_TENANT, progress: bool = True
+    ) -> ExtractionResult | None:
+        """Extract entries for every item of ``user`` that has none for this model yet."""
+        pending = self.store.items_without_entries(tenant, user, self.model.fingerprint)
+        if not self.store.has_user(tenant, user):
+            raise UnknownUserError(f"unknown user {user!r} in tenant {tenant!r}")
+        if not pending:
+            return None
+        history = self.store.items(tenant, user)
+        pool = self.store.other_users_items(
+            tenant, user, limit=max(64, 4 * self.extraction.negative_k), seed=self.extraction.seed
+        )
+        extractor = Extractor(self.model, self.encoder, self.template, self.extraction)
+        result = extractor.extract(pending, history, pool, progress=progress)
+        if result.entries:
+            self.store.put_entries(tenant, user, result.meta, result.entries)
+        return result
+
+    def dictionary(self, user: str, *, tenant: str = DEFAULT_TENANT) -> UserDictionary | None:
+        """The user's dictionary for this model (cached until the user's data changes)."""
+        version = self.store.version(tenant, user)
+        if version is None:
+            raise UnknownUserError(f"unknown user {user!r} in tenant {tenant!r}")
+        with self._cache_lock:
+            cached = self._cache.get((tenant, user))
+            if cached is not None and cached[0] == version:
+                return cached[1]
+        dictionary = self.store.dictionary(tenant, user, self.model.fingerprint)
+        if dictionary is not None:
+            dictionary.meta.check_model(
+                self.model.fingerprint, self.model.hidden_size, self.model.num_layers
+            )
+        with self._cache_lock:
+            self._cache[(tenant, user)] = (version, dictionary)
+        return dictionary
+
+    def delete_user(self, user: str, *, tenant: str = DEFAULT_TENANT) -> None:
+        self.store.delete_user(tenant, user)
+        with self._cache_lock:
+            self._cache.pop((tenant, user), None)
+
+    # -- generation -------------------------------------------------------------------
+
+    def _lookup(self, request: GenerationRequest) -> tuple[UserDictionary | None, str]:
+        if request.user is None:
+            return None, "no user given"
+        check_name("user", request.user)
+        try:
+            dictionary = self.dictionary(request.user, tenant=request.tenant)
+        except UnknownUserError:
+            if self.unknown_user == "error":
+                raise
+            return None, "unknown user: served unsteered"
+        if dictionary is None or not len(dictionary):
+            return None, "user has no extracted history: served unsteered"
+        return dictionary, ""
+
+    def prepare(self, requests: Sequence[GenerationRequest]) -> PreparedBatch:
+        """Retrieve, aggregate and scale each row's vectors; build each row's prompt."""
+        if not requests:
+            raise InvalidInputError("no requests")
+        configs = [r.steering or self.steering for r in requests]
+        looked_up = [self._lookup(r) for r in requests]
+        dictionaries = [
+            d if c.enabled else None for (d, _), c in zip(looked_up, configs, strict=True)
+        ]
+        results = [
+            GenerationResult(
+                user=r.user,
+                text="",
+                steered=d is not None,
+                note=note if c.enabled else "steering disabled for this request",
+            )
+            for r, (d, note), c in zip(requests, looked_up, configs, strict=True)
+        ]
+        steer_sites = sorted({s for d in dictionaries if d is not None for s in d.meta.sites})
+        batch = len(requests)
+        vectors = {site: torch.zeros(batch, self.model.hidden_size) for site in steer_sites}
+        contexts: list[list[HistoryItem]] = [[] for _ in requests]
+        needs_keys = [i for i, d in enumerate(dictionaries) if d is not None]
+        icl_rows = [i for i, (d, _) in enumerate(looked_up) if d is not None and configs[i].icl_k]
+        keys = (
+            self.encoder.encode(
+                [requests[i].query for i in sorted(set(needs_keys) | set(icl_rows))]
+            )
+            if needs_keys or icl_rows
+            else torch.zeros(0)
+        )
+        key_of = {i: keys[n] for n, i in enumerate(sorted(set(needs_keys) | set(icl_rows)))}
+
+        # Rows sharing retrieval settings and sites are retrieved together, vectorized.
+        groups: dict[tuple[Any, ...], list[int]] = {}
+        for i in needs_keys:
+            c, d = configs[i], dictionaries[i]
+            assert d is not None
+            groups.setdefault((c.top_k, c.aggregation, c.tau, d.meta.sites), []).append(i)
+        for (top_k, aggregation, tau, sites), rows in groups.items():
+            found = retrieve_and_aggregate(
+                torch.stack([key_of[i] for i in rows]),
+                [dictionaries[i] for i in rows],
+                top_k=top_k,
+                aggregation=aggregation,
+                tau=tau,
+            )
+            norms = torch.stack([dictionaries[i].site_norms for i in rows])  # type: ignore[union-attr]
+            scaled = effective_vectors(sites, found.vectors, [configs[i] for i in rows], norms)
+            for n, i in enumerate(rows):
+                d = dictionaries[i]
+                assert d is not None
+                results[i].retrieved = [d.item_ids[j] for j in found.indices[n]]
+                results[i].weights = found.weights[n]
+                for site in sites:
+                    vectors[site][i] = scaled[site][n]
+        for i in icl_rows:
+            d = looked_up[i][0]
+            assert d is not None and d.items
+            by_id = {item.item_id: item for item in d.items}
+            scores = d.keys @ key_of[i]
+            top = scores.topk(min(configs[i].icl_k, len(d))).indices.tolist()
+            contexts[i] = [by_id[d.item_ids[j]] for j in top if d.item_ids[j] in by_id]
+
+        prompts = [
+            encode_prompt(self.model.tokenizer, r.query)
+            if r.raw_prompt
+            else build_prompt_ids(self.model.tokenizer, self.template, r.query, ctx)
+            for r, ctx in zip(requests, contexts, strict=True)
+        ]
+        for result, prompt in zip(results, prompts, strict=True):
+            result.prompt_tokens = len(prompt)
+        return PreparedBatch(prompts, vectors, results)
+
+    def generate(
+        self,
+        requests: Sequence[GenerationRequest],
+        options: GenerationOptions | None = None,
+        *,
+        streamer: Any = None,
+    ) -> list[GenerationResult]:
+        """Personalized generation for a batch of requests from any users and tenants."""
+        prepared = self.prepare(requests)
+        completions = generate_batch(
+            self.model, prepared.prompts, prepared.vectors or None, options, streamer
+        )
+        for result, completion in zip(prepared.results, completions, strict=True):
+            result.text = completion.text
+            result.completion_tokens = len(completion.token_ids)
+            result.finish_reason = completion.finish_reason
+        return prepared.results

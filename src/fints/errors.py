@@ -1,0 +1,24 @@
+"""Errors raised by fints. Each names the problem in words a user can act on."""
+
+
+class FintsError(Exception):
+    """Base class of every error fints raises on purpose."""
+
+
+class InvalidInputError(FintsError, ValueError):
+    """User-supplied data (history lines, requests, vectors) is malformed."""
+
+
+class UnknownUserError(FintsError, KeyError):
+    """The named user has no data in this tenant."""
+
+    def __str__(self) -> str:  # KeyError quotes its message; we do not want that
+        return str(self.args[0]) if self.args else "unknown user"
+
+
+class DictionaryMismatchError(FintsError):
+    """A steering dictionary does not fit the model it is being used with."""
+
+
+class UnsupportedModelError(FintsError):
+    """fints cannot find the decoder layers / attention / MLP modules of a model."""

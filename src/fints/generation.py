@@ -1,0 +1,93 @@
+"""Batched decoding of prompts, each row with its own steering vectors."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from contextlib import nullcontext
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from fints.errors import InvalidInputError
+from fints.injection import steer
+from fints.models import LoadedModel
+from fints.prompts import pad_batch
+from fints.sites import Site
+
+
+@dataclass(frozen=True)
+class GenerationOptions:
+    max_new_tokens: int = 64
+    temperature: float = 0.0  # 0: greedy
+    top_p: float = 1.0
+    seed: int | None = None
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.max_new_tokens <= 4096:
+            raise InvalidInputError(f"max_new_tokens must be in 1..4096, got {self.max_new_tokens}")
+        if self.temperature < 0 or not 0 < self.top_p <= 1:
+            raise InvalidInputError("temperature must be >= 0 and top_p in (0, 1]")
+
+
+@dataclass
+class Completion:
+    text: str
+    token_ids: list[int]
+    prompt_tokens: int
+    finish_reason: str  # "stop" (end of turn) or "length"
+
+
+@torch.inference_mode()
+def generate_batch(
+    model: LoadedModel,
+    prompts: Sequence[Sequence[int]],
+    vectors: Mapping[Site, torch.Tensor] | None = None,
+    options: GenerationOptions | None = None,
+    streamer: Any = None,
+) -> list[Completion]:
+    """Decode every prompt; ``vectors[site]`` (``[batch, hidden]``) is added while decoding."""
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise InvalidInputError("every prompt needs at least one token")
+    options = options or GenerationOptions()
+    tok = model.tokenizer
+    input_ids, attention = pad_batch(prompts, tok.pad_token_id, side="left")
+    sampling: dict[str, Any] = {"do_sample": False}
+    if options.temperature > 0:
+        sampling = {"do_sample": True, "temperature": options.temperature, "top_p": options.top_p}
+        if options.seed is not None:
+            torch.manual_seed(options.seed)
+    eos = {tok.eos_token_id} | set(_as_list(model.model.generation_config.eos_token_id))
+    eos.discard(None)
+    context = steer(model.layout, vectors) if vectors else nullcontext()
+    with context:
+        out = model.model.generate(
+            input_ids=input_ids.to(model.device),
+            attention_mask=attention.to(model.device),
+            max_new_tokens=options.max_new_tokens,
+            pad_token_id=tok.pad_token_id,
+            eos_token_id=sorted(eos),
+            streamer=streamer,
+            top_k=None,
+            **sampling,
+        )
+    completions = []
+    for row, prompt in enumerate(prompts):
+        new = out[row, input_ids.shape[1] :].tolist()
+        stop = next((i for i, t in enumerate(new) if t in eos), None)
+        tokens = new if stop is None else new[:stop]
+        completions.append(
+            Completion(
+                text=tok.decode(tokens, skip_special_tokens=True).strip(),
+                token_ids=tokens,
+                prompt_tokens=len(prompt),
+                finish_reason="length" if stop is None else "stop",
+            )
+        )
+    return completions
+
+
+def _as_list(value: Any) -> list[Any]:
+    if value is None:
+        return []
+    return list(value) if isinstance(value, list | tuple) else [value]

@@ -1,0 +1,359 @@
+"""The embedded, transactional store of users' history and steering dictionaries.
+
+SQLite in WAL mode with ``synchronous=FULL``: a write that returned is on disk,
+and a process killed mid-write leaves the previous state. Every row is scoped
+to a tenant, and ``secure_delete`` overwrites what a deleted user leaves behind.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import sqlite3
+import threading
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from fints.dictionary import DictionaryEntry, DictionaryMeta, UserDictionary, check_finite, now_iso
+from fints.errors import DictionaryMismatchError, InvalidInputError, UnknownUserError
+from fints.history import HistoryItem, check_unique_ids
+
+DEFAULT_TENANT = "default"
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS users (
+    tenant TEXT NOT NULL,
+    user TEXT NOT NULL,
+    created_at TEXT NOT NULL,
+    version INTEGER NOT NULL DEFAULT 0,
+    PRIMARY KEY (tenant, user)
+);
+CREATE TABLE IF NOT EXISTS items (
+    tenant TEXT NOT NULL,
+    user TEXT NOT NULL,
+    item_id TEXT NOT NULL,
+    seq INTEGER NOT NULL,
+    input TEXT NOT NULL,
+    output TEXT NOT NULL,
+    created_at TEXT NOT NULL,
+    PRIMARY KEY (tenant, user, item_id),
+    FOREIGN KEY (tenant, user) REFERENCES users (tenant, user) ON DELETE CASCADE
+);
+CREATE TABLE IF NOT EXISTS dictionaries (
+    tenant TEXT NOT NULL,
+    user TEXT NOT NULL,
+    fingerprint TEXT NOT NULL,
+    meta TEXT NOT NULL,
+    PRIMARY KEY (tenant, user, fingerprint),
+    FOREIGN KEY (tenant, user) REFERENCES users (tenant, user) ON DELETE CASCADE
+);
+CREATE TABLE IF NOT EXISTS entries (
+    tenant TEXT NOT NULL,
+    user TEXT NOT NULL,
+    fingerprint TEXT NOT NULL,
+    item_id TEXT NOT NULL,
+    key BLOB NOT NULL,
+    vectors BLOB NOT NULL,
+    PRIMARY KEY (tenant, user, fingerprint, item_id),
+    FOREIGN KEY (tenant, user, fingerprint)
+        REFERENCES dictionaries (tenant, user, fingerprint) ON DELETE CASCADE
+);
+"""
+
+
+def _blob(tensor: torch.Tensor) -> bytes:
+    return tensor.detach().to("cpu", torch.float32).contiguous().numpy().tobytes()
+
+
+def _tensor(blob: bytes, shape: tuple[int, ...]) -> torch.Tensor:
+    return torch.from_numpy(np.frombuffer(blob, dtype=np.float32).copy()).reshape(shape)
+
+
+def check_name(kind: str, value: str) -> str:
+    if not isinstance(value, str) or not value.strip():
+        raise InvalidInputError(f"{kind} name must be a non-empty string, got {value!r}")
+    if len(value) > 256 or any(ord(c) < 32 for c in value):
+        raise InvalidInputError(f"{kind} name {value[:40]!r} is too long or has control characters")
+    return value
+
+
+class Store:
+    """Thread-safe access to one SQLite file. Every method is tenant-scoped."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._lock = threading.RLock()
+        self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=FULL")
+        self._db.execute("PRAGMA foreign_keys=ON")
+        self._db.execute("PRAGMA secure_delete=ON")
+        self._db.execute("PRAGMA busy_timeout=10000")
+        self._db.executescript(_SCHEMA)
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    def __enter__(self) -> Store:
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self.close()
+
+    @contextmanager
+    def transaction(self) -> Iterator[sqlite3.Connection]:
+        """All-or-nothing: commit on success, roll back on any exception."""
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                yield self._db
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self._db.execute("COMMIT")
+
+    def _query(self, sql: str, args: Sequence[object] = ()) -> list[tuple]:
+        with self._lock:
+            return self._db.execute(sql, args).fetchall()
+
+    # -- users and history -------------------------------------------------------------
+
+    def users(self, tenant: str = DEFAULT_TENANT) -> list[str]:
+        return [
+            r[0]
+            for r in self._query("SELECT user FROM users WHERE tenant = ? ORDER BY user", (tenant,))
+        ]
+
+    def has_user(self, tenant: str, user: str) -> bool:
+        return bool(
+            self._query("SELECT 1 FROM users WHERE tenant = ? AND user = ?", (tenant, user))
+        )
+
+    def version(self, tenant: str, user: str) -> int | None:
+        """A counter bumped by every write to the user (for cache invalidation)."""
+        rows = self._query(
+            "SELECT version FROM users WHERE tenant = ? AND user = ?", (tenant, user)
+        )
+        return int(rows[0][0]) if rows else None
+
+    def add_items(self, tenant: str, user: str, items: Sequence[HistoryItem]) -> list[str]:
+        """Append history items atomically; a duplicate id rejects the whole batch."""
+        check_name("tenant", tenant)
+        check_name("user", user)
+        if not items:
+            raise InvalidInputError("no history items to add")
+        check_unique_ids(items)
+        with self.transaction() as db:
+            self._insert_items(db, tenant, user, items)
+        return [i.item_id for i in items]
+
+    def _insert_items(
+        self, db: sqlite3.Connection, tenant: str, user: str, items: Sequence[HistoryItem]
+    ) -> None:
+        self._touch(db, tenant, user)
+        existing = {
+            r[0]
+            for r in db.execute(
+                f"SELECT item_id FROM items WHERE tenant = ? AND user = ? AND item_id IN "
+                f"({','.join('?' * len(items))})",
+                (tenant, user, *[i.item_id for i in items]),
+            )
+        }
+        if existing:
+            raise InvalidInputError(
+                f"user {user!r} already has item(s) {sorted(existing)[:5]}; nothing was added"
+            )
+        (seq,) = db.execute(
+            "SELECT COALESCE(MAX(seq), -1) + 1 FROM items WHERE tenant = ? AND user = ?",
+            (tenant, user),
+        ).fetchone()
+        created = now_iso()
+        db.executemany(
+            "INSERT INTO items VALUES (?, ?, ?, ?, ?, ?, ?)",
+            [
+                (tenant, user, i.item_id, seq + n, i.input, i.output, created)
+                for n, i in enumerate(items)
+            ],
+        )
+
+    def _touch(self, db: sqlite3.Connection, tenant: str, user: str) -> None:
+        db.execute(
+            "INSERT INTO users (tenant, user, created_at, version) VALUES (?, ?, ?, 1) "
+            "ON CONFLICT (tenant, user) DO UPDATE SET version = version + 1",
+            (tenant, user, now_iso()),
+        )
+
+    def items(self, tenant: str, user: str) -> list[HistoryItem]:
+        self._require_user(tenant, user)
+        rows = self._query(
+            "SELECT input, output, item_id FROM items WHERE tenant = ? AND user = ? ORDER BY seq",
+            (tenant, user),
+        )
+        return [HistoryItem(*r) for r in rows]
+
+    def items_without_entries(self, tenant: str, user: str, fingerprint: str) -> list[HistoryItem]:
+        rows = self._query(
+            "SELECT i.input, i.output, i.item_id FROM items i WHERE i.tenant = ? AND i.user = ? "
+            "AND NOT EXISTS (SELECT 1 FROM entries e WHERE e.tenant = i.tenant "
+            "AND e.user = i.user AND e.fingerprint = ? AND e.item_id = i.item_id) ORDER BY i.seq",
+            (tenant, user, fingerprint),
+        )
+        return [HistoryItem(*r) for r in rows]
+
+    def other_users_items(
+        self, tenant: str, user: str, limit: int, seed: int = 0
+    ) -> list[HistoryItem]:
+        """A random sample of other users' items in the same tenant (negative context)."""
+        rows = self._query(
+            "SELECT input, output, item_id FROM items WHERE tenant = ? AND user != ? "
+            "ORDER BY user, seq",
+            (tenant, user),
+        )
+        items = [HistoryItem(*r) for r in rows]
+        random.Random(seed).shuffle(items)
+        return items[:limit]
+
+    def _require_user(self, tenant: str, user: str) -> None:
+        if not self.has_user(tenant, user):
+            raise UnknownUserError(f"unknown user {user!r} in tenant {tenant!r}")
+
+    def delete_user(self, tenant: str, user: str) -> None:
+        """Forget a user: items, keys, vectors and metadata; the freed pages are zeroed."""
+        self._require_user(tenant, user)
+        with self.transaction() as db:
+            for table in ("entries", "dictionaries", "items", "users"):
+                db.execute(f"DELETE FROM {table} WHERE tenant = ? AND user = ?", (tenant, user))
+        with self._lock:
+            # Copy the zeroed pages back into the main file and empty the WAL.
+            self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+
+    # -- dictionaries ---------------------------------------------------------------------
+
+    def put_entries(
+        self, tenant: str, user: str, meta: DictionaryMeta, entries: Sequence[DictionaryEntry]
+    ) -> None:
+        """Add or replace dictionary entries, all or none; each must match ``meta``."""
+        self._require_user(tenant, user)
+        with self.transaction() as db:
+            self._insert_entries(db, tenant, user, meta, entries)
+
+    def _insert_entries(
+        self,
+        db: sqlite3.Connection,
+        tenant: str,
+        user: str,
+        meta: DictionaryMeta,
+        entries: Sequence[DictionaryEntry],
+    ) -> None:
+        for entry in entries:
+            if entry.vector.sites != meta.sites:
+                raise InvalidInputError(
+                    f"entry {entry.item_id!r} has sites {[str(s) for s in entry.vector.sites]}, "
+                    f"the dictionary {[str(s) for s in meta.sites]}"
+                )
+            if tuple(entry.vector.values.shape) != (len(meta.sites), meta.hidden_size):
+                raise InvalidInputError(
+                    f"entry {entry.item_id!r} vectors have shape "
+                    f"{tuple(entry.vector.values.shape)}, expected "
+                    f"({len(meta.sites)}, {meta.hidden_size})"
+                )
+            if tuple(entry.key.shape) != (meta.key_dim,):
+                raise InvalidInputError(
+                    f"entry {entry.item_id!r} key has shape {tuple(entry.key.shape)}, "
+                    f"expected ({meta.key_dim},)"
+                )
+            check_finite(f"entry {entry.item_id!r} vectors", entry.vector.values)
+            check_finite(f"entry {entry.item_id!r} key", entry.key)
+        row = db.execute(
+            "SELECT meta FROM dictionaries WHERE tenant = ? AND user = ? AND fingerprint = ?",
+            (tenant, user, meta.model_fingerprint),
+        ).fetchone()
+        if row is None:
+            db.execute(
+                "INSERT INTO dictionaries VALUES (?, ?, ?, ?)",
+                (tenant, user, meta.model_fingerprint, json.dumps(meta.to_json())),
+            )
+        elif not DictionaryMeta.from_json(json.loads(row[0])).same_space(meta):
+            raise DictionaryMismatchError(
+                f"user {user!r} already has a dictionary for this model with other sites, "
+                "key encoder or contrast; delete it (or the user) before building another"
+            )
+        db.executemany(
+            "INSERT OR REPLACE INTO entries VALUES (?, ?, ?, ?, ?, ?)",
+            [
+                (
+                    tenant,
+                    user,
+                    meta.model_fingerprint,
+                    e.item_id,
+                    _blob(e.key),
+                    _blob(e.vector.values),
+                )
+                for e in entries
+            ],
+        )
+        self._touch(db, tenant, user)
+
+    def dictionary(self, tenant: str, user: str, fingerprint: str) -> UserDictionary | None:
+        """The user's dictionary for a model, or None if nothing was extracted yet."""
+        self._require_user(tenant, user)
+        with self._lock:
+            row = self._db.execute(
+                "SELECT meta FROM dictionaries WHERE tenant = ? AND user = ? AND fingerprint = ?",
+                (tenant, user, fingerprint),
+            ).fetchone()
+            if row is None:
+                return None
+            meta = DictionaryMeta.from_json(json.loads(row[0]))
+            rows = self._db.execute(
+                "SELECT e.item_id, e.key, e.vectors, i.input, i.output FROM entries e "
+                "LEFT JOIN items i ON i.tenant = e.tenant AND i.user = e.user "
+                "AND i.item_id = e.item_id WHERE e.tenant = ? AND e.user = ? "
+                "AND e.fingerprint = ? ORDER BY i.seq, e.item_id",
+                (tenant, user, fingerprint),
+            ).fetchall()
+        if not rows:
+            return None
+        shape = (len(meta.sites), meta.hidden_size)
+        return UserDictionary(
+            user=user,
+            meta=meta,
+            item_ids=[r[0] for r in rows],
+            keys=torch.stack([_tensor(r[1], (meta.key_dim,)) for r in rows]),
+            vectors=torch.stack([_tensor(r[2], shape) for r in rows]),
+            items=[HistoryItem(r[3], r[4], r[0]) for r in rows if r[3] is not None],
+        )
+
+    def import_dictionary(
+        self, tenant: str, dictionary: UserDictionary, user: str | None = None
+    ) -> None:
+        """Store an exported dictionary (and its texts) under ``user``; all or nothing."""
+        user = check_name("user", user or dictionary.user)
+        if self.has_user(tenant, user):
+            raise InvalidInputError(
+                f"user {user!r} already exists in tenant {tenant!r}; delete it or import under "
+                "another name"
+            )
+        texts = {i.item_id: i for i in dictionary.items}
+        missing = [i for i in dictionary.item_ids if i not in texts]
+        if missing:
+            raise InvalidInputError(
+                f"the dictionary has no history texts for {len(missing)} entries "
+                "(export with texts to import it)"
+            )
+        entries = [dictionary.entry(n) for n in range(len(dictionary))]
+        with self.transaction() as db:
+            self._insert_items(db, tenant, user, [texts[i] for i in dictionary.item_ids])
+            self._insert_entries(db, tenant, user, dictionary.meta, entries)
+
+    def integrity_check(self) -> list[str]:
+        """SQLite's own check plus referential checks; an empty list means healthy."""
+        problems = [r[0] for r in self._query("PRAGMA integrity_check") if r[0] != "ok"]
+        problems += [f"foreign key violation: {r}" for r in self._query("PRAGMA foreign_key_check")]
+        return problems
