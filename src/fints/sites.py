@@ -32,7 +32,7 @@ class Site:
             raise InvalidInputError(
                 f"site layer must be a non-negative integer, got {self.layer!r}"
             )
-        object.__setattr__(self, "component", _component(self.component))
+        object.__setattr__(self, "component", parse_component(self.component))
 
     def __str__(self) -> str:
         return f"{self.layer}.{self.component.value}"
@@ -46,10 +46,10 @@ class Site:
                 f"cannot parse site {text!r}: expected LAYER.COMPONENT such as '12.attn', "
                 f"with component one of {[c.value for c in Component]}"
             )
-        return cls(int(layer), _component(comp))
+        return cls(int(layer), parse_component(comp))
 
 
-def _component(value: str | Component) -> Component:
+def parse_component(value: str | Component) -> Component:
     try:
         return Component(value)
     except ValueError:

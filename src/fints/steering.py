@@ -14,7 +14,7 @@ from typing import Literal
 import torch
 
 from fints.errors import InvalidInputError
-from fints.sites import Component, Site
+from fints.sites import Component, Site, parse_component
 
 Aggregation = Literal["mean", "attentive"]
 
@@ -81,7 +81,7 @@ class SteeringConfig:
             raise InvalidInputError(f"tau must be > 0, got {self.tau}")
         if self.icl_k < 0:
             raise InvalidInputError(f"icl_k must be >= 0, got {self.icl_k}")
-        strengths = {Component(k): float(v) for k, v in self.strengths.items()}
+        strengths = {parse_component(k): float(v) for k, v in self.strengths.items()}
         for comp, value in strengths.items():
             if not torch.isfinite(torch.tensor(value)):
                 raise InvalidInputError(f"strength for {comp} must be finite, got {value}")

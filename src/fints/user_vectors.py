@@ -34,11 +34,8 @@ def user_vector(
     out = torch.zeros_like(mean)
     for s in range(diffs.shape[1]):
         if method == "pca":
-            if diffs.shape[0] < 2:
-                direction = mean[s]
-            else:
-                centered = diffs[:, s] - diffs[:, s].mean(dim=0)
-                direction = torch.linalg.svd(centered, full_matrices=False).Vh[0]
+            # Uncentered: centering would remove exactly the direction shared by the items.
+            direction = torch.linalg.svd(diffs[:, s], full_matrices=False).Vh[0]
         elif method == "logistic":
             x = torch.cat([positive[:, s], negative[:, s]]).numpy().astype(np.float64)
             y = np.r_[np.ones(len(positive)), np.zeros(len(negative))]
