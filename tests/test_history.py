@@ -8,7 +8,7 @@ def test_parse_good_lines_with_ids_and_blank_lines():
     items = parse_history_lines(
         ['{"input": "a", "output": "b", "id": "x1"}', "", '{"input": "c", "output": "d"}']
     )
-    assert [i.item_id for i in items][0] == "x1" and len(items) == 2
+    assert items[0].item_id == "x1" and len(items) == 2
     assert items[1].item_id == HistoryItem("c", "d").item_id  # stable content id
 
 

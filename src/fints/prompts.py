@@ -27,6 +27,18 @@ class PromptTemplate:
     context_item: str = "Request: {input}\nMy answer: {output}"
     context_footer: str = "Answer the next request the way I would."
     system_prompt: str = "You are a helpful assistant."
+    context_as_turns: bool = False  # context items as earlier chat turns, not in one message
+
+    def messages(self, query: str, context: Sequence[HistoryItem] = ()) -> list[dict[str, str]]:
+        """The chat: system prompt, context (as turns or inside the message), then the query."""
+        turns = [{"role": "system", "content": self.system_prompt}]
+        if self.context_as_turns:
+            for item in context:
+                turns.append({"role": "user", "content": self.instruction.format(input=item.input)})
+                turns.append({"role": "assistant", "content": item.output})
+            context = ()
+        turns.append({"role": "user", "content": self.user_message(query, context)})
+        return turns
 
     def user_message(self, query: str, context: Sequence[HistoryItem] = ()) -> str:
         task = self.instruction.format(input=query)
@@ -42,7 +54,7 @@ class PromptTemplate:
 
 
 TEMPLATES: dict[str, PromptTemplate] = {
-    "generic": PromptTemplate(),
+    "generic": PromptTemplate(context_as_turns=True),
     "headline": PromptTemplate(
         name="headline",
         instruction="Write a headline for this article:\n{input}",
@@ -70,16 +82,23 @@ def get_template(name_or_template: str | PromptTemplate) -> PromptTemplate:
     return TEMPLATES[name_or_template]
 
 
-def render_prompt(tokenizer: PreTrainedTokenizerBase, system: str, user: str) -> str:
-    """The text of a chat prompt ending where the assistant's answer starts."""
+def render_prompt(tokenizer: PreTrainedTokenizerBase, messages: list[dict[str, str]]) -> str:
+    """The text of a chat prompt ending where the assistant's answer starts.
+
+    ``messages[0]`` is the system turn. Tokenizers without a chat template get
+    plain text; templates that reject a system role (e.g. Gemma) get it folded
+    into the first user turn.
+    """
     if not getattr(tokenizer, "chat_template", None):
-        return f"{system}\n\n{user}\n\n"
-    messages = [{"role": "system", "content": system}, {"role": "user", "content": user}]
+        return "\n\n".join(m["content"] for m in messages) + "\n\n"
     try:
         text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    except Exception:  # templates that reject a system role (e.g. Gemma)
-        merged = [{"role": "user", "content": f"{system}\n\n{user}" if system else user}]
-        text = tokenizer.apply_chat_template(merged, tokenize=False, add_generation_prompt=True)
+    except Exception:
+        system, first, *rest = messages
+        merged = {"role": "user", "content": f"{system['content']}\n\n{first['content']}"}
+        text = tokenizer.apply_chat_template(
+            [merged, *rest], tokenize=False, add_generation_prompt=True
+        )
     return str(text)
 
 
@@ -95,8 +114,7 @@ def build_prompt_ids(
     query: str,
     context: Sequence[HistoryItem] = (),
 ) -> list[int]:
-    user = template.user_message(query, context)
-    return encode_prompt(tokenizer, render_prompt(tokenizer, template.system_prompt, user))
+    return encode_prompt(tokenizer, render_prompt(tokenizer, template.messages(query, context)))
 
 
 def pad_batch(
