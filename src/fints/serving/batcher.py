@@ -1,0 +1,436 @@
+"""Dynamic batching: many concurrent requests, one model, one worker thread.
+
+Requests wait in an asyncio queue. A collector task takes the first one, waits a
+few milliseconds for company (or not at all when the worker was busy and the
+queue filled meanwhile), and hands up to ``max_batch_size`` requests to the
+single worker thread that owns the model. The worker groups them by
+:class:`GenerationOptions` and runs each group as one
+:meth:`Personalizer.prepare` + :func:`generate_batch`, every row steered with its
+own user's vectors.
+
+Writes (adding history with extraction, forgetting a user) go through the same
+queue and the same thread, so extraction and generation never share the model
+at once, and a write acknowledged to a client is visible to every request
+enqueued after it.
+
+Streaming: :class:`RowStreamer` receives each decoding step's ``[batch]`` tokens
+from ``generate`` and hands every streaming row its own text deltas
+(incrementally detokenized) through the row's asyncio queue.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field, replace
+from typing import Any, TypeVar
+
+import torch
+from transformers.generation.streamers import BaseStreamer
+
+from fints.engine import GenerationRequest, GenerationResult, Personalizer, PreparedBatch
+from fints.generation import GenerationOptions, generate_batch
+from fints.models import LoadedModel
+from fints.serving.api_spec import ApiError
+from fints.serving.metrics import ServingMetrics
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+
+# -- events from the worker to one request --------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Started:
+    """The request's row is prepared (steering known) and decoding begins."""
+
+    result: GenerationResult  # text still empty
+    batch_size: int
+
+
+@dataclass(frozen=True)
+class Delta:
+    text: str
+
+
+@dataclass(frozen=True)
+class Done:
+    result: GenerationResult
+    batch_size: int
+
+
+@dataclass(frozen=True)
+class Failed:
+    error: BaseException
+
+
+Event = Started | Delta | Done | Failed
+
+
+@dataclass
+class GenerationJob:
+    request: GenerationRequest
+    options: GenerationOptions
+    stream: bool
+    loop: asyncio.AbstractEventLoop
+    events: asyncio.Queue[Event] = field(default_factory=asyncio.Queue)
+    enqueued_at: float = field(default_factory=time.perf_counter)
+    abandoned: bool = False  # the client went away before the batch started
+
+    def emit(self, event: Event) -> None:
+        """Thread-safe: called from the worker."""
+        with contextlib.suppress(RuntimeError):  # a closed loop: nobody is listening
+            self.loop.call_soon_threadsafe(self.events.put_nowait, event)
+
+    async def next_event(self) -> Event:
+        return await self.events.get()
+
+    async def result(self) -> tuple[GenerationResult, int]:
+        """Wait for the finished result (skipping stream events); raise its error."""
+        while True:
+            event = await self.events.get()
+            if isinstance(event, Failed):
+                raise event.error
+            if isinstance(event, Done):
+                return event.result, event.batch_size
+
+
+@dataclass
+class WriteJob:
+    fn: Callable[[], Any]
+    future: asyncio.Future[Any]
+
+
+# -- streaming --------------------------------------------------------------------------
+
+
+class IncrementalDecoder:
+    """Text deltas of a growing token list whose concatenation is ``decode(ids).strip()``.
+
+    Held back: a trailing incomplete UTF-8 sequence (decoded as U+FFFD) and
+    trailing whitespace (the final text is stripped), until more tokens come.
+    """
+
+    def __init__(self, tokenizer: Any) -> None:
+        self._tokenizer = tokenizer
+        self._ids: list[int] = []
+        self._emitted = ""
+
+    def add(self, token_id: int) -> str:
+        self._ids.append(token_id)
+        text = self._decode()
+        if text.endswith("\ufffd"):
+            return ""
+        return self._advance(text.rstrip())
+
+    def finish(self) -> str:
+        return self._advance(self._decode().rstrip())
+
+    def _decode(self) -> str:
+        return str(self._tokenizer.decode(self._ids, skip_special_tokens=True)).lstrip()
+
+    def _advance(self, stable: str) -> str:
+        if not stable.startswith(self._emitted):
+            return ""  # earlier text changed under a merge; what was sent stays sent
+        delta = stable[len(self._emitted) :]
+        self._emitted = stable
+        return delta
+
+
+class RowStreamer(BaseStreamer):
+    """Splits each decoding step's ``[batch]`` tokens into per-row text deltas.
+
+    ``sinks[row]`` receives the row's deltas (None: the row does not stream).
+    A row ends at its first end-of-sequence token, as in :func:`generate_batch`.
+    """
+
+    def __init__(
+        self,
+        tokenizer: Any,
+        eos_ids: set[int],
+        sinks: Sequence[Callable[[str], None] | None],
+    ) -> None:
+        self._sinks = list(sinks)
+        self._decoders = [IncrementalDecoder(tokenizer) if s else None for s in sinks]
+        self._finished = [s is None for s in sinks]
+        self._eos = eos_ids
+        self._prompt_seen = False
+
+    def put(self, value: torch.Tensor) -> None:
+        if not self._prompt_seen:  # generate() first pushes the prompt ids
+            self._prompt_seen = True
+            return
+        for row, token in enumerate(value.reshape(-1).tolist()):
+            if self._finished[row]:
+                continue
+            if token in self._eos:
+                self._finish(row)
+                continue
+            decoder, sink = self._decoders[row], self._sinks[row]
+            assert decoder is not None and sink is not None
+            delta = decoder.add(int(token))
+            if delta:
+                sink(delta)
+
+    def end(self) -> None:
+        for row in range(len(self._sinks)):
+            if not self._finished[row]:
+                self._finish(row)
+
+    def _finish(self, row: int) -> None:
+        self._finished[row] = True
+        decoder, sink = self._decoders[row], self._sinks[row]
+        if decoder is not None and sink is not None:
+            delta = decoder.finish()
+            if delta:
+                sink(delta)
+
+
+def eos_ids(model: LoadedModel) -> set[int]:
+    """The token ids that end a row, as :func:`generate_batch` counts them."""
+    ids: set[int] = set()
+    for value in (model.tokenizer.eos_token_id, model.model.generation_config.eos_token_id):
+        if isinstance(value, list | tuple):
+            ids.update(int(v) for v in value)
+        elif value is not None:
+            ids.add(int(value))
+    return ids
+
+
+def select_rows(prepared: PreparedBatch, rows: Sequence[int]) -> PreparedBatch:
+    index = torch.tensor(list(rows), dtype=torch.long)
+    return PreparedBatch(
+        prompts=[prepared.prompts[i] for i in rows],
+        vectors={site: v.index_select(0, index) for site, v in prepared.vectors.items()},
+        results=[prepared.results[i] for i in rows],
+    )
+
+
+# -- the batcher ------------------------------------------------------------------------
+
+
+class Batcher:
+    """The queue, the collector task and the one worker thread that owns the model."""
+
+    def __init__(
+        self,
+        personalizer: Personalizer,
+        metrics: ServingMetrics,
+        *,
+        max_batch_size: int = 8,
+        max_wait_ms: float = 5.0,
+        max_queue: int = 256,
+        max_prompt_tokens: int = 2048,
+    ) -> None:
+        if max_batch_size < 1 or max_wait_ms < 0 or max_queue < 1:
+            raise ValueError("max_batch_size and max_queue must be >= 1, max_wait_ms >= 0")
+        self.personalizer = personalizer
+        self.metrics = metrics
+        self.max_batch_size = max_batch_size
+        self.max_wait = max_wait_ms / 1000
+        self.max_queue = max_queue
+        self.max_prompt_tokens = max_prompt_tokens
+        self._eos = eos_ids(personalizer.model)
+        self._queue: asyncio.Queue[GenerationJob | WriteJob] | None = None
+        self._executor: ThreadPoolExecutor | None = None
+        self._task: asyncio.Task[None] | None = None
+
+    # -- lifecycle (call from the server's event loop) --
+
+    async def start(self) -> None:
+        if self._task is not None:
+            raise RuntimeError("the batcher is already running")
+        self._queue = asyncio.Queue()
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fints-model")
+        self._task = asyncio.create_task(self._collect(), name="fints-batcher")
+
+    async def stop(self) -> None:
+        if self._task is None:
+            return
+        self._task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self._task
+        assert self._queue is not None and self._executor is not None
+        gone = ApiError(503, "the server is shutting down", type="server_error")
+        while not self._queue.empty():
+            job = self._queue.get_nowait()
+            if isinstance(job, GenerationJob):
+                job.emit(Failed(gone))
+            elif not job.future.done():
+                job.future.set_exception(gone)
+        await asyncio.get_running_loop().run_in_executor(None, self._executor.shutdown, True)
+        self._task = None
+
+    @property
+    def running(self) -> bool:
+        return self._task is not None and not self._task.done()
+
+    @property
+    def depth(self) -> int:
+        return self._queue.qsize() if self._queue is not None else 0
+
+    # -- submitting --
+
+    def submit(
+        self, request: GenerationRequest, options: GenerationOptions, *, stream: bool
+    ) -> GenerationJob:
+        job = GenerationJob(request, options, stream, asyncio.get_running_loop())
+        self._put(job)
+        return job
+
+    async def run_exclusive(self, fn: Callable[[], T]) -> T:
+        """Run ``fn`` on the model thread, in queue order, with the model to itself."""
+        future: asyncio.Future[T] = asyncio.get_running_loop().create_future()
+        self._put(WriteJob(fn, future))
+        return await future
+
+    def _put(self, job: GenerationJob | WriteJob) -> None:
+        if self._queue is None or not self.running:
+            raise ApiError(503, "the model worker is not running", type="server_error")
+        if self._queue.qsize() >= self.max_queue:
+            raise ApiError(
+                503,
+                f"the server is overloaded ({self.max_queue} requests waiting); retry later",
+                type="overloaded_error",
+                code="queue_full",
+            )
+        self._queue.put_nowait(job)
+        self.metrics.queue_depth.set(self._queue.qsize())
+
+    # -- the collector task --
+
+    async def _collect(self) -> None:
+        assert self._queue is not None
+        loop = asyncio.get_running_loop()
+        carry: GenerationJob | WriteJob | None = None
+        while True:
+            job = carry if carry is not None else await self._queue.get()
+            carry = None
+            if isinstance(job, WriteJob):
+                await self._run_write(loop, job)
+                continue
+            batch = [job]
+            if self.max_wait and self._queue.qsize() < self.max_batch_size - 1:
+                await asyncio.sleep(self.max_wait)  # a few ms for others to join
+            while len(batch) < self.max_batch_size and not self._queue.empty():
+                more = self._queue.get_nowait()
+                if isinstance(more, WriteJob):
+                    carry = more  # a write is a barrier: it runs after this batch
+                    break
+                batch.append(more)
+            self.metrics.queue_depth.set(self._queue.qsize())
+            await loop.run_in_executor(self._executor, self._run_batch, batch)
+
+    async def _run_write(self, loop: asyncio.AbstractEventLoop, job: WriteJob) -> None:
+        try:
+            value = await loop.run_in_executor(self._executor, job.fn)
+        except Exception as exc:
+            if not job.future.done():
+                job.future.set_exception(exc)
+        else:
+            if not job.future.done():
+                job.future.set_result(value)
+
+    # -- the worker thread --
+
+    def _run_batch(self, jobs: list[GenerationJob]) -> None:
+        groups: dict[GenerationOptions, list[GenerationJob]] = {}
+        for job in jobs:
+            if not job.abandoned:
+                groups.setdefault(job.options, []).append(job)
+        for options, group in groups.items():
+            try:
+                self._run_group(options, group)
+            except BaseException as exc:  # never let one batch take the worker down
+                log.exception("batch of %d failed", len(group))
+                for job in group:
+                    job.emit(Failed(exc))
+
+    def _prepare(
+        self, jobs: list[GenerationJob]
+    ) -> tuple[PreparedBatch | None, list[GenerationJob]]:
+        """Prepare the batch; a row that cannot be prepared fails alone."""
+        p = self.personalizer
+        try:
+            prepared = p.prepare([j.request for j in jobs])
+        except Exception:
+            kept = []
+            for job in jobs:
+                try:
+                    p.prepare([job.request])
+                    kept.append(job)
+                except Exception as exc:
+                    job.emit(Failed(exc))
+            if not kept:
+                return None, []
+            jobs = kept
+            prepared = p.prepare([j.request for j in jobs])
+        too_long = {
+            i for i, ids in enumerate(prepared.prompts) if len(ids) > self.max_prompt_tokens
+        }
+        for i in sorted(too_long):
+            jobs[i].emit(
+                Failed(
+                    ApiError(
+                        400,
+                        f"the prompt is {len(prepared.prompts[i])} tokens long; this server "
+                        f"accepts at most {self.max_prompt_tokens}",
+                        param="messages" if not jobs[i].request.raw_prompt else "prompt",
+                        code="context_length_exceeded",
+                    )
+                )
+            )
+        if too_long:
+            rows = [i for i in range(len(jobs)) if i not in too_long]
+            if not rows:
+                return None, []
+            prepared = select_rows(prepared, rows)
+            jobs = [jobs[i] for i in rows]
+        return prepared, jobs
+
+    def _run_group(self, options: GenerationOptions, jobs: list[GenerationJob]) -> None:
+        m = self.metrics
+        start = time.perf_counter()
+        for job in jobs:
+            m.queue_seconds.observe(start - job.enqueued_at)
+        prepared, jobs = self._prepare(jobs)
+        if prepared is None:
+            return
+        m.steering_seconds.observe(time.perf_counter() - start)
+        size = len(jobs)
+        m.batch_size.observe(size)
+        for job, result in zip(jobs, prepared.results, strict=True):
+            job.emit(Started(replace(result), size))
+        streamer = None
+        if any(j.stream for j in jobs):
+            sinks = [_delta_sink(j) if j.stream else None for j in jobs]
+            streamer = RowStreamer(self.personalizer.model.tokenizer, self._eos, sinks)
+        began = time.perf_counter()
+        completions = generate_batch(
+            self.personalizer.model,
+            prepared.prompts,
+            prepared.vectors or None,
+            options,
+            streamer,
+        )
+        elapsed = time.perf_counter() - began
+        tokens = sum(len(c.token_ids) for c in completions)
+        m.generation_seconds.observe(elapsed)
+        m.tokens_per_second.observe(tokens / max(elapsed, 1e-9))
+        m.completion_tokens.inc(tokens)
+        m.prompt_tokens.inc(sum(len(p) for p in prepared.prompts))
+        for job, result, completion in zip(jobs, prepared.results, completions, strict=True):
+            result.text = completion.text
+            result.completion_tokens = len(completion.token_ids)
+            result.finish_reason = completion.finish_reason
+            m.generations.labels(steered=str(result.steered).lower()).inc()
+            job.emit(Done(result, size))
+
+
+def _delta_sink(job: GenerationJob) -> Callable[[str], None]:
+    return lambda text: job.emit(Delta(text))
