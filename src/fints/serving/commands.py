@@ -213,6 +213,9 @@ def loadtest(
     requests: Annotated[int, typer.Option(help="Requests per client.")] = 4,
     max_tokens: Annotated[int, typer.Option(help="max_tokens of every request.")] = 32,
     items_per_user: Annotated[int, typer.Option(help="History items added per user.")] = 3,
+    rounds: Annotated[
+        int, typer.Option(help="Run every phase this often (results are pooled).")
+    ] = 1,
     max_batch_size: Annotated[int, typer.Option(help="Batch size of the batched server.")] = 8,
     model: Annotated[str | None, typer.Option(help="Model for the in-process server.")] = None,
     dtype: Annotated[str, typer.Option(help="auto, float32, bfloat16 or float16.")] = "auto",
@@ -232,6 +235,7 @@ def loadtest(
     from fints.serving.loadtest import LoadSpec, run_external, run_in_process
 
     logging.basicConfig(level="WARNING")
+    logging.getLogger("fints.serving").setLevel(logging.ERROR)  # in-process servers: quiet
     set_threads(threads)
     try:
         spec = LoadSpec(
@@ -239,6 +243,7 @@ def loadtest(
             requests=requests,
             max_tokens=max_tokens,
             items_per_user=items_per_user,
+            rounds=rounds,
         )
         if url:
             report = run_external(url, spec, api_key=api_key)
