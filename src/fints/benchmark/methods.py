@@ -1,0 +1,424 @@
+"""Methods and controls of the benchmark, as small composable objects.
+
+Every method turns a batch of queries into completions. Most are a prompt (with
+or without in-context items) plus, per row, a steering vector per site; they are
+all one :class:`SteeredPrompt` with a :class:`MethodSpec`. Other kinds (PEFT,
+classifier-guided decoding) register their own factory in :data:`REGISTRY`.
+
+Vectors are extracted once per (user, contrast) at every benchmark site
+(:class:`VectorBank`) and subsets of sites are chosen at steer time.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Literal, Protocol
+
+import torch
+
+from fints.benchmark.tasks import Query, Task
+from fints.dictionary import DictionaryMeta, UserDictionary
+from fints.encoders import KeyEncoder
+from fints.errors import InvalidInputError
+from fints.extraction import Contrast, ExtractionConfig, Extractor
+from fints.generation import Completion, GenerationOptions, generate_batch
+from fints.history import HistoryItem
+from fints.models import LoadedModel
+from fints.prompts import build_prompt_ids, get_template
+from fints.retrieval import retrieve_and_aggregate
+from fints.sites import Component, Site, parse_sites
+from fints.steering import Aggregation, SteeringConfig, effective_vectors
+from fints.user_vectors import UserVectorMethod, user_vector
+
+Source = Literal["own", "wrong", "random"]
+Kind = Literal["none", "icl", "vector", "fints"]
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    """Everything that defines a prompt+steering method (its cache key, too).
+
+    * ``icl_k`` items of the user's own history (``icl_source="own"``) or of
+      another user's (``"wrong"``) are put into the prompt.
+    * ``kind="fints"``: per query, top-``top_k`` entries of the dictionary are
+      retrieved and aggregated (``aggregation``, ``tau``); ``kind="vector"``: one
+      user-level vector (``user_vector`` = mean / pca / logistic).
+    * ``vector_source``: the user's own vectors, another user's (``"wrong"``),
+      or a random direction of the same norm per site (``"random"``).
+    * ``strength`` is the same for every steered site; with ``relative`` it is
+      a fraction of the site's typical activation norm.
+    """
+
+    label: str
+    kind: Kind = "none"
+    icl_k: int = 0
+    icl_source: Source = "own"
+    sites: str = ""
+    strength: float = 0.0
+    relative: bool = True
+    top_k: int = 5
+    aggregation: Aggregation = "attentive"
+    tau: float = 0.1
+    contrast: Contrast = "context"
+    vector_source: Source = "own"
+    user_vector: UserVectorMethod = "mean"
+    role: str = "method"  # "method", "baseline" or "control" (for the report)
+
+    def __post_init__(self) -> None:
+        if self.kind not in ("none", "icl", "vector", "fints"):
+            raise InvalidInputError(f"unknown method kind {self.kind!r}")
+        if self.kind in ("vector", "fints") and not self.sites:
+            raise InvalidInputError(f"method {self.label!r} steers but names no sites")
+        if self.icl_source == "random":
+            raise InvalidInputError("icl_source must be 'own' or 'wrong'")
+
+    def key(self) -> str:
+        """A short hash of every field except the label and role."""
+        fields = asdict(self)
+        fields.pop("label")
+        fields.pop("role")
+        if self.kind not in ("vector", "fints"):
+            for name in ("sites", "strength", "relative", "top_k", "aggregation", "tau"):
+                fields.pop(name)
+            for name in ("contrast", "vector_source", "user_vector"):
+                fields.pop(name)
+        text = json.dumps(fields, sort_keys=True)
+        return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+    def with_(self, **changes: object) -> MethodSpec:
+        return replace(self, **changes)  # type: ignore[arg-type]
+
+    def describe(self) -> str:
+        parts = []
+        if self.icl_k:
+            parts.append(
+                f"icl k={self.icl_k}" + (" (wrong user)" if self.icl_source == "wrong" else "")
+            )
+        if self.kind == "fints":
+            parts.append(
+                f"fints {self.sites} s={self.strength:g}{'rel' if self.relative else 'abs'} "
+                f"K={self.top_k} {self.aggregation} {self.contrast}"
+            )
+        elif self.kind == "vector":
+            parts.append(
+                f"user vector ({self.user_vector}) {self.sites} "
+                f"s={self.strength:g}{'rel' if self.relative else 'abs'} {self.contrast}"
+            )
+        if self.kind in ("fints", "vector") and self.vector_source != "own":
+            parts.append(f"[{self.vector_source} vectors]")
+        return ", ".join(parts) or "no personalization"
+
+
+@dataclass
+class UserBank:
+    """One user's per-item activations at every benchmark site, for one contrast."""
+
+    user: str
+    sites: tuple[Site, ...]
+    item_ids: list[str]
+    keys: torch.Tensor  # [N, key_dim]
+    positive: torch.Tensor  # [N, sites, hidden]
+    negative: torch.Tensor
+    site_norms: torch.Tensor  # [sites]
+    meta: DictionaryMeta
+    _dicts: dict[tuple[Site, ...], UserDictionary] = field(default_factory=dict)
+    _user_vectors: dict[tuple[tuple[Site, ...], str], torch.Tensor] = field(default_factory=dict)
+
+    @property
+    def differences(self) -> torch.Tensor:
+        return self.positive - self.negative
+
+    def index(self, sites: Sequence[Site]) -> list[int]:
+        missing = [str(s) for s in sites if s not in self.sites]
+        if missing:
+            raise InvalidInputError(
+                f"sites {missing} were not extracted (extracted: {[str(s) for s in self.sites]})"
+            )
+        return [self.sites.index(s) for s in sites]
+
+    def dictionary(self, sites: tuple[Site, ...]) -> UserDictionary:
+        if sites not in self._dicts:
+            idx = self.index(sites)
+            meta = replace(
+                self.meta,
+                sites=sites,
+                site_norms=tuple(float(self.site_norms[i]) for i in idx),
+            )
+            self._dicts[sites] = UserDictionary(
+                self.user, meta, list(self.item_ids), self.keys, self.differences[:, idx]
+            )
+        return self._dicts[sites]
+
+    def user_vector(self, sites: tuple[Site, ...], method: UserVectorMethod) -> torch.Tensor:
+        key = (sites, method)
+        if key not in self._user_vectors:
+            idx = self.index(sites)
+            self._user_vectors[key] = user_vector(
+                self.positive[:, idx], self.negative[:, idx], method
+            )
+        return self._user_vectors[key]
+
+
+class BenchContext:
+    """One model, one task: query keys, history keys and vector banks, cached."""
+
+    def __init__(
+        self,
+        model: LoadedModel,
+        encoder: KeyEncoder,
+        task: Task,
+        sites: tuple[Site, ...],
+        cache_dir: Path,
+        *,
+        extraction_batch: int = 8,
+        seed: int = 0,
+        progress: bool = True,
+    ) -> None:
+        self.model, self.encoder, self.task, self.sites = model, encoder, task, sites
+        self.template = get_template(task.template)
+        self.cache_dir = cache_dir
+        self.extraction_batch = extraction_batch
+        self.seed = seed
+        self.progress = progress
+        self._query_keys: dict[str, torch.Tensor] = {}
+        self._history_keys: dict[str, torch.Tensor] = {}
+        self._banks: dict[tuple[str, str], UserBank] = {}
+        self.extraction_seconds = 0.0
+
+    def query_keys(self, queries: Sequence[Query]) -> torch.Tensor:
+        missing = [q for q in queries if q.qid not in self._query_keys]
+        if missing:
+            keys = self.encoder.encode([q.input for q in missing])
+            for q, k in zip(missing, keys, strict=True):
+                self._query_keys[q.qid] = k
+        return torch.stack([self._query_keys[q.qid] for q in queries])
+
+    def history_keys(self, user: str) -> torch.Tensor:
+        if user not in self._history_keys:
+            history = self.task.users[user].history
+            self._history_keys[user] = self.encoder.encode([i.input for i in history])
+        return self._history_keys[user]
+
+    def icl_items(self, user: str, query_key: torch.Tensor, k: int) -> list[HistoryItem]:
+        history = self.task.users[user].history
+        scores = self.history_keys(user) @ query_key
+        top = scores.topk(min(k, len(history))).indices.tolist()
+        return [history[j] for j in top]
+
+    def _bank_path(self, user: str, contrast: str) -> Path:
+        history = self.task.users[user].history
+        payload = json.dumps(
+            [
+                self.model.fingerprint,
+                self.task.name,
+                self.task.sha256,
+                user,
+                contrast,
+                [str(s) for s in self.sites],
+                [i.item_id for i in history],
+                self.seed,
+                self.encoder.name,
+            ]
+        )
+        digest = hashlib.sha256(payload.encode()).hexdigest()[:24]
+        return self.cache_dir / "banks" / f"{digest}.pt"
+
+    def bank(self, user: str, contrast: Contrast) -> UserBank:
+        """The user's activations at every site (extracted once, cached on disk)."""
+        key = (user, contrast)
+        if key in self._banks:
+            return self._banks[key]
+        path = self._bank_path(user, contrast)
+        if path.is_file():
+            data = torch.load(path, weights_only=False)
+            bank = UserBank(
+                user,
+                self.sites,
+                data["item_ids"],
+                data["keys"],
+                data["positive"],
+                data["negative"],
+                data["site_norms"],
+                DictionaryMeta.from_json(data["meta"]),
+            )
+        else:
+            bank = self._extract(user, contrast)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_suffix(".tmp")
+            torch.save(
+                {
+                    "item_ids": bank.item_ids,
+                    "keys": bank.keys,
+                    "positive": bank.positive,
+                    "negative": bank.negative,
+                    "site_norms": bank.site_norms,
+                    "meta": bank.meta.to_json(),
+                },
+                tmp,
+            )
+            tmp.replace(path)
+        self._banks[key] = bank
+        return bank
+
+    def _extract(self, user: str, contrast: Contrast) -> UserBank:
+        import time
+
+        history = self.task.users[user].history
+        config = ExtractionConfig(
+            sites=self.sites,
+            contrast=contrast,
+            batch_size=self.extraction_batch,
+            seed=self.seed,
+            rouge_threshold=0.15 if self.task.name == "headlines" else 0.2,
+        )
+        extractor = Extractor(self.model, self.encoder, self.template, config)
+        start = time.perf_counter()
+        result = extractor.extract(history, history, self.task.negatives_for(user), progress=False)
+        self.extraction_seconds += time.perf_counter() - start
+        if not result.entries:
+            # Every pair was filtered out (response contrast): fall back to zero vectors.
+            hidden = self.model.hidden_size
+            zeros = torch.zeros(1, len(self.sites), hidden)
+            keys = self.encoder.encode([history[-1].input])
+            return UserBank(
+                user, self.sites, [history[-1].item_id], keys, zeros, zeros,
+                torch.ones(len(self.sites)), result.meta,
+            )  # fmt: skip
+        keys = torch.stack([e.key for e in result.entries])
+        return UserBank(
+            user,
+            self.sites,
+            [e.item_id for e in result.entries],
+            keys,
+            result.positive,
+            result.negative,
+            torch.tensor(result.meta.site_norms, dtype=torch.float32),
+            result.meta,
+        )
+
+
+class Method(Protocol):
+    """What the runner needs from a method: a stable key and batched generation."""
+
+    label: str
+    role: str
+
+    def key(self) -> str: ...
+
+    def describe(self) -> str: ...
+
+    def generate(
+        self, queries: Sequence[Query], ctx: BenchContext, options: GenerationOptions
+    ) -> list[Completion]: ...
+
+
+def _random_like(vectors: torch.Tensor, queries: Sequence[Query], seed: int) -> torch.Tensor:
+    """Random directions with the same norm as ``vectors`` ``[batch, sites, hidden]``, per row."""
+    out = torch.empty_like(vectors)
+    for row, query in enumerate(queries):
+        digest = hashlib.sha256(f"{seed}:random:{query.qid}".encode()).hexdigest()
+        gen = torch.Generator().manual_seed(int(digest[:12], 16))
+        noise = torch.randn(vectors.shape[1:], generator=gen)
+        noise = noise / noise.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+        out[row] = noise * vectors[row].norm(dim=-1, keepdim=True)
+    return out
+
+
+class SteeredPrompt:
+    """A prompt (optionally with in-context items) plus optional per-row steering."""
+
+    def __init__(self, spec: MethodSpec) -> None:
+        self.spec = spec
+        self.label = spec.label
+        self.role = spec.role
+        self._sites = parse_sites(spec.sites) if spec.sites else ()
+
+    def key(self) -> str:
+        return self.spec.key()
+
+    def describe(self) -> str:
+        return self.spec.describe()
+
+    def _vector_user(self, query: Query, ctx: BenchContext) -> str:
+        return ctx.task.wrong_user(query.user) if self.spec.vector_source == "wrong" else query.user
+
+    def prompts(self, queries: Sequence[Query], ctx: BenchContext) -> list[list[int]]:
+        spec = self.spec
+        contexts: list[list[HistoryItem]] = [[] for _ in queries]
+        if spec.icl_k:
+            keys = ctx.query_keys(queries)
+            for row, query in enumerate(queries):
+                user = query.user if spec.icl_source == "own" else ctx.task.wrong_user(query.user)
+                contexts[row] = ctx.icl_items(user, keys[row], spec.icl_k)
+        tok = ctx.model.tokenizer
+        return [
+            build_prompt_ids(tok, ctx.template, q.input, c)
+            for q, c in zip(queries, contexts, strict=True)
+        ]
+
+    def vectors(self, queries: Sequence[Query], ctx: BenchContext) -> dict[Site, torch.Tensor]:
+        spec, sites = self.spec, self._sites
+        if spec.kind not in ("vector", "fints"):
+            return {}
+        banks = [ctx.bank(self._vector_user(q, ctx), spec.contrast) for q in queries]
+        if spec.kind == "fints":
+            found = retrieve_and_aggregate(
+                ctx.query_keys(queries),
+                [b.dictionary(sites) for b in banks],
+                top_k=spec.top_k,
+                aggregation=spec.aggregation,
+                tau=spec.tau,
+            )
+            aggregated = found.vectors
+        else:
+            aggregated = torch.stack([b.user_vector(sites, spec.user_vector) for b in banks])
+        if spec.vector_source == "random":
+            aggregated = _random_like(aggregated, queries, ctx.seed)
+        norms = torch.stack([b.dictionary(sites).site_norms for b in banks])
+        config = SteeringConfig(
+            sites=sites,
+            strengths={c: spec.strength for c in Component},
+            relative=spec.relative,
+        )
+        return effective_vectors(sites, aggregated, [config] * len(queries), norms)
+
+    def generate(
+        self, queries: Sequence[Query], ctx: BenchContext, options: GenerationOptions
+    ) -> list[Completion]:
+        prompts = self.prompts(queries, ctx)
+        vectors = self.vectors(queries, ctx)
+        return generate_batch(ctx.model, prompts, vectors or None, options)
+
+
+MethodFactory = Callable[[MethodSpec], Method]
+
+#: Method kinds by name. Later issues add e.g. "peft" or "classifier-guided" here.
+REGISTRY: dict[str, MethodFactory] = {
+    "none": SteeredPrompt,
+    "icl": SteeredPrompt,
+    "vector": SteeredPrompt,
+    "fints": SteeredPrompt,
+}
+
+
+def make_method(spec: MethodSpec) -> Method:
+    if spec.kind not in REGISTRY:
+        raise InvalidInputError(f"no method registered for kind {spec.kind!r}: {sorted(REGISTRY)}")
+    return REGISTRY[spec.kind](spec)
+
+
+def benchmark_sites(num_layers: int, layers: Sequence[int] | None = None) -> tuple[Site, ...]:
+    """attn, mlp and block at each layer (default: at 1/3, 1/2 and 2/3 of the depth)."""
+    chosen = (
+        sorted(set(layers))
+        if layers
+        else sorted({num_layers // 3, num_layers // 2, 2 * num_layers // 3})
+    )
+    bad = [layer for layer in chosen if not 0 <= layer < num_layers]
+    if bad:
+        raise InvalidInputError(f"layers {bad} out of range for a {num_layers}-layer model")
+    return parse_sites(",".join(f"{layer}.attn+mlp+block" for layer in chosen))

