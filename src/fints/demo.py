@@ -48,9 +48,10 @@ def run_demo(
     console.rule("[bold]fints demo: one model, four users, no fine-tuning")
     with console.status("loading the model (the first run converts the GGUF once, ~25 s)"):
         model = load_model(model_name)
+    dtype = str(model.dtype).removeprefix("torch.")
     console.print(
         f"model [bold]{model.name}[/] ({model.num_layers} layers, d={model.hidden_size}, "
-        f"{str(model.dtype).removeprefix('torch.')}) loaded in {time.perf_counter() - started:.1f} s"
+        f"{dtype}) loaded in {time.perf_counter() - started:.1f} s"
     )
     data = demo_data_dir()
     queries: list[str] = json.loads((data / "queries.json").read_text())

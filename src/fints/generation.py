@@ -22,6 +22,7 @@ class GenerationOptions:
     temperature: float = 0.0  # 0: greedy
     top_p: float = 1.0
     seed: int | None = None
+    ignore_eos: bool = False  # always decode max_new_tokens (for benchmarks)
 
     def __post_init__(self) -> None:
         if not 1 <= self.max_new_tokens <= 4096:
@@ -53,6 +54,8 @@ def generate_batch(
     tok = model.tokenizer
     input_ids, attention = pad_batch(prompts, tok.pad_token_id, side="left")
     sampling: dict[str, Any] = {"do_sample": False}
+    if options.ignore_eos:
+        sampling["min_new_tokens"] = options.max_new_tokens
     if options.temperature > 0:
         sampling = {"do_sample": True, "temperature": options.temperature, "top_p": options.top_p}
         if options.seed is not None:

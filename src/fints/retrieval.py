@@ -1,8 +1,9 @@
 """Top-K retrieval over a user's keys and aggregation of the retrieved vectors.
 
-Vectorized across a batch whose rows belong to different users: every user's
-keys are concatenated once, one matmul scores all queries against all keys,
-and a mask keeps each row to its own user's segment.
+Vectorized across a batch whose rows belong to different users: the rows of
+each user are scored by one matmul against that user's keys only (a row can
+never reach another user's entries), only the top-K vectors are gathered, and
+one batched contraction aggregates every row.
 """
 
 from __future__ import annotations
@@ -36,52 +37,52 @@ def retrieve_and_aggregate(
     tau: float = 0.1,
 ) -> Retrieved:
     """``queries`` is ``[batch, key_dim]`` (unit rows); ``dictionaries[b]`` is row b's user's."""
-    if queries.shape[0] != len(dictionaries):
-        raise InvalidInputError(f"{queries.shape[0]} queries for {len(dictionaries)} dictionaries")
-    present = [d for d in dictionaries if d is not None and len(d)]
     batch = len(dictionaries)
-    if not present:
-        return Retrieved(
-            torch.zeros(batch, 0, 0), [[] for _ in range(batch)], [[]] * batch, [[]] * batch
-        )
-    sites, hidden = present[0].vectors.shape[1:]
-    # One segment per distinct dictionary object, concatenated once.
-    unique: dict[int, tuple[int, UserDictionary]] = {}
-    offset = 0
-    for d in present:
-        if id(d) not in unique:
-            unique[id(d)] = (offset, d)
-            offset += len(d)
-    all_keys = torch.cat([d.keys for _, d in unique.values()])
-    all_vectors = torch.cat([d.vectors for _, d in unique.values()])
-    if all_vectors.shape[1:] != (sites, hidden):
-        raise InvalidInputError("dictionaries in one batch must share sites and hidden size")
-
-    start = torch.zeros(batch, dtype=torch.long)
-    length = torch.zeros(batch, dtype=torch.long)
+    if queries.shape[0] != batch:
+        raise InvalidInputError(f"{queries.shape[0]} queries for {batch} dictionaries")
+    rows_of: dict[int, list[int]] = {}  # rows sharing one dictionary are scored together
     for row, d in enumerate(dictionaries):
         if d is not None and len(d):
-            start[row], length[row] = unique[id(d)][0], len(d)
-    scores = queries.to(torch.float32) @ all_keys.T  # [batch, total]
-    columns = torch.arange(all_keys.shape[0]).unsqueeze(0)
-    own = (columns >= start.unsqueeze(1)) & (columns < (start + length).unsqueeze(1))
-    scores = scores.masked_fill(~own, float("-inf"))
+            rows_of.setdefault(id(d), []).append(row)
+    if not rows_of:
+        return Retrieved(
+            torch.zeros(batch, 0, 0),
+            [[] for _ in range(batch)],
+            [[] for _ in range(batch)],
+            [[] for _ in range(batch)],
+        )
+    first = dictionaries[next(iter(rows_of.values()))[0]]
+    assert first is not None
+    sites, hidden = first.vectors.shape[1:]
+    k = min(top_k, max(len(dictionaries[rows[0]]) for rows in rows_of.values()))  # type: ignore[arg-type]
 
-    k = min(top_k, all_keys.shape[0])
-    top_scores, top_index = scores.topk(k, dim=1)  # [batch, k]
+    top_scores = torch.full((batch, k), float("-inf"))
+    top_index = torch.zeros((batch, k), dtype=torch.long)
+    gathered = torch.zeros(batch, k, sites, hidden)
+    for rows in rows_of.values():
+        d = dictionaries[rows[0]]
+        assert d is not None
+        if d.vectors.shape[1:] != (sites, hidden):
+            raise InvalidInputError("dictionaries in one batch must share sites and hidden size")
+        scores = queries[rows].to(torch.float32) @ d.keys.T  # [rows, N]
+        values, index = scores.topk(min(k, len(d)), dim=1)
+        width = index.shape[1]
+        top_scores[rows, :width] = values
+        top_index[rows, :width] = index
+        gathered[rows, :width] = d.vectors[index]  # only the top-k vectors are copied
+
     valid = torch.isfinite(top_scores)
     if aggregation == "attentive":
-        weights = torch.softmax(top_scores.masked_fill(~valid, float("-inf")) / tau, dim=1)
+        weights = torch.softmax(top_scores / tau, dim=1)
     else:
         weights = valid.to(torch.float32) / valid.sum(dim=1, keepdim=True).clamp_min(1)
-    weights = torch.nan_to_num(weights, nan=0.0)  # rows with no valid entry
-    gathered = all_vectors[top_index]  # [batch, k, sites, hidden]
+    weights = torch.nan_to_num(weights, nan=0.0)  # rows without a dictionary
     aggregated = torch.einsum("bk,bksh->bsh", weights, gathered)
 
     indices, row_scores, row_weights = [], [], []
     for row in range(batch):
         keep = valid[row]
-        indices.append((top_index[row][keep] - start[row]).tolist())
+        indices.append(top_index[row][keep].tolist())
         row_scores.append(top_scores[row][keep].tolist())
         row_weights.append(weights[row][keep].tolist())
     return Retrieved(aggregated, indices, row_scores, row_weights)

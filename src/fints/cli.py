@@ -1,0 +1,318 @@
+"""The ``fints`` command line."""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Callable
+from contextlib import contextmanager
+from functools import wraps
+from pathlib import Path
+from typing import Annotated, Any, TypeVar
+
+import typer
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
+
+from fints.errors import FintsError
+from fints.extraction import ExtractionConfig
+from fints.generation import GenerationOptions
+from fints.history import read_history
+from fints.sites import parse_sites
+
+app = typer.Typer(
+    help="fints: inference-time personalization of open-weight LLMs with steering vectors.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+)
+console = Console()
+err = Console(stderr=True)
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+StoreOpt = Annotated[
+    Path | None, typer.Option("--store", help="SQLite store (default $FINTS_HOME/store.sqlite)")
+]
+ModelOpt = Annotated[
+    str | None,
+    typer.Option("--model", help="HF model id, local folder, .gguf file, or 'smollm2' (default)"),
+]
+DtypeOpt = Annotated[str, typer.Option("--dtype", help="auto (bf16), bfloat16, float32, float16")]
+TenantOpt = Annotated[str, typer.Option("--tenant", help="tenant namespace")]
+SitesOpt = Annotated[
+    str | None,
+    typer.Option("--sites", help="steering sites, e.g. '15.attn+mlp' (default: middle layer)"),
+]
+TemplateOpt = Annotated[str, typer.Option("--template", help="generic, headline or abstract")]
+ContrastOpt = Annotated[str, typer.Option("--contrast", help="context or response")]
+
+
+def friendly_errors(func: F) -> F:
+    """Print fints errors as one clear line and exit 1, instead of a traceback."""
+
+    @wraps(func)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return func(*args, **kwargs)
+        except FintsError as exc:
+            err.print(f"[bold red]error:[/] {escape(str(exc))}", soft_wrap=True)
+            raise typer.Exit(1) from None
+
+    return wrapper  # type: ignore[return-value]
+
+
+@contextmanager
+def _store(path: Path | None) -> Any:
+    from fints.paths import default_store_path
+    from fints.store import Store
+
+    with Store(path or default_store_path()) as store:
+        yield store
+
+
+def _engine(
+    store: Any,
+    model: str | None,
+    dtype: str,
+    sites: str | None,
+    template: str,
+    contrast: str = "context",
+    steering: Any = None,
+) -> Any:
+    from fints.engine import Personalizer
+    from fints.models import load_model
+    from fints.sites import default_sites
+
+    with console.status(f"loading model {model or 'smollm2'}"):
+        loaded = load_model(model, dtype=dtype)
+    chosen = parse_sites(sites) if sites else default_sites(loaded.num_layers)
+    return Personalizer(
+        loaded,
+        store,
+        template=template,
+        steering=steering,
+        extraction=ExtractionConfig(sites=chosen, contrast=contrast),  # type: ignore[arg-type]
+    )
+
+
+@app.command()
+@friendly_errors
+def add(
+    user: Annotated[str, typer.Argument(help="user name")],
+    history: Annotated[Path, typer.Argument(help="JSON Lines: one {input, output, id?} a line")],
+    store: StoreOpt = None,
+    tenant: TenantOpt = "default",
+    input_field: Annotated[str, typer.Option(help="field holding the input")] = "input",
+    output_field: Annotated[str, typer.Option(help="field holding the output")] = "output",
+    build: Annotated[bool, typer.Option(help="extract the new items' vectors now")] = True,
+    model: ModelOpt = None,
+    dtype: DtypeOpt = "auto",
+    sites: SitesOpt = None,
+    template: TemplateOpt = "generic",
+    contrast: ContrastOpt = "context",
+) -> None:
+    """Add a user's history (validated in full before anything is stored)."""
+    items = read_history(history, input_field=input_field, output_field=output_field)
+    with _store(store) as db:
+        db.add_items(tenant, user, items)
+        console.print(f"added {len(items)} items to [bold]{user}[/] ({tenant})")
+        if build:
+            engine = _engine(db, model, dtype, sites, template, contrast)
+            result = engine.build(user, tenant=tenant)
+            if result is not None:
+                console.print(f"extracted {len(result.entries)} entries")
+
+
+@app.command()
+@friendly_errors
+def build(
+    user: Annotated[str, typer.Argument(help="user name")],
+    store: StoreOpt = None,
+    tenant: TenantOpt = "default",
+    model: ModelOpt = None,
+    dtype: DtypeOpt = "auto",
+    sites: SitesOpt = None,
+    template: TemplateOpt = "generic",
+    contrast: ContrastOpt = "context",
+) -> None:
+    """Extract steering vectors for every item of USER that has none for this model."""
+    with _store(store) as db:
+        engine = _engine(db, model, dtype, sites, template, contrast)
+        result = engine.build(user, tenant=tenant)
+        if result is None:
+            console.print(f"{user}: every item already has its vectors")
+        else:
+            console.print(
+                f"{user}: extracted {len(result.entries)} entries"
+                + (f", skipped {len(result.skipped)}" if result.skipped else "")
+            )
+
+
+@app.command()
+@friendly_errors
+def generate(
+    user: Annotated[str, typer.Argument(help="user name ('-' for none)")],
+    queries: Annotated[list[str], typer.Argument(help="one or more queries")],
+    store: StoreOpt = None,
+    tenant: TenantOpt = "default",
+    model: ModelOpt = None,
+    dtype: DtypeOpt = "auto",
+    template: TemplateOpt = "generic",
+    max_tokens: Annotated[int, typer.Option(help="new tokens per answer")] = 64,
+    attn: Annotated[float, typer.Option(help="strength at attn sites (alpha)")] = 0.5,
+    mlp: Annotated[float, typer.Option(help="strength at mlp sites (beta)")] = 0.5,
+    block: Annotated[float, typer.Option(help="strength at block sites")] = 0.5,
+    relative: Annotated[
+        bool, typer.Option(help="strengths relative to the site's typical activation norm")
+    ] = True,
+    top_k: Annotated[int, typer.Option(help="entries retrieved per query")] = 5,
+    aggregation: Annotated[str, typer.Option(help="mean or attentive")] = "attentive",
+    tau: Annotated[float, typer.Option(help="attentive temperature")] = 0.1,
+    icl_k: Annotated[int, typer.Option(help="own history items put into the prompt")] = 0,
+    compare: Annotated[bool, typer.Option(help="also show the unsteered answer")] = True,
+    as_json: Annotated[bool, typer.Option("--json", help="print JSON lines")] = False,
+) -> None:
+    """Personalized answers for USER (all queries decoded in one batch)."""
+    from fints.engine import GenerationRequest
+    from fints.steering import SteeringConfig
+
+    steering = SteeringConfig(
+        strengths={"attn": attn, "mlp": mlp, "block": block},
+        relative=relative,
+        top_k=top_k,
+        aggregation=aggregation,
+        tau=tau,
+        icl_k=icl_k,  # type: ignore[arg-type]
+    )
+    name = None if user == "-" else user
+    with _store(store) as db:
+        engine = _engine(db, model, dtype, None, template, steering=steering)
+        requests = [GenerationRequest(name, q, tenant=tenant) for q in queries]
+        if compare:
+            requests += [
+                GenerationRequest(name, q, tenant=tenant, steering=steering.with_(enabled=False))
+                for q in queries
+            ]
+        results = engine.generate(requests, GenerationOptions(max_new_tokens=max_tokens))
+    personalized, plain = results[: len(queries)], results[len(queries) :]
+    if as_json:
+        for q, r in zip(queries, personalized, strict=True):
+            print(
+                json.dumps(
+                    {
+                        "query": q,
+                        "text": r.text,
+                        "steered": r.steered,
+                        "note": r.note,
+                        "retrieved": r.retrieved,
+                    }
+                )
+            )
+        return
+    table = Table(show_lines=True, expand=True)
+    table.add_column("query", ratio=1)
+    if compare:
+        table.add_column("unsteered", ratio=2)
+    table.add_column(f"personalized for {user}", ratio=2)
+    for n, (q, r) in enumerate(zip(queries, personalized, strict=True)):
+        cells = [q, plain[n].text] if compare else [q]
+        table.add_row(*cells, r.text + (f"\n[dim]({r.note})[/]" if r.note else ""))
+    console.print(table)
+
+
+@app.command("users")
+@friendly_errors
+def list_users(store: StoreOpt = None, tenant: TenantOpt = "default") -> None:
+    """List the users of a tenant with their history sizes."""
+    with _store(store) as db:
+        table = Table("user", "items")
+        for name in db.users(tenant):
+            table.add_row(name, str(len(db.items(tenant, name))))
+        console.print(table)
+
+
+@app.command()
+@friendly_errors
+def export(
+    user: Annotated[str, typer.Argument(help="user name")],
+    folder: Annotated[Path, typer.Argument(help="output folder (safetensors + JSON)")],
+    store: StoreOpt = None,
+    tenant: TenantOpt = "default",
+    model: ModelOpt = None,
+    dtype: DtypeOpt = "auto",
+    texts: Annotated[bool, typer.Option(help="include the history texts")] = True,
+) -> None:
+    """Export USER's dictionary for a model as vectors.safetensors + dictionary.json."""
+    from fints.models import load_model
+
+    with _store(store) as db:
+        loaded = load_model(model, dtype=dtype)
+        dictionary = db.dictionary(tenant, user, loaded.fingerprint)
+        if dictionary is None:
+            raise FintsError(f"{user} has no dictionary for this model: run `fints build {user}`")
+        dictionary.save(folder, include_texts=texts)
+    console.print(f"exported {len(dictionary)} entries of {user} to {folder}")
+
+
+@app.command("import")
+@friendly_errors
+def import_(
+    folder: Annotated[Path, typer.Argument(help="a folder written by `fints export`")],
+    as_user: Annotated[str | None, typer.Option("--as", help="store under this name")] = None,
+    store: StoreOpt = None,
+    tenant: TenantOpt = "default",
+) -> None:
+    """Import an exported dictionary (all or nothing)."""
+    from fints.dictionary import UserDictionary
+
+    dictionary = UserDictionary.load(folder)
+    with _store(store) as db:
+        db.import_dictionary(tenant, dictionary, user=as_user)
+    console.print(f"imported {len(dictionary)} entries as {as_user or dictionary.user}")
+
+
+@app.command()
+@friendly_errors
+def delete(
+    user: Annotated[str, typer.Argument(help="user name")],
+    store: StoreOpt = None,
+    tenant: TenantOpt = "default",
+    yes: Annotated[bool, typer.Option("--yes", "-y", help="do not ask")] = False,
+) -> None:
+    """Forget USER: history, keys, vectors and metadata are erased from the store."""
+    if not yes and not typer.confirm(f"delete every trace of {user!r} in {tenant!r}?"):
+        raise typer.Exit(1)
+    with _store(store) as db:
+        db.delete_user(tenant, user)
+    console.print(f"deleted {user}")
+
+
+@app.command()
+@friendly_errors
+def demo(
+    model: ModelOpt = None,
+    max_tokens: Annotated[int, typer.Option(help="new tokens per answer")] = 40,
+) -> None:
+    """Four users, distinct styles: unsteered vs personalized answers side by side."""
+    from fints.demo import run_demo
+
+    run_demo(model, max_new_tokens=max_tokens, console=console)
+
+
+@app.command()
+@friendly_errors
+def perf(
+    model: ModelOpt = None,
+    dtype: DtypeOpt = "auto",
+    repeats: Annotated[int, typer.Option(help="timed repeats of each measurement")] = 5,
+    max_tokens: Annotated[int, typer.Option(help="new tokens per request")] = 32,
+) -> None:
+    """Measure steering overhead, extraction cost and retrieval time (ratios from one run)."""
+    from fints.perf import run_perf
+
+    run_perf(model, dtype=dtype, repeats=repeats, max_new_tokens=max_tokens, console=console)
+
+
+def main() -> None:  # pragma: no cover
+    sys.exit(app())

@@ -1,0 +1,78 @@
+"""The `fints` command line, run in-process on the real default model."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from fints.cli import app
+from fints.demo import DEMO_USERS, demo_data_dir
+
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def store_path(tmp_path_factory, smollm):  # smollm: the model cache is warm
+    return str(tmp_path_factory.mktemp("cli") / "store.sqlite")
+
+
+def run(*args: str) -> tuple[int, str]:
+    result = runner.invoke(app, list(args))
+    return result.exit_code, result.output + (result.stderr if result.stderr_bytes else "")
+
+
+def test_add_build_generate_export_import_delete(store_path, tmp_path):
+    data = demo_data_dir()
+    code, out = run(
+        "add", "zoe", str(data / "zoe.jsonl"), "--store", store_path, "--sites", "12.attn+mlp"
+    )
+    assert code == 0, out
+    assert "added 10 items" in out and "extracted 10 entries" in out
+    code, out = run("build", "zoe", "--store", store_path, "--sites", "12.attn+mlp")
+    assert code == 0 and "already has its vectors" in out
+    code, out = run(
+        "generate",
+        "zoe",
+        "What should I eat?",
+        "--store",
+        store_path,
+        "--max-tokens",
+        "8",
+        "--json",
+        "--no-compare",
+    )
+    assert code == 0, out
+    line = json.loads(out[out.index('{"query"') :].splitlines()[0])
+    assert line["steered"] and len(line["retrieved"]) == 5
+    code, out = run("export", "zoe", str(tmp_path / "zoe"), "--store", store_path)
+    assert code == 0 and (tmp_path / "zoe" / "vectors.safetensors").is_file()
+    code, out = run("import", str(tmp_path / "zoe"), "--as", "zoe2", "--store", store_path)
+    assert code == 0 and "imported 10 entries as zoe2" in out
+    code, out = run("users", "--store", store_path)
+    assert "zoe2" in out and "10" in out
+    code, out = run("delete", "zoe", "--store", store_path, "--yes")
+    assert code == 0
+    code, out = run("users", "--store", store_path)
+    assert "zoe2" in out and "zoe " not in out.replace("zoe2", "")
+
+
+def test_bad_input_gets_a_clear_error_and_changes_nothing(store_path, tmp_path):
+    good = demo_data_dir() / f"{DEMO_USERS[0]}.jsonl"
+    assert run("add", "cap", str(good), "--store", store_path, "--no-build")[0] == 0
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"input": "a", "output": "b"}\n{"input": "a"}\nnot json\n')
+    code, out = run("add", "cap", str(bad), "--store", store_path, "--no-build")
+    assert code == 1 and "missing field(s) ['output']" in out and ":3: not valid JSON" in out
+    assert "cap" in run("users", "--store", store_path)[1]
+    code, out = run("add", "cap", str(good), "--store", store_path, "--no-build")
+    assert code == 1 and "already has item" in out
+    code, out = run("add", "cap", str(tmp_path / "missing.jsonl"), "--store", store_path)
+    assert code == 1 and "does not exist" in out
+    code, out = run("build", "cap", "--store", store_path, "--sites", "31.attn")
+    assert code == 1 and "out of range" in out
+    code, out = run("delete", "ghost", "--store", store_path, "--yes")
+    assert code == 1 and "unknown user 'ghost'" in out
+    code, out = run("build", "cap", "--store", store_path, "--sites", "3.ffn")
+    assert code == 1 and "unknown site component" in out
