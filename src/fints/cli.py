@@ -314,5 +314,18 @@ def perf(
     run_perf(model, dtype=dtype, repeats=repeats, max_new_tokens=max_tokens, console=console)
 
 
+def _register_subsystems() -> None:
+    """The server (issue #5) and the real-data benchmark (issue #4) live in their own packages."""
+    from fints.benchmark.commands import bench
+    from fints.serving.commands import loadtest, serve
+
+    app.command(help=serve.__doc__)(serve)
+    app.command(help=loadtest.__doc__)(loadtest)
+    app.command(help=bench.__doc__)(bench)
+
+
+_register_subsystems()
+
+
 def main() -> None:  # pragma: no cover
     sys.exit(app())
