@@ -42,7 +42,36 @@ _EXPORTS = {
     "FintsError": "fints.errors",
 }
 
-__all__ = sorted(_EXPORTS)
+__all__ = [
+    "Component",
+    "DictionaryEntry",
+    "DictionaryMeta",
+    "ExtractionConfig",
+    "Extractor",
+    "FintsError",
+    "GenerationOptions",
+    "GenerationRequest",
+    "GenerationResult",
+    "HistoryItem",
+    "LayerPaths",
+    "LoadedModel",
+    "Personalizer",
+    "PromptTemplate",
+    "SentenceTransformerEncoder",
+    "Site",
+    "SteeringConfig",
+    "SteeringVector",
+    "Store",
+    "UserDictionary",
+    "load_model",
+    "parse_sites",
+    "read_history",
+    "record_means",
+    "resolve_layout",
+    "retrieve_and_aggregate",
+    "steer",
+    "user_vector",
+]
 
 if TYPE_CHECKING:
     from fints.dictionary import DictionaryEntry, DictionaryMeta, UserDictionary

@@ -8,7 +8,7 @@ from collections.abc import Callable
 from contextlib import contextmanager
 from functools import wraps
 from pathlib import Path
-from typing import Annotated, Any, TypeVar
+from typing import Annotated, Any, TypeVar, cast
 
 import typer
 from rich.console import Console
@@ -175,15 +175,15 @@ def generate(
 ) -> None:
     """Personalized answers for USER (all queries decoded in one batch)."""
     from fints.engine import GenerationRequest
-    from fints.steering import SteeringConfig
+    from fints.steering import Aggregation, SteeringConfig
 
     steering = SteeringConfig(
         strengths={"attn": attn, "mlp": mlp, "block": block},
         relative=relative,
         top_k=top_k,
-        aggregation=aggregation,
+        aggregation=cast(Aggregation, aggregation),
         tau=tau,
-        icl_k=icl_k,  # type: ignore[arg-type]
+        icl_k=icl_k,
     )
     name = None if user == "-" else user
     with _store(store) as db:

@@ -140,7 +140,7 @@ class Extractor:
         tok = self.model.tokenizer
         input_ids, attention = pad_batch(prompts, tok.pad_token_id, side="left")
         limit = min(self.config.rejected_max_new_tokens, max(len(t) for t in targets) + 8)
-        out = self.model.model.generate(
+        out = self.model.model.generate(  # type: ignore[operator]
             input_ids=input_ids.to(self.model.device),
             attention_mask=attention.to(self.model.device),
             max_new_tokens=limit,

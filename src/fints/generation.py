@@ -64,7 +64,7 @@ def generate_batch(
     eos.discard(None)
     context = steer(model.layout, vectors) if vectors else nullcontext()
     with context:
-        out = model.model.generate(
+        out = model.model.generate(  # type: ignore[operator]
             input_ids=input_ids.to(model.device),
             attention_mask=attention.to(model.device),
             max_new_tokens=options.max_new_tokens,
@@ -81,7 +81,7 @@ def generate_batch(
         tokens = new if stop is None else new[:stop]
         completions.append(
             Completion(
-                text=tok.decode(tokens, skip_special_tokens=True).strip(),
+                text=str(tok.decode(tokens, skip_special_tokens=True)).strip(),
                 token_ids=tokens,
                 prompt_tokens=len(prompt),
                 finish_reason="length" if stop is None else "stop",

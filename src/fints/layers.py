@@ -80,8 +80,7 @@ def resolve_layout(model: nn.Module, paths: LayerPaths | None = None) -> Decoder
     if chosen is None:
         raise UnsupportedModelError(f"fints does not know model type {model_type!r}. {how_to}")
     try:
-        layer_list = _get(model, chosen.layers)
-        layers = tuple(layer_list)
+        layers: tuple[nn.Module, ...] = tuple(_get(model, chosen.layers).children())
         attn = tuple(_get(layer, chosen.attn) for layer in layers)
         mlp = tuple(_get(layer, chosen.mlp) for layer in layers)
     except (AttributeError, TypeError) as exc:

@@ -43,7 +43,8 @@ class LoadedModel:
 
     @property
     def hidden_size(self) -> int:
-        return int(self.model.get_input_embeddings().weight.shape[1])
+        embeddings = self.model.get_input_embeddings()
+        return int(embeddings.weight.shape[1])  # type: ignore[index]
 
     @property
     def num_layers(self) -> int:
@@ -91,7 +92,7 @@ def convert_gguf(gguf: Path, cache_root: Path | None = None) -> Path:
         gguf.parent, gguf_file=gguf.name, dtype=torch.float32
     )
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    model.hf_quantizer = None  # the weights are dense now; save them as such
+    model.hf_quantizer = None  # type: ignore[assignment]  # dense weights now: save them so
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
     staging = Path(tempfile.mkdtemp(prefix=".convert-", dir=cache_root))
@@ -169,7 +170,7 @@ def load_model(
         model = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype)
     except OSError as exc:
         raise FintsError(f"cannot load model {name!r}: {exc}") from None
-    model.to(device).eval()
+    model.to(device).eval()  # type: ignore[arg-type]
     model.requires_grad_(False)
     return LoadedModel(
         model=model,

@@ -155,7 +155,8 @@ def retrieval_time(model: LoadedModel, meta: DictionaryMeta, repeats: int) -> tu
     def batch() -> None:
         retrieve_and_aggregate(queries, dictionaries, top_k=5, aggregation="attentive")
 
-    one(), batch()
+    one()
+    batch()
     single = _median_time(one, repeats * 20) * 1000
     batched = _median_time(batch, repeats * 20) * 1000 / 8
     return single, batched

@@ -62,7 +62,9 @@ class SteeringConfig:
     """
 
     sites: tuple[Site, ...] | None = None  # None: every site in the user's dictionary
-    strengths: Mapping[Component, float] = field(default_factory=lambda: dict(DEFAULT_STRENGTHS))
+    strengths: Mapping[Component, float] | Mapping[str, float] = field(
+        default_factory=lambda: dict(DEFAULT_STRENGTHS)
+    )
     relative: bool = False
     top_k: int = 5
     aggregation: Aggregation = "attentive"
