@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, cast
 
 import typer
 
@@ -21,7 +21,7 @@ from fints.serving.app import ServerConfig, UnknownUserMode, create_app
 from fints.serving.payloads import Limits
 from fints.serving.tenants import check_bind, load_api_keys
 from fints.sites import Component, check_layers_in_range, parse_sites
-from fints.steering import SteeringConfig
+from fints.steering import Aggregation, SteeringConfig
 from fints.store import Store
 
 log = logging.getLogger("fints.serving")
@@ -67,12 +67,13 @@ def build_personalizer(
         parsed = parse_sites(sites)
         check_layers_in_range(parsed, loaded.num_layers)
         extraction = ExtractionConfig(sites=parsed)
+    if aggregation not in ("mean", "attentive"):
+        raise FintsError(f"aggregation must be 'mean' or 'attentive', got {aggregation!r}")
     steering = SteeringConfig(
-        strengths=parse_strengths(strengths) if strengths else SteeringConfig().strengths,
-        relative=relative,
-        top_k=top_k,
-        aggregation=aggregation,  # type: ignore[arg-type]
+        relative=relative, top_k=top_k, aggregation=cast(Aggregation, aggregation)
     )
+    if strengths:
+        steering = steering.with_(strengths=parse_strengths(strengths))
     return Personalizer(
         loaded,
         Store(store or default_store_path()),
@@ -217,6 +218,9 @@ def loadtest(
         int, typer.Option(help="Run every phase this often (results are pooled).")
     ] = 1,
     max_batch_size: Annotated[int, typer.Option(help="Batch size of the batched server.")] = 8,
+    max_wait_ms: Annotated[
+        float, typer.Option(help="Batching window of the in-process servers.")
+    ] = 20.0,
     model: Annotated[str | None, typer.Option(help="Model for the in-process server.")] = None,
     dtype: Annotated[str, typer.Option(help="auto, float32, bfloat16 or float16.")] = "auto",
     store: Annotated[
@@ -249,7 +253,12 @@ def loadtest(
             report = run_external(url, spec, api_key=api_key)
         else:
             report = run_in_process(
-                spec, max_batch_size=max_batch_size, model=model, dtype=dtype, store=store
+                spec,
+                max_batch_size=max_batch_size,
+                max_wait_ms=max_wait_ms,
+                model=model,
+                dtype=dtype,
+                store=store,
             )
     except FintsError as exc:
         raise _fail(exc) from None
