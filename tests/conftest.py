@@ -12,6 +12,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 
 # One model cache for the whole run (the embedded GGUF is converted once).
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach a model hub
 os.environ.setdefault("FINTS_HOME", str(Path(tempfile.gettempdir()) / "fints-test-home"))
 
 ARCHITECTURES = ["llama", "qwen2", "mistral", "gemma", "gemma2", "gemma3_text", "phi3", "gpt2"]

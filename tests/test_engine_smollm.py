@@ -155,7 +155,10 @@ def test_dictionary_from_another_model_is_a_clear_error(engine, tmp_path):
             other.model.fingerprint, other.model.hidden_size, other.model.num_layers
         )
     served = other.generate([GenerationRequest("pirate", "hi", tenant="elsewhere")], OPTIONS)[0]
-    assert not served.steered and "no extracted history" in served.note
+    assert not served.steered and "no dictionary for this model" in served.note
+    with pytest.raises(DictionaryMismatchError, match="fints build"):
+        other.import_dictionary(UserDictionary.load(tmp_path / "pirate"), tenant="third")
+    assert not other.store.has_user("third", "pirate")
 
 
 def test_response_contrast_extracts_and_filters(smollm, encoder):

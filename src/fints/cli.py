@@ -262,13 +262,17 @@ def import_(
     as_user: Annotated[str | None, typer.Option("--as", help="store under this name")] = None,
     store: StoreOpt = None,
     tenant: TenantOpt = "default",
+    model: ModelOpt = None,
+    dtype: DtypeOpt = "auto",
 ) -> None:
-    """Import an exported dictionary (all or nothing)."""
+    """Import an exported dictionary (all or nothing); it must match the model."""
     from fints.dictionary import UserDictionary
 
     dictionary = UserDictionary.load(folder)
     with _store(store) as db:
-        db.import_dictionary(tenant, dictionary, user=as_user)
+        _engine(db, model, dtype, None, "generic").import_dictionary(
+            dictionary, user=as_user, tenant=tenant
+        )
     console.print(f"imported {len(dictionary)} entries as {as_user or dictionary.user}")
 
 

@@ -146,6 +146,19 @@ class Personalizer:
             self._cache[(tenant, user)] = (version, dictionary)
         return dictionary
 
+    def import_dictionary(
+        self,
+        dictionary: UserDictionary,
+        *,
+        user: str | None = None,
+        tenant: str = DEFAULT_TENANT,
+    ) -> None:
+        """Store an exported dictionary, refusing one extracted from another model."""
+        dictionary.meta.check_model(
+            self.model.fingerprint, self.model.hidden_size, self.model.num_layers
+        )
+        self.store.import_dictionary(tenant, dictionary, user=user)
+
     def delete_user(self, user: str, *, tenant: str = DEFAULT_TENANT) -> None:
         self.store.delete_user(tenant, user)
         with self._cache_lock:
@@ -164,7 +177,7 @@ class Personalizer:
                 raise
             return None, "unknown user: served unsteered"
         if dictionary is None or not len(dictionary):
-            return None, "user has no extracted history: served unsteered"
+            return None, "user has no dictionary for this model: served unsteered"
         return dictionary, ""
 
     def prepare(self, requests: Sequence[GenerationRequest]) -> PreparedBatch:
