@@ -311,11 +311,19 @@ def perf(
     dtype: DtypeOpt = "auto",
     repeats: Annotated[int, typer.Option(help="timed repeats of each measurement")] = 5,
     max_tokens: Annotated[int, typer.Option(help="new tokens per request")] = 32,
+    threads: Annotated[int | None, typer.Option(help="torch threads (default: torch's)")] = None,
 ) -> None:
     """Measure steering overhead, extraction cost and retrieval time (ratios from one run)."""
     from fints.perf import run_perf
 
-    run_perf(model, dtype=dtype, repeats=repeats, max_new_tokens=max_tokens, console=console)
+    run_perf(
+        model,
+        dtype=dtype,
+        repeats=repeats,
+        max_new_tokens=max_tokens,
+        threads=threads,
+        console=console,
+    )
 
 
 def _register_subsystems() -> None:
