@@ -65,43 +65,72 @@ class Preset:
     icl_k: tuple[int, ...]
     contrasts: tuple[str, ...]
     variants: bool  # site / aggregation / icl / contrast variants on test
+    extra_baselines: bool  # PCA and logistic user vectors beside the mean one
+    baselines: tuple[str, ...] | None  # baseline rows kept on test (None: all)
     sparsity: tuple[float, ...]
     persona_sizes: tuple[int, ...]
     clusters: int
 
 
 PRESETS: dict[str, Preset] = {
+    # make bench: a smoke run of every task with the main methods and controls.
     "small": Preset(
-        max_users={"headlines": 6, "abstracts": 4, "persona": 4},
-        n_test={"headlines": 3, "abstracts": 2, "persona": 3},
+        max_users={"headlines": 4, "abstracts": 3, "persona": 3},
+        n_test={"headlines": 2, "abstracts": 1, "persona": 2},
         n_val={"headlines": 1, "abstracts": 1, "persona": 1},
-        max_history={"headlines": 10, "abstracts": 8, "persona": 10},
-        max_new_tokens={"headlines": 20, "abstracts": 48, "persona": 40},
-        strengths=(0.1, 0.3),
+        max_history={"headlines": 6, "abstracts": 4, "persona": 6},
+        max_new_tokens={"headlines": 20, "abstracts": 48, "persona": 32},
+        strengths=(0.2,),
         absolute_strengths=(),
         components=("attn+mlp",),
         aggregations=("attentive",),
         icl_k=(0,),
         contrasts=("context",),
         variants=False,
+        extra_baselines=False,
+        baselines=("none", "icl k=1", "icl k=3", "user vector (mean)"),
         sparsity=(),
         persona_sizes=(),
         clusters=0,
     ),
+    # The recorded CPU run (see BENCHMARKS.md): what fits in about an hour on 2 shared cores.
+    "medium": Preset(
+        max_users={"headlines": 25, "abstracts": 10, "persona": None},
+        n_test={"headlines": 4, "abstracts": 2, "persona": 6},
+        n_val={"headlines": 1, "abstracts": 1, "persona": 2},
+        max_history={"headlines": 8, "abstracts": 6, "persona": 10},
+        max_new_tokens={"headlines": 24, "abstracts": 64, "persona": 48},
+        strengths=(0.1, 0.3),
+        absolute_strengths=(),
+        components=("attn+mlp", "attn"),
+        aggregations=("attentive",),
+        icl_k=(0,),
+        contrasts=("context",),
+        variants=False,
+        extra_baselines=False,
+        baselines=("none", "icl k=3", "user vector (mean)"),
+        sparsity=(),
+        persona_sizes=(),
+        clusters=3,
+    ),
+    # The full specification (every variant, sparsity, >= 200 / 100 queries); needs a GPU
+    # or many CPU hours.
     "full": Preset(
         max_users={"headlines": None, "abstracts": None, "persona": None},
         n_test={"headlines": 5, "abstracts": 3, "persona": 12},
         n_val={"headlines": 2, "abstracts": 1, "persona": 3},
         max_history={"headlines": 30, "abstracts": 20, "persona": 50},
         max_new_tokens={"headlines": 24, "abstracts": 128, "persona": 64},
-        strengths=(0.1, 0.3),
-        absolute_strengths=(4.0,),
+        strengths=(0.05, 0.15, 0.4),
+        absolute_strengths=(2.0, 8.0),
         components=("attn+mlp", "attn", "mlp", "block"),
         aggregations=("attentive", "mean"),
         icl_k=(0, 3),
-        contrasts=("context",),
+        contrasts=("context", "response"),
         variants=True,
-        sparsity=(0.1, 0.25, 0.5),
+        extra_baselines=True,
+        baselines=None,
+        sparsity=(0.05, 0.1, 0.25, 0.5),
         persona_sizes=(5, 10, 25),
         clusters=3,
     ),
@@ -303,6 +332,11 @@ def benchmark_task(
     specs = methods_for_test(selection.best, selection.best_absolute, preset.contrasts)
     if not preset.variants:
         specs = [s for s in specs if s.role != "variant"]
+    if preset.baselines is not None:
+        keep = preset.baselines
+        specs = [s for s in specs if s.role != "baseline" or s.label in keep]
+    if not preset.extra_baselines:
+        specs = [s for s in specs if s.label not in ("user vector (pca)", "user vector (logistic)")]
     t = time.perf_counter()
     rows = evaluate(runner, specs, judge)
     seconds["test methods"] = time.perf_counter() - t
@@ -338,7 +372,9 @@ def benchmark_task(
 
 
 def bench(
-    preset: Annotated[str, typer.Option(help="small (make bench) or full")] = "full",
+    preset: Annotated[
+        str, typer.Option(help="small (make bench), medium (the recorded CPU run) or full")
+    ] = "full",
     tasks: Annotated[str, typer.Option(help="comma-separated: headlines,abstracts,persona")] = (
         "headlines,abstracts,persona"
     ),
@@ -355,6 +391,9 @@ def bench(
     max_users: Annotated[int | None, typer.Option(help="users per task")] = None,
     n_test: Annotated[int | None, typer.Option(help="test queries per user")] = None,
     n_val: Annotated[int | None, typer.Option(help="validation queries per user")] = None,
+    queries_per_user: Annotated[
+        int | None, typer.Option(help="score only the first N test queries per user")
+    ] = None,
     max_history: Annotated[int | None, typer.Option(help="history items per user")] = None,
     min_items: Annotated[int | None, typer.Option(help="records a user needs")] = None,
     max_new_tokens: Annotated[int | None, typer.Option(help="generation cap")] = None,
@@ -412,6 +451,8 @@ def _bench(**kw: Any) -> None:
     reports = []
     for name in chosen:
         task = load_task(name, preset, Path(kw["data_dir"]), kw["seed"], overrides)
+        if kw["queries_per_user"]:
+            task = task.limit_test(kw["queries_per_user"])
         typer.echo(
             f"[{name}] {len(task.users)} users, {len(task.queries('test'))} test / "
             f"{len(task.queries('validation'))} validation queries",
@@ -421,9 +462,7 @@ def _bench(**kw: Any) -> None:
         reports.append(report)
         typer.echo(task_markdown(report))
     header = {
-        "command": " ".join(["fints bench", *map(shlex.quote, sys.argv[2:])])
-        if "bench" in sys.argv[1:2]
-        else " ".join(map(shlex.quote, sys.argv)),
+        "command": _command_line(),
         "model": f"{loaded.name} (fingerprint {loaded.fingerprint[:12]}, dtype {loaded.dtype})",
         "seed": kw["seed"],
         "preset": kw["preset"],
@@ -434,6 +473,15 @@ def _bench(**kw: Any) -> None:
     }
     md = write_report(out, reports, header)
     typer.echo(f"results written to {md}", err=True)
+
+
+def _command_line() -> str:
+    args = " ".join(map(shlex.quote, sys.argv[1:]))
+    if sys.argv[0].endswith("commands.py"):
+        return f"python -m fints.benchmark.commands {args}"
+    if "bench" in sys.argv[1:2]:
+        return f"fints {args}"
+    return " ".join(map(shlex.quote, sys.argv))
 
 
 def main() -> None:  # python -m fints.benchmark.commands

@@ -277,7 +277,9 @@ class BenchContext:
         )
         extractor = Extractor(self.model, self.encoder, self.template, config)
         start = time.perf_counter()
-        result = extractor.extract(history, history, self.task.negatives_for(user), progress=False)
+        result = extractor.extract(
+            history, history, self.task.negatives_for(user), progress=self.progress
+        )
         self.extraction_seconds += time.perf_counter() - start
         if not result.entries:
             # Every pair was filtered out (response contrast): fall back to zero vectors.

@@ -173,6 +173,13 @@ class Task:
         longest = max(len(s.history) for s in self.users.values())
         return replace(self, users=users, history_fraction=min(1.0, size / longest))
 
+    def limit_test(self, per_user: int) -> Task:
+        """Keep each user's first ``per_user`` test queries; histories (and caches) unchanged."""
+        if per_user < 1:
+            raise InvalidInputError(f"test queries per user must be >= 1, got {per_user}")
+        users = {n: replace(s, test=s.test[:per_user]) for n, s in self.users.items()}
+        return replace(self, users=users)
+
     def subset_users(self, names: Iterable[str]) -> Task:
         chosen = {n: self.users[n] for n in names}
         return replace(self, users=chosen)
