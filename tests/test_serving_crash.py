@@ -42,8 +42,9 @@ def server_process(store: Path, log: Path) -> Iterator[tuple[subprocess.Popen[by
         sys.executable, "-m", "fints.serving", "--store", str(store), "--port", str(port),
         "--no-extract-on-write", "--threads", "1", "--log-level", "warning",
     ]  # fmt: skip
+    env = {k: v for k, v in os.environ.items() if k != "FINTS_API_KEYS"}  # single-tenant
     with log.open("ab") as out:
-        proc = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env)
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 180

@@ -219,8 +219,12 @@ def loadtest(
     ] = 1,
     max_batch_size: Annotated[int, typer.Option(help="Batch size of the batched server.")] = 8,
     max_wait_ms: Annotated[
-        float, typer.Option(help="Batching window of the in-process servers.")
-    ] = 20.0,
+        float,
+        typer.Option(
+            help="Batching window of the in-process servers (wide: a client that is late by a "
+            "few ms on a busy machine still joins the batch)."
+        ),
+    ] = 100.0,
     model: Annotated[str | None, typer.Option(help="Model for the in-process server.")] = None,
     dtype: Annotated[str, typer.Option(help="auto, float32, bfloat16 or float16.")] = "auto",
     store: Annotated[

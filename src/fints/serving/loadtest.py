@@ -343,7 +343,7 @@ def run_with_personalizer(
     spec: LoadSpec,
     *,
     max_batch_size: int = 8,
-    max_wait_ms: float = 20.0,
+    max_wait_ms: float = 100.0,
     base: ServerConfig | None = None,
 ) -> LoadReport:
     """All three phases, each on a fresh in-process server sharing ``personalizer``.
@@ -442,7 +442,7 @@ def run_in_process(
     spec: LoadSpec,
     *,
     max_batch_size: int = 8,
-    max_wait_ms: float = 20.0,
+    max_wait_ms: float = 100.0,
     model: str | None = None,
     dtype: str = "auto",
     store: Path | None = None,
