@@ -185,10 +185,9 @@ class Personalizer:
         if not requests:
             raise InvalidInputError("no requests")
         configs = [r.steering or self.steering for r in requests]
-        looked_up = [self._lookup(r) for r in requests]
-        dictionaries = [
-            d if c.enabled else None for (d, _), c in zip(looked_up, configs, strict=True)
-        ]
+        found = [self._lookup(r) for r in requests]  # (dictionary or None, note)
+        steered = [d if c.enabled else None for (d, _), c in zip(found, configs, strict=True)]
+        with_icl = [d if c.icl_k else None for (d, _), c in zip(found, configs, strict=True)]
         results = [
             GenerationResult(
                 user=r.user,
@@ -196,63 +195,72 @@ class Personalizer:
                 steered=d is not None,
                 note=note if c.enabled else "steering disabled for this request",
             )
-            for r, (d, note), c in zip(requests, looked_up, configs, strict=True)
+            for r, (d, note), c in zip(requests, found, configs, strict=True)
         ]
-        steer_sites = sorted({s for d in dictionaries if d is not None for s in d.meta.sites})
-        batch = len(requests)
-        vectors = {site: torch.zeros(batch, self.model.hidden_size) for site in steer_sites}
-        contexts: list[list[HistoryItem]] = [[] for _ in requests]
-        needs_keys = [i for i, d in enumerate(dictionaries) if d is not None]
-        icl_rows = [i for i, (d, _) in enumerate(looked_up) if d is not None and configs[i].icl_k]
-        keys = (
-            self.encoder.encode(
-                [requests[i].query for i in sorted(set(needs_keys) | set(icl_rows))]
-            )
-            if needs_keys or icl_rows
-            else torch.zeros(0)
-        )
-        key_of = {i: keys[n] for n, i in enumerate(sorted(set(needs_keys) | set(icl_rows)))}
+        needs_key = [i for i in range(len(requests)) if steered[i] or with_icl[i]]
+        keys = self.encoder.encode([requests[i].query for i in needs_key]) if needs_key else None
+        key_of = {i: keys[n] for n, i in enumerate(needs_key)} if keys is not None else {}
 
-        # Rows sharing retrieval settings and sites are retrieved together, vectorized.
+        vectors = self._steering_vectors(steered, configs, key_of, results)
+        contexts = [
+            self._icl_context(d, key_of[i], configs[i].icl_k) if d is not None else []
+            for i, d in enumerate(with_icl)
+        ]
+        prompts = [
+            encode_prompt(self.model.tokenizer, r.query)
+            if r.raw_prompt
+            else build_prompt_ids(self.model.tokenizer, self.template, r.query, context)
+            for r, context in zip(requests, contexts, strict=True)
+        ]
+        for result, prompt in zip(results, prompts, strict=True):
+            result.prompt_tokens = len(prompt)
+        return PreparedBatch(prompts, vectors, results)
+
+    def _steering_vectors(
+        self,
+        dictionaries: Sequence[UserDictionary | None],
+        configs: Sequence[SteeringConfig],
+        key_of: dict[int, torch.Tensor],
+        results: Sequence[GenerationResult],
+    ) -> dict[Site, torch.Tensor]:
+        """``{site: [batch, hidden]}``: each row's retrieved, aggregated, scaled vectors.
+
+        Rows sharing retrieval settings and sites are retrieved together, vectorized;
+        rows without a dictionary stay zero. Retrieved ids land in ``results``.
+        """
+        batch = len(dictionaries)
+        all_sites = sorted({s for d in dictionaries if d is not None for s in d.meta.sites})
+        vectors = {site: torch.zeros(batch, self.model.hidden_size) for site in all_sites}
         groups: dict[tuple[Any, ...], list[int]] = {}
-        for i in needs_keys:
-            c, d = configs[i], dictionaries[i]
-            assert d is not None
-            groups.setdefault((c.top_k, c.aggregation, c.tau, d.meta.sites), []).append(i)
+        for i, d in enumerate(dictionaries):
+            if d is not None:
+                c = configs[i]
+                groups.setdefault((c.top_k, c.aggregation, c.tau, d.meta.sites), []).append(i)
         for (top_k, aggregation, tau, sites), rows in groups.items():
+            group = [dictionaries[i] for i in rows]
             found = retrieve_and_aggregate(
                 torch.stack([key_of[i] for i in rows]),
-                [dictionaries[i] for i in rows],
+                group,
                 top_k=top_k,
                 aggregation=aggregation,
                 tau=tau,
             )
-            norms = torch.stack([dictionaries[i].site_norms for i in rows])  # type: ignore[union-attr]
+            norms = torch.stack([d.site_norms for d in group if d is not None])
             scaled = effective_vectors(sites, found.vectors, [configs[i] for i in rows], norms)
-            for n, i in enumerate(rows):
-                d = dictionaries[i]
+            for n, (i, d) in enumerate(zip(rows, group, strict=True)):
                 assert d is not None
                 results[i].retrieved = [d.item_ids[j] for j in found.indices[n]]
                 results[i].weights = found.weights[n]
                 for site in sites:
                     vectors[site][i] = scaled[site][n]
-        for i in icl_rows:
-            d = looked_up[i][0]
-            assert d is not None and d.items
-            by_id = {item.item_id: item for item in d.items}
-            scores = d.keys @ key_of[i]
-            top = scores.topk(min(configs[i].icl_k, len(d))).indices.tolist()
-            contexts[i] = [by_id[d.item_ids[j]] for j in top if d.item_ids[j] in by_id]
+        return vectors
 
-        prompts = [
-            encode_prompt(self.model.tokenizer, r.query)
-            if r.raw_prompt
-            else build_prompt_ids(self.model.tokenizer, self.template, r.query, ctx)
-            for r, ctx in zip(requests, contexts, strict=True)
-        ]
-        for result, prompt in zip(results, prompts, strict=True):
-            result.prompt_tokens = len(prompt)
-        return PreparedBatch(prompts, vectors, results)
+    @staticmethod
+    def _icl_context(dictionary: UserDictionary, key: torch.Tensor, k: int) -> list[HistoryItem]:
+        """The user's own k history items most similar to the query, for the prompt."""
+        by_id = {item.item_id: item for item in dictionary.items}
+        top = (dictionary.keys @ key).topk(min(k, len(dictionary))).indices.tolist()
+        return [by_id[dictionary.item_ids[j]] for j in top if dictionary.item_ids[j] in by_id]
 
     def generate(
         self,
