@@ -167,3 +167,14 @@ def test_failed_transaction_rolls_back(store):
         db.execute("INSERT INTO items VALUES ('t', 'alice', 'z', 9, 'i', 'o', 'now')")
         db.execute("INSERT INTO items VALUES ('t', 'alice', 'z', 9, 'i', 'o', 'now')")
     assert len(store.items("t", "alice")) == 3
+
+
+def test_negative_pool_is_seeded_and_never_the_user(store):
+    store.add_items("t", "alice", items("a", 5))
+    store.add_items("t", "bob", items("b", 5))
+    store.add_items("t", "carol", items("c", 5))
+    first = store.other_users_items("t", "alice", 6, seed=3)
+    assert first == store.other_users_items("t", "alice", 6, seed=3)
+    assert len(first) == 6 and not any(i.item_id.startswith("a") for i in first)
+    assert len(store.other_users_items("t", "alice", 100)) == 10
+    assert store.other_users_items("t", "alice", 6, seed=4) != first

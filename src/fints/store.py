@@ -209,15 +209,24 @@ class Store:
     def other_users_items(
         self, tenant: str, user: str, limit: int, seed: int = 0
     ) -> list[HistoryItem]:
-        """A random sample of other users' items in the same tenant (negative context)."""
+        """A seeded random sample of other users' items in the same tenant (negative context)."""
+        rowids = [
+            r[0]
+            for r in self._query(
+                "SELECT rowid FROM items WHERE tenant = ? AND user != ? ORDER BY rowid",
+                (tenant, user),
+            )
+        ]
+        chosen = random.Random(seed).sample(rowids, min(limit, len(rowids)))
+        if not chosen:
+            return []
         rows = self._query(
-            "SELECT input, output, item_id FROM items WHERE tenant = ? AND user != ? "
-            "ORDER BY user, seq",
-            (tenant, user),
+            f"SELECT rowid, input, output, item_id FROM items "
+            f"WHERE rowid IN ({','.join('?' * len(chosen))})",
+            chosen,
         )
-        items = [HistoryItem(*r) for r in rows]
-        random.Random(seed).shuffle(items)
-        return items[:limit]
+        by_rowid = {r[0]: HistoryItem(*r[1:]) for r in rows}
+        return [by_rowid[r] for r in chosen]
 
     def _require_user(self, tenant: str, user: str) -> None:
         if not self.has_user(tenant, user):
