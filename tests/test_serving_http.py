@@ -206,6 +206,18 @@ def test_openai_client(server: RunningServer, alice_ids: dict[str, list[str]]) -
     )
     assert off.model_extra["fints"]["steered"] is False  # type: ignore[index]
 
+    conversation: list[Any] = [
+        {"role": "system", "content": "You answer in one sentence."},
+        {"role": "user", "content": [{"type": "text", "text": "Hi."}]},
+        {"role": "assistant", "content": "Hello."},
+        {"role": "user", "content": "Tell me about dogs."},
+    ]
+    multi = client.chat.completions.create(
+        model=MODEL, messages=conversation, user="alice", max_tokens=4
+    )
+    assert multi.model_extra["fints"]["steered"] is True  # type: ignore[index]
+    assert client.models.retrieve(MODEL).id == MODEL
+
     done = client.completions.create(model=MODEL, prompt="The sky is", max_tokens=8, user="alice")
     stream_c = client.completions.create(
         model=MODEL, prompt="The sky is", max_tokens=8, user="alice", stream=True
@@ -384,6 +396,13 @@ BAD_REQUESTS: list[tuple[str, str, Any, int, str | None]] = [
         {"items": [{"input": "a", "output": "b", "x": 1}]},
         400,
         "items[0].x",
+    ),
+    (
+        "POST",
+        "/v1/chat/completions",
+        {"model": MODEL, "messages": [{"role": "assistant", "content": "Hi"}]},
+        400,
+        "messages",
     ),
     ("GET", "/v1/nothing-here", None, 404, None),
 ]
