@@ -95,6 +95,11 @@ def test_steering_changes_output_and_zero_strength_does_not(engine):
     assert steered.steered and steered.text != plain.text
     assert zero.steered and zero.text == plain.text
     assert not plain.steered and plain.note == "no user given"
+    disabled = engine.generate(
+        [GenerationRequest("pirate", "Tell me about dogs.", steering=STEER.with_(enabled=False))],
+        OPTIONS,
+    )[0]
+    assert not disabled.steered and disabled.text == plain.text and not disabled.retrieved
 
 
 def test_batch_of_users_equals_each_alone(engine, tmp_path):

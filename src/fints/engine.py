@@ -195,7 +195,7 @@ class Personalizer:
                 steered=d is not None,
                 note=note if c.enabled else "steering disabled for this request",
             )
-            for r, (d, note), c in zip(requests, found, configs, strict=True)
+            for r, d, (_, note), c in zip(requests, steered, found, configs, strict=True)
         ]
         needs_key = [i for i in range(len(requests)) if steered[i] or with_icl[i]]
         keys = self.encoder.encode([requests[i].query for i in needs_key]) if needs_key else None

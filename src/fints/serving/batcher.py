@@ -370,11 +370,6 @@ class Batcher:
                 return None, []
             jobs = kept
             prepared = p.prepare([j.request for j in jobs])
-        for job, result in zip(jobs, prepared.results, strict=True):
-            # The engine reports a disabled row as steered when its user has a dictionary;
-            # its vectors are zeros, so say so.
-            if not (job.request.steering or p.steering).enabled:
-                result.steered = False
         too_long = {
             i for i, ids in enumerate(prepared.prompts) if len(ids) > self.max_prompt_tokens
         }
