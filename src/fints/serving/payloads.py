@@ -15,7 +15,7 @@ from fints.engine import GenerationRequest
 from fints.errors import InvalidInputError
 from fints.generation import GenerationOptions
 from fints.history import HistoryItem, check_unique_ids
-from fints.prompts import PromptTemplate
+from fints.prompts import PromptTemplate, render_prompt
 from fints.serving.api_spec import (
     ApiError,
     ChatCompletionRequest,
@@ -198,11 +198,7 @@ def chat_prompt(
     ]
     if turns[0]["role"] != "system":
         turns.insert(0, {"role": "system", "content": template.system_prompt})
-    if not getattr(tokenizer, "chat_template", None):
-        text = "\n\n".join(f"{t['role']}: {t['content']}" for t in turns) + "\n\nassistant: "
-        return text, True
-    rendered = tokenizer.apply_chat_template(turns, tokenize=False, add_generation_prompt=True)
-    return str(rendered), True
+    return render_prompt(tokenizer, turns), True
 
 
 def completion_prompt(prompt: str | list[str]) -> str:
