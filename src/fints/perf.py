@@ -78,12 +78,14 @@ def _median(samples: list[tuple[float, float]]) -> Timing:
 def _interleaved(
     a: Callable[[], object], b: Callable[[], object], repeats: int
 ) -> tuple[Timing, Timing]:
-    """Alternate a and b so drift in machine load hits both alike."""
+    """Run a and b in ABBA order, so drift in machine load and order effects cancel."""
     a(), b()  # warm-up
-    samples_a, samples_b = [], []
-    for _ in range(repeats):
-        samples_a += _time(a, 1)
-        samples_b += _time(b, 1)
+    samples_a: list[tuple[float, float]] = []
+    samples_b: list[tuple[float, float]] = []
+    for round_ in range(repeats):
+        pair = [(a, samples_a), (b, samples_b)]
+        for fn, samples in pair if round_ % 2 == 0 else reversed(pair):
+            samples += _time(fn, 1)
     return _median(samples_a), _median(samples_b)
 
 
