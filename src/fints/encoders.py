@@ -45,7 +45,9 @@ class SentenceTransformerEncoder:
         path = name_or_path or str(embedded_minilm_path())
         self.name = name_or_path or "all-MiniLM-L6-v2"
         self._model = SentenceTransformer(path, device=device)
-        dim = self._model.get_sentence_embedding_dimension()
+        dim = getattr(
+            self._model, "get_embedding_dimension", self._model.get_sentence_embedding_dimension
+        )()
         if dim is None:
             raise FintsError(f"{self.name} does not report an embedding dimension")
         self.dim = int(dim)
