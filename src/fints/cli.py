@@ -118,10 +118,7 @@ def add(
         db.add_items(tenant, user, items)
         console.print(f"added {len(items)} items to [bold]{user}[/] ({tenant})")
         if build:
-            engine = _engine(db, model, dtype, sites, template, contrast)
-            result = engine.build(user, tenant=tenant)
-            if result is not None:
-                console.print(f"extracted {len(result.entries)} entries")
+            _build_and_report(_engine(db, model, dtype, sites, template, contrast), user, tenant)
 
 
 @app.command()
@@ -138,15 +135,18 @@ def build(
 ) -> None:
     """Extract steering vectors for every item of USER that has none for this model."""
     with _store(store) as db:
-        engine = _engine(db, model, dtype, sites, template, contrast)
-        result = engine.build(user, tenant=tenant)
-        if result is None:
-            console.print(f"{user}: every item already has its vectors")
-        else:
-            console.print(
-                f"{user}: extracted {len(result.entries)} entries"
-                + (f", skipped {len(result.skipped)}" if result.skipped else "")
-            )
+        _build_and_report(_engine(db, model, dtype, sites, template, contrast), user, tenant)
+
+
+def _build_and_report(engine: Any, user: str, tenant: str) -> None:
+    result = engine.build(user, tenant=tenant)
+    if result is None:
+        console.print(f"{user}: every item already has its vectors")
+    else:
+        console.print(
+            f"{user}: extracted {len(result.entries)} entries"
+            + (f", skipped {len(result.skipped)}" if result.skipped else "")
+        )
 
 
 @app.command()
