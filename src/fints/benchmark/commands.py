@@ -27,7 +27,9 @@ from fints.benchmark.runner import (
     Row,
     Runner,
     SearchSpace,
+    Selection,
     build_judge,
+    default_fints,
     evaluate,
     methods_for_test,
     select_fints,
@@ -300,6 +302,32 @@ def sparsity(
     return out
 
 
+def test_specs(
+    selection: Selection, preset: Preset, rows: Sequence[str] | None
+) -> list[MethodSpec]:
+    """The rows run on test: the preset's choice, or exactly the labels in ``rows``."""
+    specs = methods_for_test(selection.best, selection.best_absolute, preset.contrasts)
+    if rows is not None:
+        known = [s.label for s in specs]
+        unknown = [r for r in rows if r not in known]
+        if unknown:
+            raise InvalidInputError(f"unknown row(s) {unknown}: expected some of {known}")
+        return [s for s in specs if s.label in rows]
+    if not preset.variants:
+        specs = [s for s in specs if s.role != "variant"]
+    if preset.baselines is not None:
+        keep = preset.baselines
+        specs = [s for s in specs if s.role != "baseline" or s.label in keep]
+    if not preset.extra_baselines:
+        specs = [s for s in specs if s.label not in ("user vector (pca)", "user vector (logistic)")]
+    return specs
+
+
+def steers(specs: Sequence[MethodSpec]) -> bool:
+    """Whether any row uses steering vectors (and so needs the validation search)."""
+    return any(s.kind in ("vector", "fints") for s in specs)
+
+
 def benchmark_task(
     task: Task,
     model: Any,
@@ -326,17 +354,12 @@ def benchmark_task(
         icl_k=preset.icl_k,
         contrasts=preset.contrasts,
     )
-    t = time.perf_counter()
-    selection = select_fints(runner, space, judge)
-    seconds["validation search"] = time.perf_counter() - t
-    specs = methods_for_test(selection.best, selection.best_absolute, preset.contrasts)
-    if not preset.variants:
-        specs = [s for s in specs if s.role != "variant"]
-    if preset.baselines is not None:
-        keep = preset.baselines
-        specs = [s for s in specs if s.role != "baseline" or s.label in keep]
-    if not preset.extra_baselines:
-        specs = [s for s in specs if s.label not in ("user vector (pca)", "user vector (logistic)")]
+    selection = Selection(default_fints(space), None, [])
+    if steers(test_specs(selection, preset, args["rows"])):
+        t = time.perf_counter()
+        selection = select_fints(runner, space, judge)
+        seconds["validation search"] = time.perf_counter() - t
+    specs = test_specs(selection, preset, args["rows"])
     t = time.perf_counter()
     rows = evaluate(runner, specs, judge)
     seconds["test methods"] = time.perf_counter() - t
@@ -400,6 +423,13 @@ def bench(
     strengths: Annotated[str | None, typer.Option(help="relative strengths to search")] = None,
     sparsity_fractions: Annotated[str | None, typer.Option(help="e.g. 0.05,0.1,0.25")] = None,
     n_clusters: Annotated[int | None, typer.Option(help="user clusters (0: none)")] = None,
+    rows: Annotated[
+        str | None,
+        typer.Option(
+            help="comma-separated test rows to run instead of the preset's, e.g. "
+            "'none,icl k=3,control: icl k=3 wrong user' (no steering row: no search)"
+        ),
+    ] = None,
     batch_size: Annotated[int, typer.Option(help="rows per generate call")] = 16,
     dtype: Annotated[str, typer.Option(help="auto, float32, bfloat16")] = "auto",
     seed: Annotated[int, typer.Option()] = 0,
@@ -444,6 +474,7 @@ def _bench(**kw: Any) -> None:
         "cache": kw["cache"] or fints_home() / "bench",
         "seed": kw["seed"],
         "batch_size": kw["batch_size"],
+        "rows": None if kw["rows"] is None else [r.strip() for r in kw["rows"].split(",")],
     }
     overrides = {k: kw[k] for k in ("max_users", "n_test", "n_val", "max_history",
                                     "max_new_tokens", "min_items", "headlines_file",

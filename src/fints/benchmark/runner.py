@@ -209,6 +209,17 @@ class Selection:
     log: list[tuple[str, str, float, dict[str, float]]]  # (stage, description, objective, means)
 
 
+def default_fints(space: SearchSpace, default_top_k: int = 5) -> MethodSpec:
+    """Where the search starts: the middle layer and strength, attn+mlp."""
+    return MethodSpec(
+        "fints",
+        kind="fints",
+        sites=f"{space.layers[len(space.layers) // 2]}.attn+mlp",
+        strength=space.strengths[len(space.strengths) // 2],
+        top_k=space.top_k[0] if space.top_k else default_top_k,
+    )
+
+
 def select_fints(
     runner: Runner,
     space: SearchSpace,
@@ -237,14 +248,7 @@ def select_fints(
     def pick(stage: str, candidates: list[MethodSpec]) -> MethodSpec:
         return max(candidates, key=lambda s: value(stage, s))
 
-    mid = space.strengths[len(space.strengths) // 2]
-    base = MethodSpec(
-        "fints",
-        kind="fints",
-        sites=f"{space.layers[len(space.layers) // 2]}.attn+mlp",
-        strength=mid,
-        top_k=space.top_k[0] if space.top_k else default_top_k,
-    )
+    base = default_fints(space, default_top_k)
     layer = lambda s: parse_sites(s.sites)[0].layer  # noqa: E731
     best = pick("layer", [base.with_(sites=f"{L}.attn+mlp") for L in space.layers])
     best = pick("strength", [best.with_(strength=s) for s in space.strengths])
