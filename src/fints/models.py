@@ -23,6 +23,7 @@ from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 from fints.errors import FintsError
 from fints.layers import DecoderLayout, LayerPaths, resolve_layout
 from fints.paths import model_cache_dir
+from fints.split_models import SPLIT_MODELS, assemble
 
 log = logging.getLogger(__name__)
 
@@ -115,6 +116,8 @@ def resolve_source(name: str | None) -> str:
     name = name or DEFAULT_MODEL
     if name in EMBEDDED_MODELS:
         return str(convert_gguf(embedded_gguf(name)))
+    if name in SPLIT_MODELS:
+        return str(convert_gguf(assemble(SPLIT_MODELS[name], model_cache_dir())))
     path = Path(name).expanduser()
     if path.suffix == ".gguf":
         if not path.is_file():
@@ -162,7 +165,8 @@ def load_model(
     device: str = "cpu",
     layer_paths: LayerPaths | None = None,
 ) -> LoadedModel:
-    """Load a causal LM by HF id, local folder, ``.gguf`` file, or ``"smollm2"`` (default)."""
+    """Load a causal LM by HF id, local folder, ``.gguf`` file, ``"smollm2"`` (default),
+    or the name of a split model in :data:`fints.split_models.SPLIT_MODELS`."""
     source = resolve_source(name)
     torch_dtype = pick_dtype(dtype, device)
     try:
