@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -10,18 +11,21 @@ import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-from fints.benchmark.commands import diagnostics
+from fints.benchmark.commands import PRESETS, diagnostics, rows_for_test, steers
 from fints.benchmark.methods import BenchContext, MethodSpec, benchmark_sites, make_method
 from fints.benchmark.report import TaskReport, write_report
 from fints.benchmark.runner import (
     Runner,
     SearchSpace,
+    Selection,
     build_judge,
+    default_fints,
     evaluate,
     methods_for_test,
     select_fints,
 )
 from fints.benchmark.tasks import SplitConfig, load_headlines
+from fints.errors import InvalidInputError
 from fints.generation import GenerationOptions
 from fints.layers import resolve_layout
 from fints.models import LoadedModel, model_fingerprint, prepare_tokenizer, resolve_source
@@ -112,6 +116,24 @@ def test_runner_end_to_end_and_resumes_from_cache(tiny: LoadedModel, tmp_path: P
     text = md.read_text()
     assert "control: random direction" in text and "Verdict" in text
     assert (tmp_path / "out" / "headlines_methods.png").is_file()
+    summary = json.loads((tmp_path / "out" / "results.json").read_text())["tasks"][0]
+    assert set(summary["rows"]) == {s.label for s in specs}
+    assert set(summary["best_minus"]) == {
+        s.label for s in specs if s.role in ("baseline", "control")
+    }
+    assert summary["selection_log"] and summary["test_queries"] == len(task.queries())
+
+
+def test_rows_pick_the_test_methods_and_skip_the_search_without_steering() -> None:
+    selection = Selection(default_fints(SearchSpace(layers=(1, 2), strengths=(0.1,))), None, [])
+    assert selection.best.sites == "2.attn+mlp" and selection.best.strength == 0.1
+    probe = ["control: icl k=3 wrong user", "none", "icl k=3"]
+    specs = rows_for_test(selection, PRESETS["small"], probe)
+    assert [s.label for s in specs] == ["none", "icl k=3", "control: icl k=3 wrong user"]
+    assert not steers(specs)
+    assert steers(rows_for_test(selection, PRESETS["small"], None))
+    with pytest.raises(InvalidInputError, match=r"unknown row.*'fints typo'"):
+        rows_for_test(selection, PRESETS["small"], ["none", "fints typo"])
 
 
 def test_controls_change_the_vectors_but_keep_their_norm(tiny: LoadedModel, tmp_path: Path) -> None:

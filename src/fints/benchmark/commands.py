@@ -302,7 +302,7 @@ def sparsity(
     return out
 
 
-def test_specs(
+def rows_for_test(
     selection: Selection, preset: Preset, rows: Sequence[str] | None
 ) -> list[MethodSpec]:
     """The rows run on test: the preset's choice, or exactly the labels in ``rows``."""
@@ -355,11 +355,11 @@ def benchmark_task(
         contrasts=preset.contrasts,
     )
     selection = Selection(default_fints(space), None, [])
-    if steers(test_specs(selection, preset, args["rows"])):
+    if steers(rows_for_test(selection, preset, args["rows"])):
         t = time.perf_counter()
         selection = select_fints(runner, space, judge)
         seconds["validation search"] = time.perf_counter() - t
-    specs = test_specs(selection, preset, args["rows"])
+    specs = rows_for_test(selection, preset, args["rows"])
     t = time.perf_counter()
     rows = evaluate(runner, specs, judge)
     seconds["test methods"] = time.perf_counter() - t

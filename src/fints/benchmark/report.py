@@ -244,7 +244,18 @@ def write_report(
                 "name": r.name,
                 "verdict": r.verdict(),
                 "chosen": r.chosen,
-                "rows": {row.label: row.summary() for row in r.rows},
+                "test_queries": r.test_queries,
+                "rows": {
+                    row.label: {**row.summary(), "role": row.role, "method": row.description}
+                    for row in r.rows
+                },
+                "best_minus": {
+                    label: {m: str(d) for m, d in diffs.items()}
+                    for label, _, diffs in r.comparisons()
+                },
+                "selection_log": r.selection_log,
+                "sparsity": r.sparsity,
+                "clusters": r.clusters,
                 "seconds": r.seconds,
                 "diagnostics": r.diagnostics,
             }
