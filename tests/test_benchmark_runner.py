@@ -12,6 +12,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from fints.benchmark.commands import PRESETS, diagnostics, rows_for_test, steers
+from fints.benchmark.latency import measure_latency
 from fints.benchmark.methods import BenchContext, MethodSpec, benchmark_sites, make_method
 from fints.benchmark.report import TaskReport, write_report
 from fints.benchmark.runner import (
@@ -105,16 +106,23 @@ def test_runner_end_to_end_and_resumes_from_cache(tiny: LoadedModel, tmp_path: P
     assert [r.texts for r in rows_again] == [r.texts for r in rows]
     assert runner.generated == before
 
+    timed = [specs[0], *(s for s in specs if s.role == "fints")]
+    latency = measure_latency(ctx, timed, GenerationOptions(max_new_tokens=3), batch_size=2)
+    assert [t.label for t in latency] == ["none", "fints (best on val)"]
+    assert latency[0].cpu_vs_first == 1.0 and latency[0].queries == 2
+    assert all(t.new_tokens == 3 and t.tokens_per_second > 0 for t in latency)
+
     report = TaskReport(
         name=task.name, judge_name="attribution", source=task.source, sha256=task.sha256,
         users=len(task.users), test_queries=len(task.queries()), validation_queries=3,
         max_new_tokens=4, rows=rows, chosen=selection.best.describe(),
         selection_log=selection.log, diagnostics=diagnostics(ctx, selection.best),
+        latency=latency,
     )  # fmt: skip
     assert report.verdict().startswith(("PASS", "FAIL"))
     md = write_report(tmp_path / "out", [report], {"command": "test", "seed": 0})
     text = md.read_text()
-    assert "control: random direction" in text and "Verdict" in text
+    assert "control: random direction" in text and "Verdict" in text and "Latency on one" in text
     assert (tmp_path / "out" / "headlines_methods.png").is_file()
     summary = json.loads((tmp_path / "out" / "results.json").read_text())["tasks"][0]
     assert set(summary["rows"]) == {s.label for s in specs}

@@ -12,7 +12,7 @@ from __future__ import annotations
 import statistics
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -75,18 +75,17 @@ def _median(samples: list[tuple[float, float]]) -> Timing:
     )
 
 
-def _interleaved(
-    a: Callable[[], object], b: Callable[[], object], repeats: int
-) -> tuple[Timing, Timing]:
-    """Run a and b in ABBA order, so drift in machine load and order effects cancel."""
-    a(), b()  # warm-up
-    samples_a: list[tuple[float, float]] = []
-    samples_b: list[tuple[float, float]] = []
+def interleaved(fns: Sequence[Callable[[], object]], repeats: int) -> list[Timing]:
+    """Run the functions in ABBA order (forward, then backward), so drift in machine load
+    and order effects cancel; one warm-up call each. Medians per function."""
+    for fn in fns:
+        fn()
+    samples: list[list[tuple[float, float]]] = [[] for _ in fns]
     for round_ in range(repeats):
-        pair = [(a, samples_a), (b, samples_b)]
-        for fn, samples in pair if round_ % 2 == 0 else reversed(pair):
-            samples += _time(fn, 1)
-    return _median(samples_a), _median(samples_b)
+        order = list(range(len(fns)))
+        for i in order if round_ % 2 == 0 else reversed(order):
+            samples[i] += _time(fns[i], 1)
+    return [_median(s) for s in samples]
 
 
 def _random_entries(
@@ -111,9 +110,11 @@ def generation_overhead(
         for i, q in enumerate(QUERIES)
     ]
     assert all(r.steered for r in engine.generate(steered[:2], options))
-    return _interleaved(
-        lambda: engine.generate(plain, options), lambda: engine.generate(steered, options), repeats
+    plain_t, steered_t = interleaved(
+        [lambda: engine.generate(plain, options), lambda: engine.generate(steered, options)],
+        repeats,
     )
+    return plain_t, steered_t
 
 
 def extraction_cost(
@@ -145,7 +146,7 @@ def extraction_cost(
     def extract() -> None:
         extractor.extract(items, items, pool, progress=False)
 
-    t_forward, t_extract = _interleaved(plain_forward, extract, repeats)
+    t_forward, t_extract = interleaved([plain_forward, extract], repeats)
     return t_extract.scaled(1 / len(items)), t_forward.scaled(1 / len(items))
 
 
@@ -173,7 +174,7 @@ def retrieval_time(model: LoadedModel, meta: DictionaryMeta, repeats: int) -> tu
     def batch() -> None:
         retrieve_and_aggregate(queries, dictionaries, top_k=5, aggregation="attentive")
 
-    single, batched = _interleaved(one, batch, repeats * 20)
+    single, batched = interleaved([one, batch], repeats * 20)
     return single, batched.scaled(1 / 8)
 
 

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 import typer
 
+from fints.benchmark.latency import measure_latency
 from fints.benchmark.methods import BenchContext, MethodSpec, benchmark_sites
 from fints.benchmark.metrics import TextClassifier, paired_bootstrap
 from fints.benchmark.report import TaskReport, task_markdown, write_report
@@ -376,7 +377,13 @@ def benchmark_task(
         chosen=selection.best.describe(),
         selection_log=selection.log,
     )
-    report.diagnostics = diagnostics(ctx, selection.best)
+    if args["timing_repeats"]:
+        timed = [s for s in specs if s.label in ("none", "icl k=3", report.best_label)]
+        report.latency = measure_latency(
+            ctx, timed, options, batch_size=args["batch_size"], repeats=args["timing_repeats"]
+        )
+    if steers(specs):
+        report.diagnostics = diagnostics(ctx, selection.best)
     if preset.clusters:
         report.clusters = clusters(ctx, rows, preset.clusters, args["seed"])
     fractions = preset.sparsity if task.name != "persona" else ()
@@ -431,6 +438,9 @@ def bench(
         ),
     ] = None,
     batch_size: Annotated[int, typer.Option(help="rows per generate call")] = 16,
+    timing_repeats: Annotated[
+        int, typer.Option(help="interleaved latency runs of one batch per method (0: skip)")
+    ] = 2,
     dtype: Annotated[str, typer.Option(help="auto, float32, bfloat16")] = "auto",
     seed: Annotated[int, typer.Option()] = 0,
 ) -> None:
@@ -474,6 +484,7 @@ def _bench(**kw: Any) -> None:
         "cache": kw["cache"] or fints_home() / "bench",
         "seed": kw["seed"],
         "batch_size": kw["batch_size"],
+        "timing_repeats": kw["timing_repeats"],
         "rows": None if kw["rows"] is None else [r.strip() for r in kw["rows"].split(",")],
     }
     overrides = {k: kw[k] for k in ("max_users", "n_test", "n_val", "max_history",

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from fints.benchmark.latency import MethodLatency
 from fints.benchmark.metrics import Difference
 from fints.benchmark.runner import Row, compare
 
@@ -32,6 +33,7 @@ class TaskReport:
     selection_log: list[tuple[str, str, float, dict[str, float]]] = field(default_factory=list)
     sparsity: list[dict[str, Any]] = field(default_factory=list)
     clusters: list[dict[str, Any]] = field(default_factory=list)
+    latency: list[MethodLatency] = field(default_factory=list)
     diagnostics: dict[str, Any] = field(default_factory=dict)
     seconds: dict[str, float] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
@@ -147,6 +149,21 @@ def task_markdown(report: TaskReport) -> str:
                 f"| {item['cluster']} | {item['users']} | {item['queries']} | {item['label']} | "
                 f"{item['rouge1']:.4f} | {item['rougeL']:.4f} | {item['judge']:.3f} |"
             )
+    if report.latency:
+        first = report.latency[0]
+        lines += [
+            "",
+            f"Latency on one batch ({first.queries} test queries, {first.new_tokens} new tokens "
+            "each, end of turn ignored; methods interleaved, medians; comparable across rows):",
+            "",
+            f"| method | s/query (wall) | CPU s/query | tok/s | CPU vs {first.label} |",
+            "|---|---|---|---|---|",
+        ]
+        for t in report.latency:
+            lines.append(
+                f"| {t.label} | {t.wall_per_query:.3f} | {t.cpu_per_query:.3f} | "
+                f"{t.tokens_per_second:.1f} | {t.cpu_vs_first:.3f}x |"
+            )
     if report.diagnostics:
         lines += ["", "Diagnostics:", "", "```", json.dumps(report.diagnostics, indent=1), "```"]
     if report.seconds:
@@ -256,6 +273,7 @@ def write_report(
                 "selection_log": r.selection_log,
                 "sparsity": r.sparsity,
                 "clusters": r.clusters,
+                "latency": [asdict(t) for t in r.latency],
                 "seconds": r.seconds,
                 "diagnostics": r.diagnostics,
             }
