@@ -11,7 +11,7 @@ import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-from fints.benchmark.commands import PRESETS, diagnostics, rows_for_test, steers
+from fints.benchmark.commands import PRESETS, diagnostics, rows_for_test, sparsity, steers
 from fints.benchmark.latency import measure_latency
 from fints.benchmark.methods import BenchContext, MethodSpec, benchmark_sites, make_method
 from fints.benchmark.report import TaskReport, write_report
@@ -167,3 +167,25 @@ def test_controls_change_the_vectors_but_keep_their_norm(tiny: LoadedModel, tmp_
     assert float(rel[site][0].norm()) == pytest.approx(expected, rel=1e-4)
     with pytest.raises(Exception, match="sites"):
         MethodSpec("bad", kind="fints")
+
+
+def test_sparsity_runs_less_history_and_ends_with_the_whole(
+    tiny: LoadedModel, tmp_path: Path
+) -> None:
+    task = load_headlines(
+        FIXTURES / "news.jsonl", SplitConfig(min_items=10, n_test=1, n_val=1, max_history=4), 3
+    )
+    best = MethodSpec(
+        "fints (best on val)", kind="fints", sites="1.attn+mlp", strength=0.2, role="fints"
+    )
+    points = sparsity(
+        task, tiny, HashEncoder(), benchmark_sites(tiny.num_layers, (1,)), best, build_judge(task),
+        GenerationOptions(max_new_tokens=3), {"cache": tmp_path, "seed": 0, "batch_size": 8},
+        fractions=(0.25,), sizes=(),
+    )  # fmt: skip
+    assert [(p["history"], p["label"]) for p in points] == [
+        (h, label)
+        for h in ("25%", "100%")
+        for label in ("fints (best on val)", "control: random direction", "icl k=3")
+    ]
+    assert all(0 <= p["rougeL"] <= 1 and "[" in p["delta_rougeL"] for p in points)

@@ -274,9 +274,12 @@ def sparsity(
     fractions: Sequence[float],
     sizes: Sequence[int],
 ) -> list[dict[str, Any]]:
-    """Best Fints, its random control and ICL with less history per user."""
+    """Best Fints, its random control and ICL with less history per user (and with all)."""
     points: list[tuple[Any, Task]] = [(f, base.with_history_fraction(f)) for f in fractions]
     points += [(n, base.with_history_size(n)) for n in sizes]
+    if points:  # the whole history: the main run's rows, from the cache
+        longest = max(len(u.history) for u in base.users.values())
+        points.append((1.0 if fractions else longest, base))
     specs = [
         best,
         best.with_(label="control: random direction", vector_source="random", role="control"),
