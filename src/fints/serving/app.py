@@ -15,7 +15,7 @@ import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, TypedDict
 
 from fastapi import Depends, FastAPI, Header, Request
 from fastapi.exceptions import RequestValidationError
@@ -26,6 +26,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from fints.engine import GenerationRequest, GenerationResult, Personalizer
 from fints.errors import DictionaryMismatchError, FintsError, InvalidInputError, UnknownUserError
+from fints.generation import GenerationOptions
 from fints.history import HistoryItem
 from fints.serving.api_spec import (
     AddInteractionsRequest,
@@ -71,6 +72,7 @@ from fints.serving.tenants import TenantResolver
 log = logging.getLogger("fints.serving")
 
 UnknownUserMode = Literal["unsteered", "404"]
+_GenerationBody = ChatCompletionRequest | CompletionRequest
 
 
 @dataclass(frozen=True)
@@ -297,35 +299,96 @@ async def _await_start(job: GenerationJob) -> Started:
     return event
 
 
-# chunk(text delta, finish reason, first chunk?, fints info) -> one SSE chunk
-Chunker = Callable[[str | None, str | None, bool, FintsInfo | None], BaseModel]
+class _Head(TypedDict):
+    """The fields that every response object and stream chunk of one request repeats."""
+
+    id: str
+    created: int
+    model: str
+
+
+@dataclass(frozen=True)
+class _Shape:
+    """What one generation endpoint's answers look like; everything else they share.
+
+    ``chunk(head, text delta, finish reason, first chunk?, fints info)`` builds one
+    stream chunk, ``usage_chunk(head, usage)`` the closing usage-only chunk, and
+    ``response(head, text, finish reason, usage, fints info)`` the non-streamed body.
+    """
+
+    id_prefix: str
+    chunk: Callable[[_Head, str | None, str | None, bool, FintsInfo | None], BaseModel]
+    usage_chunk: Callable[[_Head, Usage], BaseModel]
+    response: Callable[[_Head, str, str, Usage, FintsInfo], BaseModel]
+
+
+def _chat_chunk(
+    head: _Head, text: str | None, finish: str | None, first: bool, info: FintsInfo | None
+) -> BaseModel:
+    delta = ChatDelta(role="assistant", content="") if first else ChatDelta(content=text)
+    choice = ChatChunkChoice(delta=delta, finish_reason=finish)
+    return ChatCompletionChunk(**head, choices=[choice], fints=info)
+
+
+def _chat_usage_chunk(head: _Head, usage: Usage) -> BaseModel:
+    return ChatCompletionChunk(**head, choices=[], usage=usage)
+
+
+def _chat_response(head: _Head, text: str, finish: str, usage: Usage, info: FintsInfo) -> BaseModel:
+    choice = ChatChoice(message=AssistantMessage(content=text), finish_reason=finish)
+    return ChatCompletion(**head, choices=[choice], usage=usage, fints=info)
+
+
+def _completion_chunk(
+    head: _Head, text: str | None, finish: str | None, first: bool, info: FintsInfo | None
+) -> BaseModel:
+    choice = CompletionChoice(text=text or "", finish_reason=finish)
+    return Completion(**head, choices=[choice], fints=info)
+
+
+def _completion_usage_chunk(head: _Head, usage: Usage) -> BaseModel:
+    return Completion(**head, choices=[], usage=usage)
+
+
+def _completion_response(
+    head: _Head, text: str, finish: str, usage: Usage, info: FintsInfo
+) -> BaseModel:
+    choice = CompletionChoice(text=text, finish_reason=finish)
+    return Completion(**head, choices=[choice], usage=usage, fints=info)
+
+
+_CHAT = _Shape("chatcmpl-", _chat_chunk, _chat_usage_chunk, _chat_response)
+_COMPLETION = _Shape("cmpl-", _completion_chunk, _completion_usage_chunk, _completion_response)
 
 
 def _stream(
     job: GenerationJob,
     started: Started,
-    chunk: Chunker,
+    shape: _Shape,
+    head: _Head,
     stops: list[str],
     include_usage: bool,
-    usage_chunk: Callable[[Usage], BaseModel],
 ) -> StreamingResponse:
+    def chunk(text: str | None, finish: str | None, first: bool, info: FintsInfo | None) -> str:
+        return _sse(shape.chunk(head, text, finish, first, info))
+
     async def events() -> AsyncIterator[str]:
-        yield _sse(chunk(None, None, True, _info(started.result, started.batch_size)))
+        yield chunk(None, None, True, _info(started.result, started.batch_size))
         stop = StopFilter(stops)
         while True:
             event = await job.next_event()
             if isinstance(event, Delta):
                 text = stop.feed(event.text)
                 if text:
-                    yield _sse(chunk(text, None, False, None))
+                    yield chunk(text, None, False, None)
             elif isinstance(event, Done):
                 text = stop.flush()
                 if text:
-                    yield _sse(chunk(text, None, False, None))
+                    yield chunk(text, None, False, None)
                 finish = "stop" if stop.stopped else event.result.finish_reason
-                yield _sse(chunk(None, finish, False, _info(event.result, event.batch_size)))
+                yield chunk(None, finish, False, _info(event.result, event.batch_size))
                 if include_usage:
-                    yield _sse(usage_chunk(_usage(event.result)))
+                    yield _sse(shape.usage_chunk(head, _usage(event.result)))
                 break
             elif isinstance(event, Failed):
                 yield _sse(engine_error(event.error).body())
@@ -334,6 +397,34 @@ def _stream(
 
     headers = {**_steer_headers(started.result), "cache-control": "no-cache"}
     return StreamingResponse(events(), media_type="text/event-stream", headers=headers)
+
+
+async def _respond(
+    batcher: Batcher,
+    body: _GenerationBody,
+    request: GenerationRequest,
+    options: GenerationOptions,
+    stops: list[str],
+    shape: _Shape,
+) -> Response:
+    """Run one checked generation request and answer it in ``shape``.
+
+    Streamed: an SSE response that starts once the job is admitted. Otherwise: the
+    whole text, cut at the first stop sequence, as one JSON body.
+    """
+    job = batcher.submit(request, options, stream=body.stream)
+    cid = f"{shape.id_prefix}{uuid.uuid4().hex}"
+    head = _Head(id=cid, created=int(time.time()), model=body.model)
+    if body.stream:
+        started = await _await_start(job)
+        include_usage = bool(body.stream_options and body.stream_options.include_usage)
+        return _stream(job, started, shape, head, stops, include_usage)
+
+    result, size = await _await_job(job)
+    text, stopped = truncate_at_stop(result.text, stops)
+    finish = "stop" if stopped else result.finish_reason
+    response = shape.response(head, text, finish, _usage(result), _info(result, size))
+    return JSONResponse(response.model_dump(), headers=_steer_headers(result))
 
 
 # -- routes ---------------------------------------------------------------------------------
@@ -377,6 +468,12 @@ def _add_routes(app: FastAPI, server: _Server) -> None:
             param=param,
         )
 
+    def checked(body: _GenerationBody) -> tuple[list[str], GenerationOptions]:
+        """The checks both generation endpoints start with; returns stops and options."""
+        check_model(body.model, served)
+        check_common(body)
+        return stop_sequences(body.stop), generation_options(body, limits)
+
     @app.get("/health")
     async def health() -> JSONResponse:
         ok = server.batcher.running
@@ -407,105 +504,17 @@ def _add_routes(app: FastAPI, server: _Server) -> None:
 
     @app.post("/v1/chat/completions", response_model=None)
     async def chat(body: ChatCompletionRequest, tenant: str = Depends(tenant_of)) -> Response:
-        check_model(body.model, served)
-        check_common(body)
-        stops = stop_sequences(body.stop)
-        options = generation_options(body, limits)
+        stops, options = checked(body)
         text, raw = chat_prompt(body.messages, p.model.tokenizer, p.template)
         request = await request_for(tenant, body.user, text, raw, body, "messages")
-        job = server.batcher.submit(request, options, stream=body.stream)
-        cid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
-
-        if body.stream:
-            started = await _await_start(job)
-
-            def chunk(
-                text: str | None, finish: str | None, first: bool, info: FintsInfo | None
-            ) -> BaseModel:
-                delta = (
-                    ChatDelta(role="assistant", content="") if first else ChatDelta(content=text)
-                )
-                return ChatCompletionChunk(
-                    id=cid,
-                    created=created,
-                    model=body.model,
-                    choices=[ChatChunkChoice(delta=delta, finish_reason=finish)],
-                    fints=info,
-                )
-
-            def usage_chunk(usage: Usage) -> BaseModel:
-                return ChatCompletionChunk(
-                    id=cid, created=created, model=body.model, choices=[], usage=usage
-                )
-
-            include = bool(body.stream_options and body.stream_options.include_usage)
-            return _stream(job, started, chunk, stops, include, usage_chunk)
-
-        result, size = await _await_job(job)
-        content, stopped = truncate_at_stop(result.text, stops)
-        completion = ChatCompletion(
-            id=cid,
-            created=created,
-            model=body.model,
-            choices=[
-                ChatChoice(
-                    message=AssistantMessage(content=content),
-                    finish_reason="stop" if stopped else result.finish_reason,
-                )
-            ],
-            usage=_usage(result),
-            fints=_info(result, size),
-        )
-        return JSONResponse(completion.model_dump(), headers=_steer_headers(result))
+        return await _respond(server.batcher, body, request, options, stops, _CHAT)
 
     @app.post("/v1/completions", response_model=None)
     async def completions(body: CompletionRequest, tenant: str = Depends(tenant_of)) -> Response:
-        check_model(body.model, served)
-        check_common(body)
-        stops = stop_sequences(body.stop)
-        options = generation_options(body, limits)
+        stops, options = checked(body)
         text = completion_prompt(body.prompt)
         request = await request_for(tenant, body.user, text, True, body, "prompt")
-        job = server.batcher.submit(request, options, stream=body.stream)
-        cid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
-
-        def chunk(
-            text: str | None, finish: str | None, first: bool, info: FintsInfo | None
-        ) -> BaseModel:
-            return Completion(
-                id=cid,
-                created=created,
-                model=body.model,
-                choices=[CompletionChoice(text=text or "", finish_reason=finish)],
-                fints=info,
-            )
-
-        if body.stream:
-            started = await _await_start(job)
-
-            def usage_chunk(usage: Usage) -> BaseModel:
-                return Completion(
-                    id=cid, created=created, model=body.model, choices=[], usage=usage
-                )
-
-            include = bool(body.stream_options and body.stream_options.include_usage)
-            return _stream(job, started, chunk, stops, include, usage_chunk)
-
-        result, size = await _await_job(job)
-        content, stopped = truncate_at_stop(result.text, stops)
-        response = Completion(
-            id=cid,
-            created=created,
-            model=body.model,
-            choices=[
-                CompletionChoice(
-                    text=content, finish_reason="stop" if stopped else result.finish_reason
-                )
-            ],
-            usage=_usage(result),
-            fints=_info(result, size),
-        )
-        return JSONResponse(response.model_dump(), headers=_steer_headers(result))
+        return await _respond(server.batcher, body, request, options, stops, _COMPLETION)
 
     @app.post("/v1/users/{user}/interactions")
     async def add_interactions(
