@@ -131,6 +131,23 @@ def test_runner_end_to_end_and_resumes_from_cache(tiny: LoadedModel, tmp_path: P
     }
     assert summary["selection_log"] and summary["test_queries"] == len(task.queries())
 
+    # the context probe: own ICL minus none and minus another user's ICL, in both outputs
+    probe = report.context_probe()
+    assert [(a, b) for a, b, _ in probe] == [
+        ("icl k=1", "none"),
+        ("icl k=3", "none"),
+        ("icl k=3", "control: icl k=3 wrong user"),
+    ]
+    own, wrong = report.row("icl k=3"), report.row("control: icl k=3 wrong user")
+    assert own is not None and wrong is not None
+    expected = float((own.scores.rougeL - wrong.scores.rougeL).mean())
+    assert probe[2][2]["rougeL"].mean == pytest.approx(expected)
+    assert "Does the model use the user's context?" in text
+    assert [p["minus"] for p in summary["context_probe"]][-1] == "control: icl k=3 wrong user"
+    per_query = summary["per_query"]["icl k=3"]
+    assert len(per_query["rougeL"]) == len(task.queries())
+    assert per_query["rougeL"] == pytest.approx(own.scores.rougeL.tolist(), abs=1e-4)
+
 
 def test_rows_pick_the_test_methods_and_skip_the_search_without_steering() -> None:
     selection = Selection(default_fints(SearchSpace(layers=(1, 2), strengths=(0.1,))), None, [])

@@ -16,6 +16,14 @@ from fints.benchmark.runner import Row, compare
 
 METRICS = ("rouge1", "rougeL", "judge")
 
+# (row, minus row): does the model use in-context examples at all, and the user's own more
+# than another user's? A model that cannot use the user's context gives steering nothing.
+CONTEXT_PROBE = (
+    ("icl k=1", "none"),
+    ("icl k=3", "none"),
+    ("icl k=3", "control: icl k=3 wrong user"),
+)
+
 
 @dataclass
 class TaskReport:
@@ -52,6 +60,15 @@ class TaskReport:
                 continue
             diffs = {m: compare(best, other, m, seed) for m in METRICS}
             out.append((other.label, other.role, diffs))
+        return out
+
+    def context_probe(self, seed: int = 0) -> list[tuple[str, str, dict[str, Difference]]]:
+        """ICL own minus none and own minus another user's items, where both rows ran."""
+        out = []
+        for label, other_label in CONTEXT_PROBE:
+            row, other = self.row(label), self.row(other_label)
+            if row is not None and other is not None:
+                out.append((label, other_label, {m: compare(row, other, m, seed) for m in METRICS}))
         return out
 
     def verdict(self) -> str:
@@ -116,6 +133,19 @@ def task_markdown(report: TaskReport) -> str:
                 f"| {label} | {role} | {diffs['rouge1']} | {diffs['rougeL']} | {diffs['judge']} |"
             )
         lines += ["", f"Verdict: {report.verdict()}"]
+    probe = report.context_probe()
+    if probe:
+        lines += [
+            "",
+            "Does the model use the user's context? (paired bootstrap, 95% CI)",
+            "",
+            f"| row | minus | ΔROUGE-1 | ΔROUGE-L | Δ{report.judge_name} |",
+            "|---|---|---|---|---|",
+        ]
+        for label, other, diffs in probe:
+            lines.append(
+                f"| {label} | {other} | {diffs['rouge1']} | {diffs['rougeL']} | {diffs['judge']} |"
+            )
     if report.selection_log:
         lines += [
             "",
@@ -229,6 +259,15 @@ def plot_task(report: TaskReport, folder: Path) -> list[Path]:
     return paths
 
 
+def _per_query(row: Row) -> dict[str, list[float]]:
+    """Per-query scores (test order), so later comparisons need no generation cache."""
+    return {
+        "rouge1": [round(float(x), 4) for x in row.scores.get("rouge1")],
+        "rougeL": [round(float(x), 4) for x in row.scores.get("rougeL")],
+        "judge": [float(x) for x in row.judge_hits],
+    }
+
+
 def write_report(
     folder: Path,
     reports: list[TaskReport],
@@ -270,6 +309,11 @@ def write_report(
                     label: {m: str(d) for m, d in diffs.items()}
                     for label, _, diffs in r.comparisons()
                 },
+                "context_probe": [
+                    {"row": label, "minus": other, **{m: str(d) for m, d in diffs.items()}}
+                    for label, other, diffs in r.context_probe()
+                ],
+                "per_query": {row.label: _per_query(row) for row in r.rows},
                 "selection_log": r.selection_log,
                 "sparsity": r.sparsity,
                 "clusters": r.clusters,
