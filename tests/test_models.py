@@ -42,3 +42,14 @@ def test_missing_gguf_and_unknown_dtype_are_clear_errors(tmp_path):
         load_model(None, dtype="int3")
     with pytest.raises(FintsError, match="cannot load model"):
         load_model(str(tmp_path / "no-such-folder" / "x"))
+
+
+def test_auto_dtype_is_fp32_on_cpus_without_native_bf16(monkeypatch):
+    from fints import models
+
+    monkeypatch.setattr(models, "cpu_has_native_bf16", lambda: False)
+    assert models.pick_dtype("auto", "cpu") == torch.float32
+    assert models.pick_dtype("auto", "cuda") == torch.bfloat16
+    monkeypatch.setattr(models, "cpu_has_native_bf16", lambda: True)
+    assert models.pick_dtype("auto", "cpu") == torch.bfloat16
+    assert models.pick_dtype("float16", "cpu") == torch.float16

