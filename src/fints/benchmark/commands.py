@@ -432,6 +432,9 @@ def bench(
     max_new_tokens: Annotated[int | None, typer.Option(help="generation cap")] = None,
     strengths: Annotated[str | None, typer.Option(help="relative strengths to search")] = None,
     sparsity_fractions: Annotated[str | None, typer.Option(help="e.g. 0.05,0.1,0.25")] = None,
+    persona_sizes: Annotated[
+        str | None, typer.Option(help="persona history sizes to sweep, e.g. 5,10,25")
+    ] = None,
     n_clusters: Annotated[int | None, typer.Option(help="user clusters (0: none)")] = None,
     rows: Annotated[
         str | None,
@@ -465,10 +468,12 @@ def _bench(**kw: Any) -> None:
     preset = PRESETS[kw["preset"]]
     strengths = _floats(kw["strengths"], "strengths")
     fractions = _floats(kw["sparsity_fractions"], "sparsity-fractions")
+    sizes = _ints(kw["persona_sizes"], "persona-sizes")
     preset = replace(
         preset,
         strengths=strengths or preset.strengths,
         sparsity=fractions if fractions is not None else preset.sparsity,
+        persona_sizes=sizes if sizes is not None else preset.persona_sizes,
         clusters=kw["n_clusters"] if kw["n_clusters"] is not None else preset.clusters,
     )
     from fints.encoders import SentenceTransformerEncoder
