@@ -377,7 +377,7 @@ def benchmark_task(
         validation_queries=len(task.queries("validation")),
         max_new_tokens=task.max_new_tokens,
         rows=rows,
-        chosen=selection.best.describe(),
+        chosen=selection.best.describe() if steers(specs) else "",  # no search without it
         selection_log=selection.log,
     )
     if args["timing_repeats"]:
