@@ -206,3 +206,13 @@ def test_sparsity_runs_less_history_and_ends_with_the_whole(
         for label in ("fints (best on val)", "control: random direction", "icl k=3")
     ]
     assert all(0 <= p["rougeL"] <= 1 and "[" in p["delta_rougeL"] for p in points)
+
+
+def test_number_lists_from_the_command_line() -> None:
+    from fints.benchmark.commands import _ints
+
+    assert _ints("5,10,25", "persona-sizes") == (5, 10, 25)
+    assert _ints("", "persona-sizes") == ()  # an empty list switches the sweep off
+    assert _ints(None, "persona-sizes") is None  # the preset's own sizes
+    with pytest.raises(InvalidInputError, match="--persona-sizes"):
+        _ints("5,ten", "persona-sizes")

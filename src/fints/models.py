@@ -131,7 +131,7 @@ def cpu_has_native_bf16() -> bool:
 
     Without it bf16 is emulated: on a 2-core AVX2 machine SmolLM2 generated 4-5x
     slower in bf16 than in fp32 at batch 16 and ran a 400-token forward pass 6x
-    slower (BENCHMARKS.md, "dtype").
+    slower (BENCHMARKS.md, "Speed: bf16 vs fp32 on this CPU").
     """
     checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
     return any(bool(getattr(torch.cpu, name, lambda: False)()) for name in checks)
