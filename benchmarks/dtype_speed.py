@@ -1,19 +1,19 @@
 """bf16 vs fp32 generation speed of the embedded model on this CPU, alternated in one run.
 
 Usage: ``.venv/bin/python benchmarks/dtype_speed.py [--batch 16] [--prompt 60] [--tokens 24]``.
-Prints the seconds of each run and the bf16 / fp32 ratio of the medians.
+Prints the median seconds of each dtype and their ratio.
 """
 
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
+from functools import partial
 
 import torch
 from transformers import AutoModelForCausalLM
 
 from fints.models import cpu_has_native_bf16, resolve_source
+from fints.perf import interleaved
 
 
 def main() -> None:
@@ -33,24 +33,26 @@ def main() -> None:
     ids = torch.randint(
         100, 1000, (args.batch, args.prompt), generator=torch.Generator().manual_seed(0)
     )
-    seconds: dict[torch.dtype, list[float]] = {dtype: [] for dtype in models}
-    for _ in range(args.repeats):
-        for dtype, model in models.items():
-            start = time.perf_counter()
-            with torch.inference_mode():
-                model.generate(
-                    input_ids=ids,
-                    attention_mask=torch.ones_like(ids),
-                    max_new_tokens=args.tokens,
-                    min_new_tokens=args.tokens,
-                    do_sample=False,
-                    pad_token_id=0,
-                )
-            seconds[dtype].append(time.perf_counter() - start)
-            print(f"{dtype}: {seconds[dtype][-1]:.2f} s", flush=True)
-    bf16, fp32 = (statistics.median(seconds[d]) for d in models)
+
+    def run(model: torch.nn.Module) -> object:
+        with torch.inference_mode():
+            return model.generate(  # type: ignore[operator]
+                input_ids=ids,
+                attention_mask=torch.ones_like(ids),
+                max_new_tokens=args.tokens,
+                min_new_tokens=args.tokens,
+                do_sample=False,
+                pad_token_id=0,
+            )
+
+    # one warm-up each, then ABBA order and medians (the same helper as `fints perf`)
+    calls = [partial(run, model) for model in models.values()]
+    bf16, fp32 = interleaved(calls, args.repeats)
+    print(f"bf16: {bf16.wall:.2f} s wall, {bf16.cpu:.2f} s CPU")
+    print(f"fp32: {fp32.wall:.2f} s wall, {fp32.cpu:.2f} s CPU")
     print(f"native bf16 on this CPU: {cpu_has_native_bf16()}")
-    print(f"bf16 / fp32 time: {bf16 / fp32:.2f}x (batch {args.batch}, prompt {args.prompt})")
+    shape = f"batch {args.batch}, prompt {args.prompt}, {args.tokens} new tokens"
+    print(f"bf16 / fp32 wall time: {bf16.wall / fp32.wall:.2f}x ({shape})")
 
 
 if __name__ == "__main__":
