@@ -44,7 +44,7 @@ ModelOpt = Annotated[
 ]
 DtypeOpt = Annotated[
     str,
-    typer.Option("--dtype", help="auto (bf16 on GPU or bf16 CPU, else fp32), bfloat16, float32"),
+    typer.Option("--dtype", help="auto (bf16 where native, else fp32), bfloat16, float32, float16"),
 ]
 TenantOpt = Annotated[str, typer.Option("--tenant", help="tenant namespace")]
 SitesOpt = Annotated[

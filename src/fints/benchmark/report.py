@@ -25,6 +25,15 @@ CONTEXT_PROBE = (
 )
 
 
+def _differences(a: Row, b: Row, seed: int) -> dict[str, Difference]:
+    """``a`` minus ``b`` on every metric, paired over the same queries."""
+    return {m: compare(a, b, m, seed) for m in METRICS}
+
+
+def _difference_cells(diffs: dict[str, Difference]) -> str:
+    return " | ".join(str(diffs[m]) for m in METRICS)
+
+
 @dataclass
 class TaskReport:
     name: str
@@ -58,8 +67,7 @@ class TaskReport:
         for other in self.rows:
             if other is best or other.role not in ("baseline", "control"):
                 continue
-            diffs = {m: compare(best, other, m, seed) for m in METRICS}
-            out.append((other.label, other.role, diffs))
+            out.append((other.label, other.role, _differences(best, other, seed)))
         return out
 
     def context_probe(self, seed: int = 0) -> list[tuple[str, str, dict[str, Difference]]]:
@@ -68,7 +76,7 @@ class TaskReport:
         for label, other_label in CONTEXT_PROBE:
             row, other = self.row(label), self.row(other_label)
             if row is not None and other is not None:
-                out.append((label, other_label, {m: compare(row, other, m, seed) for m in METRICS}))
+                out.append((label, other_label, _differences(row, other, seed)))
         return out
 
     def verdict(self) -> str:
@@ -129,9 +137,7 @@ def task_markdown(report: TaskReport) -> str:
             "|---|---|---|---|---|",
         ]
         for label, role, diffs in comps:
-            lines.append(
-                f"| {label} | {role} | {diffs['rouge1']} | {diffs['rougeL']} | {diffs['judge']} |"
-            )
+            lines.append(f"| {label} | {role} | {_difference_cells(diffs)} |")
         lines += ["", f"Verdict: {report.verdict()}"]
     probe = report.context_probe()
     if probe:
@@ -143,9 +149,7 @@ def task_markdown(report: TaskReport) -> str:
             "|---|---|---|---|---|",
         ]
         for label, other, diffs in probe:
-            lines.append(
-                f"| {label} | {other} | {diffs['rouge1']} | {diffs['rougeL']} | {diffs['judge']} |"
-            )
+            lines.append(f"| {label} | {other} | {_difference_cells(diffs)} |")
     if report.selection_log:
         lines += [
             "",
