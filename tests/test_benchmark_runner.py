@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 from collections.abc import Sequence
@@ -159,6 +160,27 @@ def test_rows_pick_the_test_methods_and_skip_the_search_without_steering() -> No
     assert steers(rows_for_test(selection, PRESETS["small"], None))
     with pytest.raises(InvalidInputError, match=r"unknown row.*'fints typo'"):
         rows_for_test(selection, PRESETS["small"], ["none", "fints typo"])
+
+
+def test_caches_are_per_dtype(tiny: LoadedModel, tmp_path: Path) -> None:
+    """A bf16 run must not reuse an fp32 run's generations or activations."""
+    task = load_headlines(
+        FIXTURES / "news.jsonl", SplitConfig(min_items=10, n_test=1, n_val=1, max_history=3), 4
+    )
+    half = copy.deepcopy(tiny.model).to(torch.bfloat16)
+    tiny_bf16 = LoadedModel(
+        half, tiny.tokenizer, tiny.name, model_fingerprint(half), resolve_layout(half)
+    )
+    assert tiny_bf16.fingerprint == tiny.fingerprint  # same weights, same store entries
+    sites = benchmark_sites(tiny.num_layers, (1,))
+    paths = []
+    for model in (tiny, tiny_bf16):
+        ctx = BenchContext(model, HashEncoder(), task, sites, tmp_path, progress=False)
+        runner = Runner(ctx, GenerationOptions(max_new_tokens=2), tmp_path, progress=False)
+        method = make_method(MethodSpec("none", role="baseline"))
+        user = next(iter(task.users))
+        paths.append((runner.cache_file(method), ctx._bank_path(user, "context")))
+    assert paths[0][0] != paths[1][0] and paths[0][1] != paths[1][1]
 
 
 def test_controls_change_the_vectors_but_keep_their_norm(tiny: LoadedModel, tmp_path: Path) -> None:

@@ -214,6 +214,7 @@ class BenchContext:
         payload = json.dumps(
             [
                 self.model.fingerprint,
+                str(self.model.dtype),
                 self.task.name,
                 self.task.sha256,
                 user,

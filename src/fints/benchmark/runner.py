@@ -1,7 +1,7 @@
 """Running methods on a task: cached generations, scoring, validation-based selection.
 
-Finished generations are appended to a JSON Lines file per (model fingerprint,
-task key, method key, generation options), one line per query, so an
+Finished generations are appended to a JSON Lines file per (model fingerprint and
+dtype, task key, method key, generation options), one line per query, so an
 interrupted run resumes where it stopped.
 """
 
@@ -61,9 +61,9 @@ class Runner:
 
     def cache_file(self, method: Method) -> Path:
         opts = hashlib.sha256(json.dumps(asdict(self.options), sort_keys=True).encode())
-        folder = (
-            self.cache_root / "generations" / self.ctx.model.fingerprint[:16] / self.ctx.task.key()
-        )
+        model = self.ctx.model
+        weights = f"{model.fingerprint[:16]}-{str(model.dtype).removeprefix('torch.')}"
+        folder = self.cache_root / "generations" / weights / self.ctx.task.key()
         return folder / f"{method.key()}-{opts.hexdigest()[:8]}.jsonl"
 
     def _read_cache(self, path: Path) -> dict[str, Output]:
