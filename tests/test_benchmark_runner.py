@@ -95,6 +95,7 @@ def test_runner_end_to_end_and_resumes_from_cache(tiny: LoadedModel, tmp_path: P
     assert roles == {"baseline", "fints", "variant", "control"}
     labels = {s.label for s in specs}
     assert {"none", "icl k=1", "icl k=3", "control: random direction"} <= labels
+    assert {"control: icl k=1 wrong user", "control: icl k=3 wrong user"} <= labels
     assert "control: wrong-user dictionary" in labels
     rows = evaluate(runner, specs, judge)
     assert len(rows) == len(specs)
@@ -136,13 +137,14 @@ def test_runner_end_to_end_and_resumes_from_cache(tiny: LoadedModel, tmp_path: P
     probe = report.context_probe()
     assert [(a, b) for a, b, _ in probe] == [
         ("icl k=1", "none"),
+        ("icl k=1", "control: icl k=1 wrong user"),
         ("icl k=3", "none"),
         ("icl k=3", "control: icl k=3 wrong user"),
     ]
     own, wrong = report.row("icl k=3"), report.row("control: icl k=3 wrong user")
     assert own is not None and wrong is not None
     expected = float((own.scores.rougeL - wrong.scores.rougeL).mean())
-    assert probe[2][2]["rougeL"].mean == pytest.approx(expected)
+    assert probe[3][2]["rougeL"].mean == pytest.approx(expected)
     assert "Does the model use the user's context?" in text
     assert [p["minus"] for p in summary["context_probe"]][-1] == "control: icl k=3 wrong user"
     per_query = summary["per_query"]["icl k=3"]
@@ -157,6 +159,12 @@ def test_rows_pick_the_test_methods_and_skip_the_search_without_steering() -> No
     specs = rows_for_test(selection, PRESETS["small"], probe)
     assert [s.label for s in specs] == ["none", "icl k=3", "control: icl k=3 wrong user"]
     assert not steers(specs)
+    small = [s.label for s in rows_for_test(selection, PRESETS["small"], None)]
+    assert {"icl k=1", "control: icl k=1 wrong user", "control: icl k=3 wrong user"} <= set(small)
+    # a wrong-user ICL control runs only beside the own-items ICL row it controls
+    medium = [s.label for s in rows_for_test(selection, PRESETS["medium"], None)]
+    assert "icl k=1" not in medium and "control: icl k=1 wrong user" not in medium
+    assert "control: icl k=3 wrong user" in medium
     assert steers(rows_for_test(selection, PRESETS["small"], None))
     with pytest.raises(InvalidInputError, match=r"unknown row.*'fints typo'"):
         rows_for_test(selection, PRESETS["small"], ["none", "fints typo"])

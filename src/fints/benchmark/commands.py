@@ -324,7 +324,8 @@ def rows_for_test(
         specs = [s for s in specs if s.role != "baseline" or s.label in keep]
     if not preset.extra_baselines:
         specs = [s for s in specs if s.label not in ("user vector (pca)", "user vector (logistic)")]
-    return specs
+    kept_icl = {s.icl_k for s in specs if s.kind == "icl" and s.icl_source == "own"}
+    return [s for s in specs if s.kind != "icl" or s.icl_source == "own" or s.icl_k in kept_icl]
 
 
 def steers(specs: Sequence[MethodSpec]) -> bool:

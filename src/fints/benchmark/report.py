@@ -20,6 +20,7 @@ METRICS = ("rouge1", "rougeL", "judge")
 # than another user's? A model that cannot use the user's context gives steering nothing.
 CONTEXT_PROBE = (
     ("icl k=1", "none"),
+    ("icl k=1", "control: icl k=1 wrong user"),
     ("icl k=3", "none"),
     ("icl k=3", "control: icl k=3 wrong user"),
 )

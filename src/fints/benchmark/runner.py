@@ -306,13 +306,16 @@ def methods_for_test(
     specs += [
         best.with_(label="control: random direction", vector_source="random", role="control"),
         best.with_(label="control: wrong-user dictionary", vector_source="wrong", role="control"),
+    ]
+    specs += [
         MethodSpec(
-            f"control: icl k={icl} wrong user",
+            f"control: icl k={k} wrong user",
             kind="icl",
-            icl_k=icl,
+            icl_k=k,
             icl_source="wrong",
             role="control",
-        ),
+        )
+        for k in sorted({1, icl})
     ]
     if best.icl_k:
         specs.append(
