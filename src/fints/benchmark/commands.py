@@ -392,7 +392,7 @@ def benchmark_task(
         report.clusters = clusters(ctx, rows, preset.clusters, args["seed"])
     fractions = preset.sparsity if task.name != "persona" else ()
     sizes = preset.persona_sizes if task.name == "persona" else ()
-    if fractions or sizes:
+    if (fractions or sizes) and steers(specs):  # the sweep varies the chosen Fints
         t = time.perf_counter()
         report.sparsity = sparsity(
             task, model, encoder, sites, selection.best.with_(label="fints (best on val)"),
