@@ -6,13 +6,21 @@ import copy
 import hashlib
 import json
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-from fints.benchmark.commands import PRESETS, diagnostics, rows_for_test, sparsity, steers
+from fints.benchmark.commands import (
+    PRESETS,
+    benchmark_task,
+    diagnostics,
+    rows_for_test,
+    sparsity,
+    steers,
+)
 from fints.benchmark.latency import measure_latency
 from fints.benchmark.methods import BenchContext, MethodSpec, benchmark_sites, make_method
 from fints.benchmark.report import TaskReport, write_report
@@ -168,6 +176,22 @@ def test_rows_pick_the_test_methods_and_skip_the_search_without_steering() -> No
     assert steers(rows_for_test(selection, PRESETS["small"], None))
     with pytest.raises(InvalidInputError, match=r"unknown row.*'fints typo'"):
         rows_for_test(selection, PRESETS["small"], ["none", "fints typo"])
+
+
+def test_a_probe_without_steering_runs_no_search_and_no_sparsity_sweep(
+    tiny: LoadedModel, tmp_path: Path
+) -> None:
+    task = load_headlines(
+        FIXTURES / "news.jsonl", SplitConfig(min_items=10, n_test=1, n_val=1, max_history=3), 4
+    )
+    preset = replace(PRESETS["small"], sparsity=(0.5,), clusters=0)
+    args = {"cache": tmp_path, "seed": 0, "batch_size": 8, "timing_repeats": 0}
+    report = benchmark_task(
+        task, tiny, HashEncoder(), preset, (1,), {**args, "rows": ["none", "icl k=1"]}
+    )
+    assert [r.label for r in report.rows] == ["none", "icl k=1"]
+    assert report.sparsity == [] and report.selection_log == [] and report.chosen == ""
+    assert "validation search" not in report.seconds
 
 
 def test_caches_are_per_dtype(tiny: LoadedModel, tmp_path: Path) -> None:
