@@ -16,6 +16,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 from fints.benchmark.commands import (
     PRESETS,
     benchmark_task,
+    layers_searched,
     diagnostics,
     rows_for_test,
     sparsity,
@@ -192,6 +193,7 @@ def test_a_probe_without_steering_runs_no_search_and_no_sparsity_sweep(
     assert [r.label for r in report.rows] == ["none", "icl k=1"]
     assert report.sparsity == [] and report.selection_log == [] and report.chosen == ""
     assert "validation search" not in report.seconds
+    assert layers_searched([report], (1,)) == "none (no row steers)"
 
 
 def test_caches_are_per_dtype(tiny: LoadedModel, tmp_path: Path) -> None:

@@ -517,13 +517,20 @@ def _bench(**kw: Any) -> None:
         "model": f"{loaded.name} (fingerprint {loaded.fingerprint[:12]}, dtype {loaded.dtype})",
         "seed": kw["seed"],
         "preset": kw["preset"],
-        "layers searched": ", ".join(map(str, layers)),
+        "layers searched": layers_searched(reports, layers),
         "data sha256": "; ".join(f"{r.name}: {r.sha256}" for r in reports),
         "machine": f"{os.cpu_count()} CPU cores, torch threads {torch.get_num_threads()}",
         "wall time": f"{time.perf_counter() - started:.0f} s",
     }
     md = write_report(out, reports, header)
     typer.echo(f"results written to {md}", err=True)
+
+
+def layers_searched(reports: list[TaskReport], layers: tuple[int, ...]) -> str:
+    """The header's line: a probe-only run (no row steers) searches no layer."""
+    if any(r.selection_log for r in reports):
+        return ", ".join(map(str, layers))
+    return "none (no row steers)"
 
 
 def _command_line() -> str:

@@ -55,21 +55,27 @@ class TaskReport:
     diagnostics: dict[str, Any] = field(default_factory=dict)
     seconds: dict[str, float] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    _comparisons: dict[int, list[tuple[str, str, dict[str, Difference]]]] = field(
+        default_factory=dict, init=False, repr=False, compare=False
+    )
 
     def row(self, label: str) -> Row | None:
         return next((r for r in self.rows if r.label == label), None)
 
     def comparisons(self, seed: int = 0) -> list[tuple[str, str, dict[str, Difference]]]:
-        """The best Fints row against none, every baseline and every control."""
-        best = self.row(self.best_label)
-        if best is None:
-            return []
-        out = []
-        for other in self.rows:
-            if other is best or other.role not in ("baseline", "control"):
-                continue
-            out.append((other.label, other.role, _differences(best, other, seed)))
-        return out
+        """The best Fints row against none, every baseline and every control.
+
+        Bootstrapping is the slow part, so each seed's answer is kept (rows do not change
+        once the report is built).
+        """
+        if seed not in self._comparisons:
+            best = self.row(self.best_label)
+            self._comparisons[seed] = [
+                (other.label, other.role, _differences(best, other, seed))
+                for other in self.rows
+                if best is not None and other is not best and other.role in ("baseline", "control")
+            ]
+        return self._comparisons[seed]
 
     def context_probe(self, seed: int = 0) -> list[tuple[str, str, dict[str, Difference]]]:
         """ICL own minus none and own minus another user's items, where both rows ran."""
