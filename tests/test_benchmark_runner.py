@@ -16,8 +16,8 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 from fints.benchmark.commands import (
     PRESETS,
     benchmark_task,
-    layers_searched,
     diagnostics,
+    layers_searched,
     rows_for_test,
     sparsity,
     steers,
@@ -272,3 +272,14 @@ def test_number_lists_from_the_command_line() -> None:
     assert _ints(None, "persona-sizes") is None  # the preset's own sizes
     with pytest.raises(InvalidInputError, match="--persona-sizes"):
         _ints("5,ten", "persona-sizes")
+
+
+def test_search_choices_from_the_command_line() -> None:
+    from fints.benchmark.commands import COMPONENTS, _choices
+
+    assert _choices("attn, block", "components", COMPONENTS) == ("attn", "block")
+    assert _choices(None, "components", COMPONENTS) is None  # the preset's own
+    with pytest.raises(InvalidInputError, match=r"--components.*'attn,ffn'"):
+        _choices("attn,ffn", "components", COMPONENTS)
+    with pytest.raises(InvalidInputError, match="--contrasts"):
+        _choices("", "contrasts", ("context", "response"))

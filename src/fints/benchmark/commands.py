@@ -154,6 +154,20 @@ def _ints(text: str | None, name: str) -> tuple[int, ...] | None:
     return None if values is None else tuple(int(v) for v in values)
 
 
+COMPONENTS = ("attn+mlp", "attn", "mlp", "block")
+CONTRASTS = ("context", "response")
+
+
+def _choices(text: str | None, name: str, allowed: tuple[str, ...]) -> tuple[str, ...] | None:
+    if text is None:
+        return None
+    values = tuple(v.strip() for v in text.split(",") if v.strip())
+    wrong = [v for v in values if v not in allowed]
+    if wrong or not values:
+        raise InvalidInputError(f"--{name} takes some of {', '.join(allowed)}; got {text!r}")
+    return values
+
+
 def load_task(
     name: str, preset: Preset, data_dir: Path, seed: int, overrides: dict[str, Any]
 ) -> Task:
@@ -432,6 +446,12 @@ def bench(
     min_items: Annotated[int | None, typer.Option(help="records a user needs")] = None,
     max_new_tokens: Annotated[int | None, typer.Option(help="generation cap")] = None,
     strengths: Annotated[str | None, typer.Option(help="relative strengths to search")] = None,
+    components: Annotated[
+        str | None, typer.Option(help="sites to search, some of attn+mlp,attn,mlp,block")
+    ] = None,
+    contrasts: Annotated[
+        str | None, typer.Option(help="contrasts to search: context,response")
+    ] = None,
     sparsity_fractions: Annotated[str | None, typer.Option(help="e.g. 0.05,0.1,0.25")] = None,
     persona_sizes: Annotated[
         str | None, typer.Option(help="persona history sizes to sweep, e.g. 5,10,25")
@@ -473,6 +493,8 @@ def _bench(**kw: Any) -> None:
     preset = replace(
         preset,
         strengths=strengths or preset.strengths,
+        components=_choices(kw["components"], "components", COMPONENTS) or preset.components,
+        contrasts=_choices(kw["contrasts"], "contrasts", CONTRASTS) or preset.contrasts,
         sparsity=fractions if fractions is not None else preset.sparsity,
         persona_sizes=sizes if sizes is not None else preset.persona_sizes,
         clusters=kw["n_clusters"] if kw["n_clusters"] is not None else preset.clusters,
