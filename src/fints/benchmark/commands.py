@@ -52,6 +52,8 @@ from fints.paths import fints_home
 from fints.sites import parse_sites
 
 TASKS = ("headlines", "abstracts", "persona")
+COMPONENTS = ("attn+mlp", "attn", "mlp", "block")  # what a search may try at a layer
+CONTRASTS = ("context", "response")
 
 
 @dataclass(frozen=True)
@@ -152,10 +154,6 @@ def _floats(text: str | None, name: str) -> tuple[float, ...] | None:
 def _ints(text: str | None, name: str) -> tuple[int, ...] | None:
     values = _floats(text, name)
     return None if values is None else tuple(int(v) for v in values)
-
-
-COMPONENTS = ("attn+mlp", "attn", "mlp", "block")
-CONTRASTS = ("context", "response")
 
 
 def _choices(text: str | None, name: str, allowed: tuple[str, ...]) -> tuple[str, ...] | None:
@@ -447,7 +445,7 @@ def bench(
     max_new_tokens: Annotated[int | None, typer.Option(help="generation cap")] = None,
     strengths: Annotated[str | None, typer.Option(help="relative strengths to search")] = None,
     components: Annotated[
-        str | None, typer.Option(help="sites to search, some of attn+mlp,attn,mlp,block")
+        str | None, typer.Option(help="site components to search: attn+mlp,attn,mlp,block")
     ] = None,
     contrasts: Annotated[
         str | None, typer.Option(help="contrasts to search: context,response")
