@@ -276,10 +276,11 @@ def test_number_lists_from_the_command_line() -> None:
 
 def test_search_choices_from_the_command_line() -> None:
     from fints.benchmark.commands import COMPONENTS, _choices
+    from fints.extraction import CONTRASTS
 
     assert _choices("attn, block", "components", COMPONENTS) == ("attn", "block")
     assert _choices(None, "components", COMPONENTS) is None  # the preset's own
     with pytest.raises(InvalidInputError, match=r"--components.*'attn,ffn'"):
         _choices("attn,ffn", "components", COMPONENTS)
     with pytest.raises(InvalidInputError, match="--contrasts"):
-        _choices("", "contrasts", ("context", "response"))
+        _choices("", "contrasts", CONTRASTS)

@@ -17,7 +17,7 @@ import hashlib
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, get_args
 
 import torch
 from rouge_score import rouge_scorer
@@ -34,6 +34,7 @@ from fints.sites import Site, check_layers_in_range
 from fints.steering import SteeringVector
 
 Contrast = Literal["context", "response"]
+CONTRASTS: tuple[Contrast, ...] = get_args(Contrast)
 
 
 @dataclass(frozen=True)
@@ -49,10 +50,8 @@ class ExtractionConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        if self.contrast not in ("context", "response"):
-            raise InvalidInputError(
-                f"contrast must be 'context' or 'response', got {self.contrast!r}"
-            )
+        if self.contrast not in CONTRASTS:
+            raise InvalidInputError(f"contrast must be one of {CONTRASTS}, got {self.contrast!r}")
         if self.batch_size < 1 or self.context_k < 0 or self.negative_k < 0:
             raise InvalidInputError("batch_size must be >= 1 and context_k, negative_k >= 0")
 

@@ -47,13 +47,13 @@ from fints.benchmark.tasks import (
     load_persona,
 )
 from fints.errors import FintsError, InvalidInputError
+from fints.extraction import CONTRASTS
 from fints.generation import GenerationOptions
 from fints.paths import fints_home
-from fints.sites import parse_sites
+from fints.sites import Component, parse_sites
 
 TASKS = ("headlines", "abstracts", "persona")
-COMPONENTS = ("attn+mlp", "attn", "mlp", "block")  # what a search may try at a layer
-CONTRASTS = ("context", "response")
+COMPONENTS = ("attn+mlp", *(c.value for c in Component))  # what a search may try at a layer
 
 
 @dataclass(frozen=True)
