@@ -34,7 +34,7 @@ perf: $(STAMP)
 	$(VENV)/bin/fints perf
 
 bench: $(STAMP)
-	$(VENV)/bin/fints bench --preset small
+	$(VENV)/bin/fints bench --preset small --out benchmarks/results/small-smollm2
 
 serve: $(STAMP)
 	$(VENV)/bin/fints serve
