@@ -142,11 +142,16 @@ PRESETS: dict[str, Preset] = {
 }
 
 
+def _items(text: str) -> tuple[str, ...]:
+    """The non-empty entries of a comma-separated option, stripped."""
+    return tuple(x.strip() for x in text.split(",") if x.strip())
+
+
 def _floats(text: str | None, name: str) -> tuple[float, ...] | None:
     if text is None:
         return None
     try:
-        return tuple(float(x) for x in text.split(",") if x.strip())
+        return tuple(float(x) for x in _items(text))
     except ValueError:
         raise InvalidInputError(f"--{name} must be comma-separated numbers, got {text!r}") from None
 
@@ -159,7 +164,7 @@ def _ints(text: str | None, name: str) -> tuple[int, ...] | None:
 def _choices(text: str | None, name: str, allowed: tuple[str, ...]) -> tuple[str, ...] | None:
     if text is None:
         return None
-    values = tuple(v.strip() for v in text.split(",") if v.strip())
+    values = _items(text)
     wrong = [v for v in values if v not in allowed]
     if wrong or not values:
         raise InvalidInputError(f"--{name} takes some of {', '.join(allowed)}; got {text!r}")
@@ -480,7 +485,7 @@ def bench(
 def _bench(**kw: Any) -> None:
     if kw["preset"] not in PRESETS:
         raise InvalidInputError(f"unknown preset {kw['preset']!r}: expected {sorted(PRESETS)}")
-    chosen = [t.strip() for t in kw["tasks"].split(",") if t.strip()]
+    chosen = list(_items(kw["tasks"]))
     unknown = [t for t in chosen if t not in TASKS]
     if unknown or not chosen:
         raise InvalidInputError(f"unknown task(s) {unknown}: expected some of {TASKS}")
