@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from fints.engine import GenerationRequest, Personalizer
-from fints.errors import DictionaryMismatchError, UnknownUserError
+from fints.errors import DictionaryMismatchError, InvalidInputError, UnknownUserError
 from fints.extraction import ExtractionConfig, Extractor
 from fints.generation import GenerationOptions
 from fints.history import HistoryItem
@@ -128,6 +128,30 @@ def test_batch_of_users_equals_each_alone(engine, tmp_path):
     formal_ids = {i.item_id for i in FORMAL}
     assert set(batched[1].retrieved) <= formal_ids and batched[1].retrieved
     assert not batched[2].steered and "unknown user" in batched[2].note
+
+
+def test_stop_sequence_ends_decoding_of_its_row_only(engine):
+    """A row stops at its own stop sequence (fewer tokens, text cut before it); others don't."""
+    options = GenerationOptions(max_new_tokens=24)
+    queries = ["Tell me about dogs.", "Tell me about the moon."]
+    plain = engine.generate([GenerationRequest("pirate", q) for q in queries], options)
+    words = plain[0].text.split()
+    assert len(words) > 3 and plain[0].completion_tokens > 6
+    stop = " " + words[2]
+    stopped = engine.generate(
+        [
+            GenerationRequest("pirate", queries[0], stop=(stop, "never appears")),
+            GenerationRequest("pirate", queries[1]),
+        ],
+        options,
+    )
+    assert stopped[0].text == plain[0].text[: plain[0].text.index(stop)]
+    assert stopped[0].finish_reason == "stop"
+    assert stopped[0].completion_tokens < plain[0].completion_tokens
+    assert stopped[1].text == plain[1].text
+    assert stopped[1].completion_tokens == plain[1].completion_tokens
+    with pytest.raises(InvalidInputError, match="stop sequence is empty"):
+        GenerationRequest("pirate", "hi", stop=("",))
 
 
 def test_in_context_retrieval_puts_own_items_in_the_prompt(engine):

@@ -162,6 +162,8 @@ def test_httpx_stream_matches_non_stream(
     stopped = call(server, "POST", "/v1/chat/completions", KEY_A, {**body, "stop": [cut]}).json()
     assert stopped["choices"][0]["message"]["content"] == text[: text.index(cut)]
     assert stopped["choices"][0]["finish_reason"] == "stop"
+    # decoding ended at the stop, not at max_tokens
+    assert stopped["usage"]["completion_tokens"] < whole["usage"]["completion_tokens"]
     chunks = sse_payloads(
         call(server, "POST", "/v1/chat/completions", KEY_A, {**body, "stop": cut, "stream": True})
     )

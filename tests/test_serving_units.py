@@ -17,11 +17,11 @@ from fints.serving.payloads import (
     history_items,
     steering_config,
     stop_sequences,
-    truncate_at_stop,
 )
 from fints.serving.tenants import TenantResolver, check_bind, load_api_keys, parse_api_keys
 from fints.sites import Component, Site
 from fints.steering import SteeringConfig
+from fints.stopping import cut_at_stop
 
 
 def chat(**fields: object) -> ChatCompletionRequest:
@@ -87,8 +87,8 @@ def test_unsupported_completion_parameters_are_refused() -> None:
 
 def test_stop_sequences_truncate_and_stream_identically() -> None:
     text = "Hello world. Goodbye world."
-    assert truncate_at_stop(text, ["Good", "xyz"]) == ("Hello world. ", True)
-    assert truncate_at_stop(text, ["xyz"]) == (text, False)
+    assert cut_at_stop(text, ["Good", "xyz"]) == ("Hello world. ", True)
+    assert cut_at_stop(text, ["xyz"]) == (text, False)
     for size in (1, 2, 3, 5):
         stop = StopFilter(["Goodbye"])
         out = "".join(stop.feed(text[i : i + size]) for i in range(0, len(text), size))
@@ -100,6 +100,9 @@ def test_stop_sequences_truncate_and_stream_identically() -> None:
         stop_sequences(["a", "b", "c", "d", "e"])
     with pytest.raises(ApiError):
         stop_sequences([""])
+    with pytest.raises(ApiError, match="at most 64"):
+        stop_sequences(["x" * 65])
+    assert stop_sequences("END") == ("END",)
 
 
 def test_history_items_validation() -> None:

@@ -25,6 +25,7 @@ from fints.prompts import PromptTemplate, build_prompt_ids, encode_prompt, get_t
 from fints.retrieval import retrieve_and_aggregate
 from fints.sites import Site, check_layers_in_range, default_sites
 from fints.steering import SteeringConfig, effective_vectors
+from fints.stopping import check_stops
 from fints.store import DEFAULT_TENANT, Store, check_name
 
 UnknownUserPolicy = Literal["unsteered", "error"]
@@ -39,10 +40,12 @@ class GenerationRequest:
     tenant: str = DEFAULT_TENANT
     steering: SteeringConfig | None = None
     raw_prompt: bool = False  # the query is the whole prompt text (no chat template)
+    stop: tuple[str, ...] = ()  # decoding ends at the first of these; the text is cut before it
 
     def __post_init__(self) -> None:
         if not isinstance(self.query, str) or not self.query.strip():
             raise InvalidInputError("the query is empty")
+        object.__setattr__(self, "stop", check_stops(self.stop))
 
 
 @dataclass
@@ -65,6 +68,7 @@ class PreparedBatch:
     prompts: list[list[int]]
     vectors: dict[Site, torch.Tensor]
     results: list[GenerationResult]  # text filled in after decoding
+    stops: list[tuple[str, ...]] = field(default_factory=list)  # per row; empty: none
 
 
 class Personalizer:
@@ -214,7 +218,7 @@ class Personalizer:
         ]
         for result, prompt in zip(results, prompts, strict=True):
             result.prompt_tokens = len(prompt)
-        return PreparedBatch(prompts, vectors, results)
+        return PreparedBatch(prompts, vectors, results, [r.stop for r in requests])
 
     def _steering_vectors(
         self,
@@ -272,7 +276,12 @@ class Personalizer:
         """Personalized generation for a batch of requests from any users and tenants."""
         prepared = self.prepare(requests)
         completions = generate_batch(
-            self.model, prepared.prompts, prepared.vectors or None, options, streamer
+            self.model,
+            prepared.prompts,
+            prepared.vectors or None,
+            options,
+            streamer,
+            prepared.stops,
         )
         for result, completion in zip(prepared.results, completions, strict=True):
             result.text = completion.text

@@ -14,6 +14,7 @@ from fints.injection import steer
 from fints.models import LoadedModel
 from fints.prompts import pad_batch
 from fints.sites import Site
+from fints.stopping import StopSequences, cut_at_stop
 
 
 @dataclass(frozen=True)
@@ -36,7 +37,7 @@ class Completion:
     text: str
     token_ids: list[int]
     prompt_tokens: int
-    finish_reason: str  # "stop" (end of turn) or "length"
+    finish_reason: str  # "stop" (end of turn or a stop sequence) or "length"
 
 
 @torch.inference_mode()
@@ -46,22 +47,32 @@ def generate_batch(
     vectors: Mapping[Site, torch.Tensor] | None = None,
     options: GenerationOptions | None = None,
     streamer: Any = None,
+    stops: Sequence[Sequence[str]] | None = None,
 ) -> list[Completion]:
-    """Decode every prompt; ``vectors[site]`` (``[batch, hidden]``) is added while decoding."""
+    """Decode every prompt; ``vectors[site]`` (``[batch, hidden]``) is added while decoding.
+
+    ``stops[row]``: that row's stop sequences. Its decoding ends once one appears,
+    and its text is cut before it.
+    """
     if not prompts or any(len(p) == 0 for p in prompts):
         raise InvalidInputError("every prompt needs at least one token")
+    if stops and len(stops) != len(prompts):
+        raise InvalidInputError(f"{len(stops)} rows of stop sequences for {len(prompts)} prompts")
     options = options or GenerationOptions()
     tok = model.tokenizer
     input_ids, attention = pad_batch(prompts, tok.pad_token_id, side="left")
-    sampling: dict[str, Any] = {"do_sample": False}
-    if options.ignore_eos:
-        sampling["min_new_tokens"] = options.max_new_tokens
+    decoding: dict[str, Any] = {"do_sample": False}
     if options.temperature > 0:
-        sampling = {"do_sample": True, "temperature": options.temperature, "top_p": options.top_p}
+        decoding = {"do_sample": True, "temperature": options.temperature, "top_p": options.top_p}
         if options.seed is not None:
             torch.manual_seed(options.seed)
+    if options.ignore_eos:
+        decoding["min_new_tokens"] = options.max_new_tokens
     eos = {tok.eos_token_id} | set(_as_list(model.model.generation_config.eos_token_id))
     eos.discard(None)
+    criteria = StopSequences(tok, input_ids.shape[1], stops) if stops and any(stops) else None
+    if criteria is not None:
+        decoding["stopping_criteria"] = [criteria]
     context = steer(model.layout, vectors) if vectors else nullcontext()
     with context:
         out = model.model.generate(  # type: ignore[operator]
@@ -72,19 +83,24 @@ def generate_batch(
             eos_token_id=sorted(eos),
             streamer=streamer,
             top_k=None,
-            **sampling,
+            **decoding,
         )
     completions = []
     for row, prompt in enumerate(prompts):
         new = out[row, input_ids.shape[1] :].tolist()
-        stop = next((i for i, t in enumerate(new) if t in eos), None)
-        tokens = new if stop is None else new[:stop]
+        end = next((i for i, t in enumerate(new) if t in eos), None)
+        at_stop = criteria.stopped_at[row] if criteria is not None else None
+        if at_stop is not None and (end is None or at_stop < end):
+            end = at_stop
+        tokens = new if end is None else new[:end]
+        text = str(tok.decode(tokens, skip_special_tokens=True)).lstrip()
+        cut, found = cut_at_stop(text, stops[row]) if at_stop is not None and stops else ("", False)
         completions.append(
             Completion(
-                text=str(tok.decode(tokens, skip_special_tokens=True)).strip(),
+                text=cut if found else text.rstrip(),  # all before the stop, as streamed
                 token_ids=tokens,
                 prompt_tokens=len(prompt),
-                finish_reason="length" if stop is None else "stop",
+                finish_reason="length" if end is None else "stop",
             )
         )
     return completions

@@ -65,7 +65,6 @@ from fints.serving.payloads import (
     history_items,
     steering_config,
     stop_sequences,
-    truncate_at_stop,
 )
 from fints.serving.tenants import TenantResolver
 
@@ -366,7 +365,6 @@ def _stream(
     started: Started,
     shape: _Shape,
     head: _Head,
-    stops: list[str],
     include_usage: bool,
 ) -> StreamingResponse:
     def chunk(text: str | None, finish: str | None, first: bool, info: FintsInfo | None) -> str:
@@ -374,7 +372,7 @@ def _stream(
 
     async def events() -> AsyncIterator[str]:
         yield chunk(None, None, True, _info(started.result, started.batch_size))
-        stop = StopFilter(stops)
+        stop = StopFilter(job.request.stop)
         while True:
             event = await job.next_event()
             if isinstance(event, Delta):
@@ -404,13 +402,12 @@ async def _respond(
     body: _GenerationBody,
     request: GenerationRequest,
     options: GenerationOptions,
-    stops: list[str],
     shape: _Shape,
 ) -> Response:
     """Run one checked generation request and answer it in ``shape``.
 
     Streamed: an SSE response that starts once the job is admitted. Otherwise: the
-    whole text, cut at the first stop sequence, as one JSON body.
+    whole text (decoding ended at the first stop sequence) as one JSON body.
     """
     job = batcher.submit(request, options, stream=body.stream)
     cid = f"{shape.id_prefix}{uuid.uuid4().hex}"
@@ -418,12 +415,12 @@ async def _respond(
     if body.stream:
         started = await _await_start(job)
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        return _stream(job, started, shape, head, stops, include_usage)
+        return _stream(job, started, shape, head, include_usage)
 
     result, size = await _await_job(job)
-    text, stopped = truncate_at_stop(result.text, stops)
-    finish = "stop" if stopped else result.finish_reason
-    response = shape.response(head, text, finish, _usage(result), _info(result, size))
+    response = shape.response(
+        head, result.text, result.finish_reason, _usage(result), _info(result, size)
+    )
     return JSONResponse(response.model_dump(), headers=_steer_headers(result))
 
 
@@ -445,6 +442,7 @@ def _add_routes(app: FastAPI, server: _Server) -> None:
     async def request_for(
         tenant: str, user: str | None, text: str, raw: bool, body: Any, param: str
     ) -> GenerationRequest:
+        stops = stop_sequences(body.stop)
         steering = steering_config(p.steering, body.fints, p.model.num_layers)
         if user is not None:
             check_user(user)
@@ -464,15 +462,16 @@ def _add_routes(app: FastAPI, server: _Server) -> None:
             text=text,
             raw=raw,
             steering=steering,
+            stops=stops,
             limits=limits,
             param=param,
         )
 
-    def checked(body: _GenerationBody) -> tuple[list[str], GenerationOptions]:
-        """The checks both generation endpoints start with; returns stops and options."""
+    def checked(body: _GenerationBody) -> GenerationOptions:
+        """The checks both generation endpoints start with; returns the options."""
         check_model(body.model, served)
         check_common(body)
-        return stop_sequences(body.stop), generation_options(body, limits)
+        return generation_options(body, limits)
 
     @app.get("/health")
     async def health() -> JSONResponse:
@@ -504,17 +503,17 @@ def _add_routes(app: FastAPI, server: _Server) -> None:
 
     @app.post("/v1/chat/completions", response_model=None)
     async def chat(body: ChatCompletionRequest, tenant: str = Depends(tenant_of)) -> Response:
-        stops, options = checked(body)
+        options = checked(body)
         text, raw = chat_prompt(body.messages, p.model.tokenizer, p.template)
         request = await request_for(tenant, body.user, text, raw, body, "messages")
-        return await _respond(server.batcher, body, request, options, stops, _CHAT)
+        return await _respond(server.batcher, body, request, options, _CHAT)
 
     @app.post("/v1/completions", response_model=None)
     async def completions(body: CompletionRequest, tenant: str = Depends(tenant_of)) -> Response:
-        stops, options = checked(body)
+        options = checked(body)
         text = completion_prompt(body.prompt)
         request = await request_for(tenant, body.user, text, True, body, "prompt")
-        return await _respond(server.batcher, body, request, options, stops, _COMPLETION)
+        return await _respond(server.batcher, body, request, options, _COMPLETION)
 
     @app.post("/v1/users/{user}/interactions")
     async def add_interactions(

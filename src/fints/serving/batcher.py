@@ -208,6 +208,7 @@ def select_rows(prepared: PreparedBatch, rows: Sequence[int]) -> PreparedBatch:
         prompts=[prepared.prompts[i] for i in rows],
         vectors={site: v.index_select(0, index) for site, v in prepared.vectors.items()},
         results=[prepared.results[i] for i in rows],
+        stops=[prepared.stops[i] for i in rows],
     )
 
 
@@ -417,6 +418,7 @@ class Batcher:
             prepared.vectors or None,
             options,
             streamer,
+            prepared.stops,
         )
         elapsed = time.perf_counter() - began
         tokens = sum(len(c.token_ids) for c in completions)

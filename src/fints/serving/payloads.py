@@ -26,6 +26,7 @@ from fints.serving.api_spec import (
 )
 from fints.sites import Component, check_layers_in_range, parse_sites
 from fints.steering import SteeringConfig
+from fints.stopping import check_stops, cut_at_stop
 from fints.store import check_name
 
 MAX_STOP_SEQUENCES = 4
@@ -106,13 +107,14 @@ def check_common(body: ChatCompletionRequest | CompletionRequest) -> None:
             raise _unsupported("suffix", "a suffix (insertion)")
 
 
-def stop_sequences(stop: str | list[str] | None) -> list[str]:
+def stop_sequences(stop: str | list[str] | None) -> tuple[str, ...]:
     stops = [stop] if isinstance(stop, str) else list(stop or [])
     if len(stops) > MAX_STOP_SEQUENCES:
         raise ApiError(400, f"at most {MAX_STOP_SEQUENCES} stop sequences", param="stop")
-    if any(not s for s in stops):
-        raise ApiError(400, "a stop sequence is empty", param="stop")
-    return stops
+    try:
+        return check_stops(stops)
+    except InvalidInputError as exc:
+        raise ApiError(400, str(exc), param="stop") from None
 
 
 def generation_options(
@@ -220,6 +222,7 @@ def generation_request(
     text: str,
     raw: bool,
     steering: SteeringConfig,
+    stops: tuple[str, ...],
     limits: Limits,
     param: str,
 ) -> GenerationRequest:
@@ -232,7 +235,9 @@ def generation_request(
             code="context_length_exceeded",
         )
     try:
-        return GenerationRequest(user, text, tenant=tenant, steering=steering, raw_prompt=raw)
+        return GenerationRequest(
+            user, text, tenant=tenant, steering=steering, raw_prompt=raw, stop=stops
+        )
     except InvalidInputError as exc:
         raise ApiError(400, f"{param}: {exc}", param=param) from None
 
@@ -257,14 +262,12 @@ def history_items(items: Sequence[InteractionItem], limits: Limits) -> list[Hist
     return converted
 
 
-def truncate_at_stop(text: str, stops: Sequence[str]) -> tuple[str, bool]:
-    """``text`` cut before its first stop sequence, and whether one was found."""
-    cut = min((i for i in (text.find(s) for s in stops) if i >= 0), default=None)
-    return (text, False) if cut is None else (text[:cut], True)
-
-
 class StopFilter:
-    """Streams text up to the first stop sequence, holding back what may start one."""
+    """Streams text up to the first stop sequence, holding back what may start one.
+
+    Decoding itself ends at the stop sequence (:mod:`fints.stopping`); this cuts
+    the deltas already on their way, so a stream and a whole response agree.
+    """
 
     def __init__(self, stops: Sequence[str]) -> None:
         self._stops = list(stops)
@@ -277,7 +280,7 @@ class StopFilter:
         if not self._stops:
             return text
         self._held += text
-        out, self.stopped = truncate_at_stop(self._held, self._stops)
+        out, self.stopped = cut_at_stop(self._held, self._stops)
         if self.stopped:
             self._held = ""
             return out
