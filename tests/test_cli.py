@@ -46,6 +46,14 @@ def test_add_build_generate_export_import_delete(store_path, tmp_path):
     assert code == 0, out
     line = json.loads(out[out.index('{"query"') :].splitlines()[0])
     assert line["steered"] and len(line["retrieved"]) == 5
+    word = line["text"].split()[1]
+    code, out = run(
+        "generate", "zoe", "What should I eat?", "--store", store_path, "--max-tokens", "8",
+        "--json", "--no-compare", "--stop", word, "--stop", "never there",
+    )  # fmt: skip
+    assert code == 0, out
+    cut = json.loads(out[out.index('{"query"') :].splitlines()[0])["text"]
+    assert cut == line["text"][: line["text"].index(word)]
     code, out = run("export", "zoe", str(tmp_path / "zoe"), "--store", store_path)
     assert code == 0 and (tmp_path / "zoe" / "vectors.safetensors").is_file()
     code, out = run("import", str(tmp_path / "zoe"), "--as", "zoe2", "--store", store_path)

@@ -177,6 +177,9 @@ def generate(
     aggregation: Annotated[str, typer.Option(help="mean or attentive")] = "attentive",
     tau: Annotated[float, typer.Option(help="attentive temperature")] = 0.1,
     icl_k: Annotated[int, typer.Option(help="own history items put into the prompt")] = 0,
+    stop: Annotated[
+        list[str] | None, typer.Option(help="end an answer at this text (repeatable)")
+    ] = None,
     compare: Annotated[bool, typer.Option(help="also show the unsteered answer")] = True,
     as_json: Annotated[bool, typer.Option("--json", help="print JSON lines")] = False,
 ) -> None:
@@ -195,10 +198,12 @@ def generate(
     name = None if user == "-" else user
     with _store(store) as db:
         engine = _engine(db, model, dtype, None, template, steering=steering)
-        requests = [GenerationRequest(name, q, tenant=tenant) for q in queries]
+        stops = tuple(stop or ())
+        requests = [GenerationRequest(name, q, tenant=tenant, stop=stops) for q in queries]
         if compare:
+            unsteered = steering.with_(enabled=False)
             requests += [
-                GenerationRequest(name, q, tenant=tenant, steering=steering.with_(enabled=False))
+                GenerationRequest(name, q, tenant=tenant, steering=unsteered, stop=stops)
                 for q in queries
             ]
         results = engine.generate(requests, GenerationOptions(max_new_tokens=max_tokens))
