@@ -21,7 +21,7 @@ from fints.serving.payloads import (
 from fints.serving.tenants import TenantResolver, check_bind, load_api_keys, parse_api_keys
 from fints.sites import Component, Site
 from fints.steering import SteeringConfig
-from fints.stopping import cut_at_stop
+from fints.stopping import check_stops, cut_at_stop
 
 
 def chat(**fields: object) -> ChatCompletionRequest:
@@ -103,6 +103,7 @@ def test_stop_sequences_truncate_and_stream_identically() -> None:
     with pytest.raises(ApiError, match="at most 64"):
         stop_sequences(["x" * 65])
     assert stop_sequences("END") == ("END",)
+    assert check_stops("END") == ("END",)  # one sequence, not three letters
 
 
 def test_history_items_validation() -> None:

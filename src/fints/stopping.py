@@ -21,8 +21,10 @@ MAX_STOP_CHARS = 64
 _TOKENS_PER_CHAR = 4  # a character spans at most 4 byte-level tokens
 
 
-def check_stops(stops: Sequence[str]) -> tuple[str, ...]:
-    """The stop sequences as a tuple; each must be a non-empty string of at most 64 chars."""
+def check_stops(stops: str | Sequence[str]) -> tuple[str, ...]:
+    """The stop sequences as a tuple (one string is one sequence); each non-empty, <= 64 chars."""
+    if isinstance(stops, str):
+        stops = (stops,)
     for stop in stops:
         if not isinstance(stop, str) or not stop:
             raise InvalidInputError("a stop sequence is empty")
