@@ -24,7 +24,7 @@ from fints.benchmark.commands import (
 )
 from fints.benchmark.latency import measure_latency
 from fints.benchmark.methods import BenchContext, MethodSpec, benchmark_sites, make_method
-from fints.benchmark.report import TaskReport, write_report
+from fints.benchmark.report import PROBES, TaskReport, write_report
 from fints.benchmark.runner import (
     Runner,
     SearchSpace,
@@ -42,6 +42,7 @@ from fints.layers import resolve_layout
 from fints.models import LoadedModel, model_fingerprint, prepare_tokenizer, resolve_source
 
 FIXTURES = Path(__file__).parent / "fixtures" / "bench"
+CONTEXT, CENTERED = (question for question, _ in PROBES)
 
 
 class HashEncoder:
@@ -142,8 +143,15 @@ def test_runner_end_to_end_and_resumes_from_cache(tiny: LoadedModel, tmp_path: P
     }
     assert summary["selection_log"] and summary["test_queries"] == len(task.queries())
 
-    # the context probe: own ICL minus none and minus another user's ICL, in both outputs
-    probe = report.context_probe()
+    # the probes: own ICL minus none and minus another user's ICL; centered own minus
+    # centered wrong-user dictionary; in both outputs
+    probes = dict(report.probes())
+    assert [(a, b) for a, b, _ in probes[CENTERED]] == [
+        ("fints centered", "fints centered, wrong-user dictionary"),
+        ("fints centered", "fints (best on val)"),
+        ("fints centered", "none"),
+    ]
+    probe = probes[CONTEXT]
     assert [(a, b) for a, b, _ in probe] == [
         ("icl k=1", "none"),
         ("icl k=1", "control: icl k=1 wrong user"),
@@ -154,8 +162,8 @@ def test_runner_end_to_end_and_resumes_from_cache(tiny: LoadedModel, tmp_path: P
     assert own is not None and wrong is not None
     expected = float((own.scores.rougeL - wrong.scores.rougeL).mean())
     assert probe[3][2]["rougeL"].mean == pytest.approx(expected)
-    assert "Does the model use the user's context?" in text
-    assert [p["minus"] for p in summary["context_probe"]][-1] == "control: icl k=3 wrong user"
+    assert CONTEXT in text and CENTERED in text
+    assert [p["minus"] for p in summary["probes"][CONTEXT]][-1] == "control: icl k=3 wrong user"
     per_query = summary["per_query"]["icl k=3"]
     assert len(per_query["rougeL"]) == len(task.queries())
     assert per_query["rougeL"] == pytest.approx(own.scores.rougeL.tolist(), abs=1e-4)
@@ -240,6 +248,36 @@ def test_controls_change_the_vectors_but_keep_their_norm(tiny: LoadedModel, tmp_
     assert float(rel[site][0].norm()) == pytest.approx(expected, rel=1e-4)
     with pytest.raises(Exception, match="sites"):
         MethodSpec("bad", kind="fints")
+
+
+def test_centering_removes_the_other_users_mean_difference(
+    tiny: LoadedModel, tmp_path: Path
+) -> None:
+    task = load_headlines(
+        FIXTURES / "news.jsonl", SplitConfig(min_items=10, n_test=1, n_val=1, max_history=3), 4
+    )
+    ctx = BenchContext(
+        tiny, HashEncoder(), task, benchmark_sites(tiny.num_layers, (1,)), tmp_path, progress=False
+    )
+    query = task.queries("test")[0]
+    spec = MethodSpec("v", kind="vector", sites="1.attn", strength=1.0, relative=False)
+    plain = make_method(spec).vectors([query], ctx)  # type: ignore[attr-defined]
+    centered = make_method(spec.with_(centered=True)).vectors([query], ctx)  # type: ignore[attr-defined]
+    site = next(iter(plain))
+    others = [u for u in task.users if u != query.user]
+    assert len(others) >= 2
+    index = ctx.bank(query.user, "context").index([site])
+    shared = torch.stack(
+        [ctx.bank(u, "context").differences[:, index].mean(dim=0) for u in others]
+    ).mean(dim=0)
+    assert torch.allclose(centered[site][0], plain[site][0] - shared[0], atol=1e-5)
+    assert not torch.allclose(centered[site], plain[site])
+    # Recorded runs' caches stay valid: an uncentered spec keeps the key it had before.
+    assert MethodSpec("none").key() == "c982cf9ff8113b10"
+    assert spec.with_(centered=True).key() != spec.key()
+    assert "centered" in spec.with_(centered=True).describe()
+    with pytest.raises(InvalidInputError, match="does not steer"):
+        MethodSpec("icl", kind="icl", icl_k=1, centered=True)
 
 
 def test_sparsity_runs_less_history_and_ends_with_the_whole(

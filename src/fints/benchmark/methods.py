@@ -49,6 +49,9 @@ class MethodSpec:
       user-level vector (``user_vector`` = mean / pca / logistic).
     * ``vector_source``: the user's own vectors, another user's (``"wrong"``),
       or a random direction of the same norm per site (``"random"``).
+    * ``centered``: the steering vector minus the mean difference of the other
+      users (leave-one-out), which removes the direction every user shares and
+      keeps what is specific to this one.
     * ``strength`` is the same for every steered site; with ``relative`` it is
       a fraction of the site's typical activation norm.
     """
@@ -66,6 +69,7 @@ class MethodSpec:
     contrast: Contrast = "context"
     vector_source: Source = "own"
     user_vector: UserVectorMethod = "mean"
+    centered: bool = False
     role: str = "method"  # "method", "baseline" or "control" (for the report)
 
     def __post_init__(self) -> None:
@@ -75,12 +79,16 @@ class MethodSpec:
             raise InvalidInputError(f"method {self.label!r} steers but names no sites")
         if self.icl_source == "random":
             raise InvalidInputError("icl_source must be 'own' or 'wrong'")
+        if self.centered and self.kind not in ("vector", "fints"):
+            raise InvalidInputError(f"method {self.label!r} is centered but does not steer")
 
     def key(self) -> str:
         """A short hash of every field except the label and role."""
         fields = asdict(self)
         fields.pop("label")
         fields.pop("role")
+        if not self.centered:
+            fields.pop("centered")  # keeps the keys (and caches) of runs made before it existed
         if self.kind not in ("vector", "fints"):
             for name in ("sites", "strength", "relative", "top_k", "aggregation", "tau"):
                 fields.pop(name)
@@ -108,6 +116,8 @@ class MethodSpec:
                 f"user vector ({self.user_vector}) {self.sites} "
                 f"s={self.strength:g}{'rel' if self.relative else 'abs'} {self.contrast}"
             )
+        if self.centered:
+            parts.append("centered")
         if self.kind in ("fints", "vector") and self.vector_source != "own":
             parts.append(f"[{self.vector_source} vectors]")
         return ", ".join(parts) or "no personalization"
@@ -187,6 +197,7 @@ class BenchContext:
         self._query_keys: dict[str, torch.Tensor] = {}
         self._history_keys: dict[str, torch.Tensor] = {}
         self._banks: dict[tuple[str, str], UserBank] = {}
+        self._mean_differences: dict[str, dict[str, torch.Tensor]] = {}
         self.extraction_seconds = 0.0
 
     def query_keys(self, queries: Sequence[Query]) -> torch.Tensor:
@@ -264,6 +275,25 @@ class BenchContext:
             tmp.replace(path)
         self._banks[key] = bank
         return bank
+
+    def shared_direction(
+        self, user: str, contrast: Contrast, sites: Sequence[Site]
+    ) -> torch.Tensor:
+        """The mean difference of every *other* user at ``sites``: ``[sites, hidden]``.
+
+        Each user's mean over their items counts once, so a long history does not
+        dominate. It needs every user's bank (extracted on first use).
+        """
+        if contrast not in self._mean_differences:
+            self._mean_differences[contrast] = {
+                u: self.bank(u, contrast).differences.float().mean(dim=0) for u in self.task.users
+            }
+        means = self._mean_differences[contrast]
+        others = [m for u, m in means.items() if u != user]
+        if not others:
+            raise InvalidInputError("centering needs at least two users")
+        idx = self.bank(user, contrast).index(sites)
+        return torch.stack(others).mean(dim=0)[idx]
 
     def _extract(self, user: str, contrast: Contrast) -> UserBank:
         import time
@@ -379,6 +409,9 @@ class SteeredPrompt:
             aggregated = found.vectors
         else:
             aggregated = torch.stack([b.user_vector(sites, spec.user_vector) for b in banks])
+        if spec.centered:
+            shared = [ctx.shared_direction(b.user, spec.contrast, sites) for b in banks]
+            aggregated = aggregated - torch.stack(shared).to(aggregated.dtype)
         if spec.vector_source == "random":
             aggregated = _random_like(aggregated, queries, ctx.seed)
         norms = torch.stack([b.dictionary(sites).site_norms for b in banks])

@@ -16,13 +16,29 @@ from fints.benchmark.runner import Row, compare
 
 METRICS = ("rouge1", "rougeL", "judge")
 
-# (row, minus row): does the model use in-context examples at all, and the user's own more
-# than another user's? A model that cannot use the user's context gives steering nothing.
-CONTEXT_PROBE = (
-    ("icl k=1", "none"),
-    ("icl k=1", "control: icl k=1 wrong user"),
-    ("icl k=3", "none"),
-    ("icl k=3", "control: icl k=3 wrong user"),
+Pair = tuple[str, str, dict[str, Difference]]  # (row, minus row, difference per metric)
+
+# Paired questions, each answered by (row, minus row) differences where both rows ran.
+PROBES: tuple[tuple[str, tuple[tuple[str, str], ...]], ...] = (
+    # A model that cannot use the user's context gives steering nothing to capture.
+    (
+        "Does the model use the user's context?",
+        (
+            ("icl k=1", "none"),
+            ("icl k=1", "control: icl k=1 wrong user"),
+            ("icl k=3", "none"),
+            ("icl k=3", "control: icl k=3 wrong user"),
+        ),
+    ),
+    # Users' vectors share one direction; what is left once it is removed?
+    (
+        "Without the direction all users share, does the user's own dictionary do better?",
+        (
+            ("fints centered", "fints centered, wrong-user dictionary"),
+            ("fints centered", "fints (best on val)"),
+            ("fints centered", "none"),
+        ),
+    ),
 )
 
 
@@ -77,13 +93,17 @@ class TaskReport:
             ]
         return self._comparisons[seed]
 
-    def context_probe(self, seed: int = 0) -> list[tuple[str, str, dict[str, Difference]]]:
-        """ICL own minus none and own minus another user's items, where both rows ran."""
+    def probes(self, seed: int = 0) -> list[tuple[str, list[Pair]]]:
+        """Each question of :data:`PROBES` with the differences of its pairs that ran."""
         out = []
-        for label, other_label in CONTEXT_PROBE:
-            row, other = self.row(label), self.row(other_label)
-            if row is not None and other is not None:
-                out.append((label, other_label, _differences(row, other, seed)))
+        for question, pairs in PROBES:
+            answers = []
+            for label, other_label in pairs:
+                row, other = self.row(label), self.row(other_label)
+                if row is not None and other is not None:
+                    answers.append((label, other_label, _differences(row, other, seed)))
+            if answers:
+                out.append((question, answers))
         return out
 
     def verdict(self) -> str:
@@ -146,16 +166,15 @@ def task_markdown(report: TaskReport) -> str:
         for label, role, diffs in comps:
             lines.append(f"| {label} | {role} | {_difference_cells(diffs)} |")
         lines += ["", f"Verdict: {report.verdict()}"]
-    probe = report.context_probe()
-    if probe:
+    for question, answers in report.probes():
         lines += [
             "",
-            "Does the model use the user's context? (paired bootstrap, 95% CI)",
+            f"{question} (paired bootstrap, 95% CI)",
             "",
             f"| row | minus | ΔROUGE-1 | ΔROUGE-L | Δ{report.judge_name} |",
             "|---|---|---|---|---|",
         ]
-        for label, other, diffs in probe:
+        for label, other, diffs in answers:
             lines.append(f"| {label} | {other} | {_difference_cells(diffs)} |")
     if report.selection_log:
         lines += [
@@ -320,10 +339,13 @@ def write_report(
                     label: {m: str(d) for m, d in diffs.items()}
                     for label, _, diffs in r.comparisons()
                 },
-                "context_probe": [
-                    {"row": label, "minus": other, **{m: str(d) for m, d in diffs.items()}}
-                    for label, other, diffs in r.context_probe()
-                ],
+                "probes": {
+                    question: [
+                        {"row": label, "minus": other, **{m: str(d) for m, d in diffs.items()}}
+                        for label, other, diffs in answers
+                    ]
+                    for question, answers in r.probes()
+                },
                 "per_query": {row.label: _per_query(row) for row in r.rows},
                 "selection_log": r.selection_log,
                 "sparsity": r.sparsity,

@@ -303,6 +303,14 @@ def methods_for_test(
                 label="fints relative strength", relative=True, strength=0.15, role="variant"
             )
         )
+    if not best.centered:
+        # Without the direction every user shares: is the user's own dictionary still
+        # better than another user's (report.PROBES)?
+        centered = best.with_(label="fints centered", centered=True, role="variant")
+        specs += [
+            centered,
+            centered.with_(label="fints centered, wrong-user dictionary", vector_source="wrong"),
+        ]
     specs += [
         best.with_(label="control: random direction", vector_source="random", role="control"),
         best.with_(label="control: wrong-user dictionary", vector_source="wrong", role="control"),
