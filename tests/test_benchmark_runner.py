@@ -183,6 +183,13 @@ def test_rows_pick_the_test_methods_and_skip_the_search_without_steering() -> No
     assert "icl k=1" not in medium and "control: icl k=1 wrong user" not in medium
     assert "control: icl k=3 wrong user" in medium
     assert steers(rows_for_test(selection, PRESETS["small"], None))
+    # a variant that is the chosen setting itself may be named, and runs once
+    both = ["fints (best on val)", "fints context contrast", "fints response contrast"]
+    specs = rows_for_test(selection, PRESETS["full"], both)
+    assert [s.label for s in specs] == ["fints (best on val)", "fints response contrast"]
+    assert [s.contrast for s in specs] == ["context", "response"]
+    with pytest.raises(InvalidInputError, match="unknown row"):
+        rows_for_test(selection, PRESETS["full"], ["fints sideways contrast"])
     with pytest.raises(InvalidInputError, match=r"unknown row.*'fints typo'"):
         rows_for_test(selection, PRESETS["small"], ["none", "fints typo"])
 

@@ -30,6 +30,7 @@ from fints.benchmark.runner import (
     SearchSpace,
     Selection,
     build_judge,
+    deduplicated,
     default_fints,
     evaluate,
     methods_for_test,
@@ -326,14 +327,22 @@ def sparsity(
 def rows_for_test(
     selection: Selection, preset: Preset, rows: Sequence[str] | None
 ) -> list[MethodSpec]:
-    """The rows run on test: the preset's choice, or exactly the labels in ``rows``."""
-    specs = methods_for_test(selection.best, selection.best_absolute, preset.contrasts)
+    """The rows run on test: the preset's choice, or exactly the labels in ``rows``.
+
+    A named variant that coincides with the chosen setting (``fints response
+    contrast`` when the response contrast was chosen) is run once, as the first
+    label naming it.
+    """
+    every = methods_for_test(
+        selection.best, selection.best_absolute, preset.contrasts, unique=False
+    )
     if rows is not None:
-        known = [s.label for s in specs]
+        known = list(dict.fromkeys(s.label for s in every))
         unknown = [r for r in rows if r not in known]
         if unknown:
             raise InvalidInputError(f"unknown row(s) {unknown}: expected some of {known}")
-        return [s for s in specs if s.label in rows]
+        return deduplicated([s for s in every if s.label in rows])
+    specs = deduplicated(every)
     if not preset.variants:
         specs = [s for s in specs if s.role != "variant"]
     if preset.baselines is not None:

@@ -269,9 +269,13 @@ def select_fints(
 
 
 def methods_for_test(
-    best: MethodSpec, absolute: MethodSpec | None, contrasts: Sequence[str]
+    best: MethodSpec, absolute: MethodSpec | None, contrasts: Sequence[str], *, unique: bool = True
 ) -> list[MethodSpec]:
-    """Baselines, the chosen Fints, its design variants and the controls, deduplicated."""
+    """Baselines, the chosen Fints, its design variants and the controls.
+
+    A variant can coincide with the chosen setting (``fints attn`` when ``attn`` was
+    chosen); with ``unique`` only the first spec of each configuration is kept.
+    """
     layer = parse_sites(best.sites)[0].layer
     icl = max(best.icl_k, 3)
     specs = [
@@ -293,8 +297,7 @@ def methods_for_test(
     else:
         specs.append(best.with_(label="fints + icl k=3", icl_k=3, role="variant"))
     for c in contrasts:
-        if c != best.contrast:
-            specs.append(best.with_(label=f"fints {c} contrast", contrast=c, role="variant"))
+        specs.append(best.with_(label=f"fints {c} contrast", contrast=c, role="variant"))
     if best.relative and absolute is not None:
         specs.append(absolute.with_(label="fints absolute strength", role="variant"))
     elif not best.relative:
@@ -329,10 +332,15 @@ def methods_for_test(
         specs.append(
             best.with_(label="control: fints on wrong-user icl", icl_source="wrong", role="control")
         )
-    unique: dict[str, MethodSpec] = {}
+    return deduplicated(specs) if unique else specs
+
+
+def deduplicated(specs: Sequence[MethodSpec]) -> list[MethodSpec]:
+    """The first spec of each configuration, in order."""
+    first: dict[str, MethodSpec] = {}
     for spec in specs:
-        unique.setdefault(spec.key(), spec)
-    return list(unique.values())
+        first.setdefault(spec.key(), spec)
+    return list(first.values())
 
 
 def evaluate(
