@@ -147,7 +147,7 @@ def test_runner_end_to_end_and_resumes_from_cache(tiny: LoadedModel, tmp_path: P
     # centered wrong-user dictionary; in both outputs
     probes = dict(report.probes())
     assert [(a, b) for a, b, _ in probes[CENTERED]] == [
-        ("fints centered", "fints centered, wrong-user dictionary"),
+        ("fints centered", "fints centered (wrong-user dictionary)"),
         ("fints centered", "fints (best on val)"),
         ("fints centered", "none"),
     ]

@@ -34,7 +34,7 @@ PROBES: tuple[tuple[str, tuple[tuple[str, str], ...]], ...] = (
     (
         "Without the direction all users share, does the user's own dictionary do better?",
         (
-            ("fints centered", "fints centered, wrong-user dictionary"),
+            ("fints centered", "fints centered (wrong-user dictionary)"),
             ("fints centered", "fints (best on val)"),
             ("fints centered", "none"),
         ),

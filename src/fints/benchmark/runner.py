@@ -312,7 +312,7 @@ def methods_for_test(
         centered = best.with_(label="fints centered", centered=True, role="variant")
         specs += [
             centered,
-            centered.with_(label="fints centered, wrong-user dictionary", vector_source="wrong"),
+            centered.with_(label="fints centered (wrong-user dictionary)", vector_source="wrong"),
         ]
     specs += [
         best.with_(label="control: random direction", vector_source="random", role="control"),
