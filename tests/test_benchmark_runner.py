@@ -100,6 +100,15 @@ def test_runner_end_to_end_and_resumes_from_cache(tiny: LoadedModel, tmp_path: P
     assert {stage for stage, *_ in selection.log} >= {"layer", "strength", "sites", "icl"}
     assert runner.generated > 0 and all(q.split == "validation" for q in task.queries("validation"))
 
+    # A second pass starts where the first ended, so it can only do as well or better,
+    # and it stops once a pass changes nothing.
+    again = select_fints(runner, replace(space, rounds=3), judge)
+    assert again.log[: len(selection.log)] == selection.log
+    objective = {desc: value for _, desc, value, _ in again.log}
+    assert objective[again.best.describe()] >= objective[selection.best.describe()]
+    later = [stage for stage, *_ in again.log[len(selection.log) :]]
+    assert later and all(stage.endswith(("(2)", "(3)")) for stage in later)
+
     specs = methods_for_test(selection.best, selection.best_absolute, ("context",))
     roles = {s.role for s in specs}
     assert roles == {"baseline", "fints", "variant", "control"}
@@ -201,7 +210,7 @@ def test_a_probe_without_steering_runs_no_search_and_no_sparsity_sweep(
         FIXTURES / "news.jsonl", SplitConfig(min_items=10, n_test=1, n_val=1, max_history=3), 4
     )
     preset = replace(PRESETS["small"], sparsity=(0.5,), clusters=0)
-    args = {"cache": tmp_path, "seed": 0, "batch_size": 8, "timing_repeats": 0}
+    args = {"cache": tmp_path, "seed": 0, "batch_size": 8, "timing_repeats": 0, "search_rounds": 1}
     report = benchmark_task(
         task, tiny, HashEncoder(), preset, (1,), {**args, "rows": ["none", "icl k=1"]}
     )

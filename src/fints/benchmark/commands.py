@@ -384,6 +384,7 @@ def benchmark_task(
         aggregations=preset.aggregations,
         icl_k=preset.icl_k,
         contrasts=preset.contrasts,
+        rounds=args["search_rounds"],
     )
     selection = Selection(default_fints(space), None, [])
     if steers(rows_for_test(selection, preset, args["rows"])):
@@ -464,6 +465,9 @@ def bench(
     contrasts: Annotated[
         str | None, typer.Option(help="contrasts to search: context,response")
     ] = None,
+    search_rounds: Annotated[
+        int, typer.Option(help="passes of the validation search (2+: revisit early choices)")
+    ] = 1,
     sparsity_fractions: Annotated[str | None, typer.Option(help="e.g. 0.05,0.1,0.25")] = None,
     persona_sizes: Annotated[
         str | None, typer.Option(help="persona history sizes to sweep, e.g. 5,10,25")
@@ -498,6 +502,8 @@ def _bench(**kw: Any) -> None:
     unknown = [t for t in chosen if t not in TASKS]
     if unknown or not chosen:
         raise InvalidInputError(f"unknown task(s) {unknown}: expected some of {TASKS}")
+    if kw["search_rounds"] < 1:
+        raise InvalidInputError(f"--search-rounds must be at least 1, got {kw['search_rounds']}")
     preset = PRESETS[kw["preset"]]
     strengths = _floats(kw["strengths"], "strengths")
     fractions = _floats(kw["sparsity_fractions"], "sparsity-fractions")
@@ -528,6 +534,7 @@ def _bench(**kw: Any) -> None:
         "seed": kw["seed"],
         "batch_size": kw["batch_size"],
         "timing_repeats": kw["timing_repeats"],
+        "search_rounds": kw["search_rounds"],
         "rows": None if kw["rows"] is None else [r.strip() for r in kw["rows"].split(",")],
     }
     overrides = {k: kw[k] for k in ("max_users", "n_test", "n_val", "max_history",

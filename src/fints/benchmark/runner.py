@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -200,6 +200,7 @@ class SearchSpace:
     aggregations: tuple[str, ...] = ("attentive", "mean")
     icl_k: tuple[int, ...] = (0, 3)
     contrasts: tuple[str, ...] = ("context",)
+    rounds: int = 1  # passes over the stages; a later pass can revisit an early choice
 
 
 @dataclass
@@ -227,7 +228,13 @@ def select_fints(
     *,
     default_top_k: int = 5,
 ) -> Selection:
-    """Coordinate-wise search on validation queries; test queries are never touched."""
+    """Coordinate-wise search on validation queries; test queries are never touched.
+
+    Each stage varies one setting of the best so far (the current value competes
+    too, so a stage never makes the objective worse). The first pass fixes the
+    site before ICL and the contrast are chosen; with ``space.rounds > 1`` the
+    stages run again, under the later choices, until a pass changes nothing.
+    """
     task = runner.ctx.task
     queries = task.queries("validation")
     if not queries:
@@ -246,25 +253,35 @@ def select_fints(
         return seen[spec.key()]
 
     def pick(stage: str, candidates: list[MethodSpec]) -> MethodSpec:
-        return max(candidates, key=lambda s: value(stage, s))
+        return max(deduplicated(candidates), key=lambda s: value(stage, s))
 
-    base = default_fints(space, default_top_k)
     layer = lambda s: parse_sites(s.sites)[0].layer  # noqa: E731
-    best = pick("layer", [base.with_(sites=f"{L}.attn+mlp") for L in space.layers])
-    best = pick("strength", [best.with_(strength=s) for s in space.strengths])
-    best = pick("sites", [best.with_(sites=f"{layer(best)}.{c}") for c in space.components])
-    best = pick("top_k", [best.with_(top_k=k) for k in space.top_k])
-    best = pick("aggregation", [best.with_(aggregation=a) for a in space.aggregations])
-    best = pick("icl", [best.with_(icl_k=k) for k in space.icl_k])
-    best = pick("contrast", [best.with_(contrast=c) for c in space.contrasts])
+    component = lambda s: s.sites.split(".", 1)[1]  # noqa: E731
+    stages: list[tuple[str, Callable[[MethodSpec], list[MethodSpec]]]] = [
+        ("layer", lambda b: [b.with_(sites=f"{L}.{component(b)}") for L in space.layers]),
+        ("strength", lambda b: [b.with_(relative=True, strength=x) for x in space.strengths]),
+        ("sites", lambda b: [b.with_(sites=f"{layer(b)}.{c}") for c in space.components]),
+        ("top_k", lambda b: [b.with_(top_k=k) for k in space.top_k]),
+        ("aggregation", lambda b: [b.with_(aggregation=a) for a in space.aggregations]),
+        ("icl", lambda b: [b.with_(icl_k=k) for k in space.icl_k]),
+        ("contrast", lambda b: [b.with_(contrast=c) for c in space.contrasts]),
+    ]
+    best = default_fints(space, default_top_k)
     absolute = None
-    if space.absolute_strengths:
-        absolute = pick(
-            "absolute strength",
-            [best.with_(relative=False, strength=s) for s in space.absolute_strengths],
-        )
-        if seen[absolute.key()] > seen[best.key()]:
-            best = absolute
+    for round_ in range(1, space.rounds + 1):
+        start = best
+        tag = "" if round_ == 1 else f" ({round_})"
+        for stage, candidates in stages:
+            best = pick(stage + tag, [*candidates(best), best])
+        if space.absolute_strengths:
+            absolute = pick(
+                "absolute strength" + tag,
+                [best.with_(relative=False, strength=x) for x in space.absolute_strengths],
+            )
+            if seen[absolute.key()] > seen[best.key()]:
+                best = absolute
+        if best.key() == start.key():
+            break
     return Selection(best, absolute, log)
 
 
