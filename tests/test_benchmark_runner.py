@@ -280,14 +280,21 @@ def test_centering_removes_the_other_users_mean_difference(
     plain = make_method(spec).vectors([query], ctx)  # type: ignore[attr-defined]
     centered = make_method(spec.with_(centered=True)).vectors([query], ctx)  # type: ignore[attr-defined]
     site = next(iter(plain))
-    others = [u for u in task.users if u != query.user]
-    assert len(others) >= 2
+    others = [u for u in task.users if u not in (query.user, task.wrong_user(query.user))]
+    assert others
     index = ctx.bank(query.user, "context").index([site])
     shared = torch.stack(
         [ctx.bank(u, "context").differences[:, index].mean(dim=0) for u in others]
     ).mean(dim=0)
     assert torch.allclose(centered[site][0], plain[site][0] - shared[0], atol=1e-5)
     assert not torch.allclose(centered[site], plain[site])
+    # the wrong-user twin subtracts the same vector, so the pair differs as before
+    wrong = spec.with_(vector_source="wrong")
+    plain_wrong = make_method(wrong).vectors([query], ctx)  # type: ignore[attr-defined]
+    centered_wrong = make_method(wrong.with_(centered=True)).vectors([query], ctx)  # type: ignore[attr-defined]
+    assert torch.allclose(
+        centered[site] - centered_wrong[site], plain[site] - plain_wrong[site], atol=1e-5
+    )
     # Recorded runs' caches stay valid: an uncentered spec keeps the key it had before.
     assert MethodSpec("none").key() == "c982cf9ff8113b10"
     assert spec.with_(centered=True).key() != spec.key()

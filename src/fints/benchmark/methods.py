@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Literal, Protocol
@@ -35,6 +35,10 @@ from fints.steering import Aggregation, SteeringConfig, effective_vectors
 from fints.user_vectors import UserVectorMethod, user_vector
 
 Source = Literal["own", "wrong", "random"]
+
+#: What centering subtracts (part of a centered method's cache key): the mean over the
+#: users other than the query's user and its wrong-user control's user.
+CENTERING = "mean of users but the query's and its wrong user's"
 Kind = Literal["none", "icl", "vector", "fints"]
 
 
@@ -50,8 +54,9 @@ class MethodSpec:
     * ``vector_source``: the user's own vectors, another user's (``"wrong"``),
       or a random direction of the same norm per site (``"random"``).
     * ``centered``: the steering vector minus the mean difference of the other
-      users (leave-one-out), which removes the direction every user shares and
-      keeps what is specific to this one.
+      users (all but the query's user and its wrong-user control's user, so the
+      centered own and wrong-user rows subtract the same vector), which removes
+      the direction every user shares and keeps what is specific to one.
     * ``strength`` is the same for every steered site; with ``relative`` it is
       a fraction of the site's typical activation norm.
     """
@@ -87,7 +92,9 @@ class MethodSpec:
         fields = asdict(self)
         fields.pop("label")
         fields.pop("role")
-        if not self.centered:
+        if self.centered:
+            fields["centered"] = CENTERING  # a new definition must not reuse old generations
+        else:
             fields.pop("centered")  # keeps the keys (and caches) of runs made before it existed
         if self.kind not in ("vector", "fints"):
             for name in ("sites", "strength", "relative", "top_k", "aggregation", "tau"):
@@ -277,9 +284,9 @@ class BenchContext:
         return bank
 
     def shared_direction(
-        self, user: str, contrast: Contrast, sites: Sequence[Site]
+        self, exclude: Collection[str], contrast: Contrast, sites: Sequence[Site]
     ) -> torch.Tensor:
-        """The mean difference of every *other* user at ``sites``: ``[sites, hidden]``.
+        """The mean difference of the users not in ``exclude`` at ``sites``: ``[sites, hidden]``.
 
         Each user's mean over their items counts once, so a long history does not
         dominate. It needs every user's bank (extracted on first use).
@@ -288,11 +295,10 @@ class BenchContext:
             self._mean_differences[contrast] = {
                 u: self.bank(u, contrast).differences.float().mean(dim=0) for u in self.task.users
             }
-        means = self._mean_differences[contrast]
-        others = [m for u, m in means.items() if u != user]
+        others = [m for u, m in self._mean_differences[contrast].items() if u not in exclude]
         if not others:
-            raise InvalidInputError("centering needs at least two users")
-        idx = self.bank(user, contrast).index(sites)
+            raise InvalidInputError(f"centering needs users besides {sorted(exclude)}")
+        idx = self.bank(next(iter(self.task.users)), contrast).index(sites)
         return torch.stack(others).mean(dim=0)[idx]
 
     def _extract(self, user: str, contrast: Contrast) -> UserBank:
@@ -410,7 +416,12 @@ class SteeredPrompt:
         else:
             aggregated = torch.stack([b.user_vector(sites, spec.user_vector) for b in banks])
         if spec.centered:
-            shared = [ctx.shared_direction(b.user, spec.contrast, sites) for b in banks]
+            # The same vector for the own and the wrong-user row of a query, so the two
+            # stay a controlled pair.
+            shared = [
+                ctx.shared_direction({q.user, ctx.task.wrong_user(q.user)}, spec.contrast, sites)
+                for q in queries
+            ]
             aggregated = aggregated - torch.stack(shared).to(aggregated.dtype)
         if spec.vector_source == "random":
             aggregated = _random_like(aggregated, queries, ctx.seed)
