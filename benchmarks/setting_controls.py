@@ -47,7 +47,7 @@ def specs_for(setting: MethodSpec) -> list[MethodSpec]:
 
 
 def markdown(rows: list[Row], judge: str, header: list[str]) -> str:
-    setting = rows[2] if rows[1].label.startswith("icl") else rows[1]
+    setting = next(r for r in rows if r.role == "fints")
     lines = [*header, "", f"| row | setting | ROUGE-1 | ROUGE-L | {judge} | words |"]
     lines.append("|---|---|---|---|---|---|")
     for row in rows:
