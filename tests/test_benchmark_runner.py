@@ -35,7 +35,7 @@ from fints.benchmark.runner import (
     methods_for_test,
     select_fints,
 )
-from fints.benchmark.tasks import SplitConfig, load_headlines
+from fints.benchmark.tasks import SplitConfig, Task, load_headlines
 from fints.errors import InvalidInputError
 from fints.generation import GenerationOptions
 from fints.layers import resolve_layout
@@ -43,6 +43,12 @@ from fints.models import LoadedModel, model_fingerprint, prepare_tokenizer, reso
 
 FIXTURES = Path(__file__).parent / "fixtures" / "bench"
 CONTEXT, CENTERED = (question for question, _ in PROBES)
+
+
+def fixture_task(max_history: int, max_new_tokens: int, n_test: int = 1) -> Task:
+    """The headlines fixture, split with one validation query per user."""
+    split = SplitConfig(min_items=10, n_test=n_test, n_val=1, max_history=max_history)
+    return load_headlines(FIXTURES / "news.jsonl", split, max_new_tokens)
 
 
 class HashEncoder:
@@ -82,9 +88,7 @@ def tiny() -> LoadedModel:
 
 
 def test_runner_end_to_end_and_resumes_from_cache(tiny: LoadedModel, tmp_path: Path) -> None:
-    task = load_headlines(
-        FIXTURES / "news.jsonl", SplitConfig(min_items=10, n_test=1, n_val=1, max_history=3), 4
-    )
+    task = fixture_task(max_history=3, max_new_tokens=4)
     sites = benchmark_sites(tiny.num_layers, (1, 2))
     ctx = BenchContext(tiny, HashEncoder(), task, sites, tmp_path, progress=False)
     runner = Runner(
@@ -206,9 +210,7 @@ def test_rows_pick_the_test_methods_and_skip_the_search_without_steering() -> No
 def test_a_probe_without_steering_runs_no_search_and_no_sparsity_sweep(
     tiny: LoadedModel, tmp_path: Path
 ) -> None:
-    task = load_headlines(
-        FIXTURES / "news.jsonl", SplitConfig(min_items=10, n_test=1, n_val=1, max_history=3), 4
-    )
+    task = fixture_task(max_history=3, max_new_tokens=4)
     preset = replace(PRESETS["small"], sparsity=(0.5,), clusters=0)
     args = {"cache": tmp_path, "seed": 0, "batch_size": 8, "timing_repeats": 0, "search_rounds": 1}
     report = benchmark_task(
@@ -222,9 +224,7 @@ def test_a_probe_without_steering_runs_no_search_and_no_sparsity_sweep(
 
 def test_caches_are_per_dtype(tiny: LoadedModel, tmp_path: Path) -> None:
     """A bf16 run must not reuse an fp32 run's generations or activations."""
-    task = load_headlines(
-        FIXTURES / "news.jsonl", SplitConfig(min_items=10, n_test=1, n_val=1, max_history=3), 4
-    )
+    task = fixture_task(max_history=3, max_new_tokens=4)
     half = copy.deepcopy(tiny.model).to(torch.bfloat16)
     tiny_bf16 = LoadedModel(
         half, tiny.tokenizer, tiny.name, model_fingerprint(half), resolve_layout(half)
@@ -242,9 +242,7 @@ def test_caches_are_per_dtype(tiny: LoadedModel, tmp_path: Path) -> None:
 
 
 def test_controls_change_the_vectors_but_keep_their_norm(tiny: LoadedModel, tmp_path: Path) -> None:
-    task = load_headlines(
-        FIXTURES / "news.jsonl", SplitConfig(min_items=10, n_test=2, n_val=1, max_history=4), 6
-    )
+    task = fixture_task(max_history=4, max_new_tokens=6, n_test=2)
     ctx = BenchContext(
         tiny, HashEncoder(), task, benchmark_sites(tiny.num_layers, (1,)), tmp_path, progress=False
     )
@@ -269,9 +267,7 @@ def test_controls_change_the_vectors_but_keep_their_norm(tiny: LoadedModel, tmp_
 def test_centering_removes_the_other_users_mean_difference(
     tiny: LoadedModel, tmp_path: Path
 ) -> None:
-    task = load_headlines(
-        FIXTURES / "news.jsonl", SplitConfig(min_items=10, n_test=1, n_val=1, max_history=3), 4
-    )
+    task = fixture_task(max_history=3, max_new_tokens=4)
     ctx = BenchContext(
         tiny, HashEncoder(), task, benchmark_sites(tiny.num_layers, (1,)), tmp_path, progress=False
     )
@@ -306,9 +302,7 @@ def test_centering_removes_the_other_users_mean_difference(
 def test_sparsity_runs_less_history_and_ends_with_the_whole(
     tiny: LoadedModel, tmp_path: Path
 ) -> None:
-    task = load_headlines(
-        FIXTURES / "news.jsonl", SplitConfig(min_items=10, n_test=1, n_val=1, max_history=4), 3
-    )
+    task = fixture_task(max_history=4, max_new_tokens=3)
     best = MethodSpec(
         "fints (best on val)", kind="fints", sites="1.attn+mlp", strength=0.2, role="fints"
     )
