@@ -22,9 +22,9 @@ from typing import Annotated
 
 import typer
 
-from fints.benchmark.commands import PRESETS, load_task
-from fints.benchmark.methods import BenchContext, MethodSpec, benchmark_sites
-from fints.benchmark.runner import Row, Runner, build_judge, compare, evaluate
+from fints.benchmark.commands import PRESETS, load_task, task_runner
+from fints.benchmark.methods import MethodSpec, benchmark_sites
+from fints.benchmark.runner import Row, build_judge, compare, evaluate
 from fints.benchmark.tasks import DEFAULT_DATA_DIR
 from fints.generation import GenerationOptions
 from fints.paths import fints_home
@@ -106,21 +106,14 @@ def main(
     bench_task = load_task(task, PRESETS["full"], DEFAULT_DATA_DIR, seed, overrides)
     if queries_per_user:
         bench_task = bench_task.limit_test(queries_per_user)
-    cache = fints_home() / "bench"
     chosen_layers = tuple(int(x) for x in layers.split(","))
-    ctx = BenchContext(
+    runner = task_runner(
+        bench_task,
         loaded,
         SentenceTransformerEncoder(),
-        bench_task,
         benchmark_sites(loaded.num_layers, chosen_layers),
-        cache,
-        seed=seed,
-    )
-    runner = Runner(
-        ctx,
         GenerationOptions(max_new_tokens=bench_task.max_new_tokens),
-        cache,
-        batch_size=batch_size,
+        {"cache": fints_home() / "bench", "seed": seed, "batch_size": batch_size},
     )
     setting = MethodSpec(
         "setting",

@@ -51,7 +51,7 @@ from fints.errors import FintsError, InvalidInputError
 from fints.extraction import CONTRASTS
 from fints.generation import GenerationOptions
 from fints.paths import fints_home
-from fints.sites import Component, parse_sites
+from fints.sites import Component, Site, parse_sites
 
 TASKS = ("headlines", "abstracts", "persona")
 COMPONENTS = ("attn+mlp", *(c.value for c in Component))  # what a search may try at a layer
@@ -306,8 +306,7 @@ def sparsity(
     none = MethodSpec("none", role="baseline")
     out = []
     for x, task in points:
-        ctx = BenchContext(model, encoder, task, sites, args["cache"], seed=args["seed"])
-        runner = Runner(ctx, options, args["cache"], batch_size=args["batch_size"])
+        runner = task_runner(task, model, encoder, sites, options, args)
         rows = evaluate(runner, [none, *specs], judge)
         for row in rows[1:]:
             s = row.summary()
@@ -322,6 +321,19 @@ def sparsity(
                 }
             )
     return out
+
+
+def task_runner(
+    task: Task,
+    model: Any,
+    encoder: Any,
+    sites: tuple[Site, ...],
+    options: GenerationOptions,
+    args: dict[str, Any],
+) -> Runner:
+    """A runner over a fresh context for ``task``, caching under ``args["cache"]``."""
+    ctx = BenchContext(model, encoder, task, sites, args["cache"], seed=args["seed"])
+    return Runner(ctx, options, args["cache"], batch_size=args["batch_size"])
 
 
 def rows_for_test(
@@ -370,9 +382,9 @@ def benchmark_task(
     started = time.perf_counter()
     seconds: dict[str, float] = {}
     sites = benchmark_sites(model.num_layers, layers)
-    ctx = BenchContext(model, encoder, task, sites, args["cache"], seed=args["seed"])
     options = GenerationOptions(max_new_tokens=task.max_new_tokens)
-    runner = Runner(ctx, options, args["cache"], batch_size=args["batch_size"])
+    runner = task_runner(task, model, encoder, sites, options, args)
+    ctx = runner.ctx
     judge = build_judge(task, args["seed"])
     top_k = 3 if task.name == "abstracts" else 5
     space = SearchSpace(
