@@ -35,11 +35,11 @@ from fints.steering import Aggregation, SteeringConfig, effective_vectors
 from fints.user_vectors import UserVectorMethod, user_vector
 
 Source = Literal["own", "wrong", "random"]
+Kind = Literal["none", "icl", "vector", "fints"]
 
 #: What centering subtracts (part of a centered method's cache key): the mean over the
 #: users other than the query's user and its wrong-user control's user.
 CENTERING = "mean of users but the query's and its wrong user's"
-Kind = Literal["none", "icl", "vector", "fints"]
 
 
 @dataclass(frozen=True)
