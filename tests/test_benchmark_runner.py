@@ -23,7 +23,13 @@ from fints.benchmark.commands import (
     steers,
 )
 from fints.benchmark.latency import measure_latency
-from fints.benchmark.methods import BenchContext, MethodSpec, benchmark_sites, make_method
+from fints.benchmark.methods import (
+    ALL_ENTRIES,
+    BenchContext,
+    MethodSpec,
+    benchmark_sites,
+    make_method,
+)
 from fints.benchmark.report import PROBES, TaskReport, write_report
 from fints.benchmark.runner import (
     Runner,
@@ -97,11 +103,15 @@ def test_runner_end_to_end_and_resumes_from_cache(tiny: LoadedModel, tmp_path: P
     judge = build_judge(task)
     space = SearchSpace(
         layers=(1, 2), strengths=(0.1, 0.5), absolute_strengths=(2.0,),
-        components=("attn+mlp", "block"), aggregations=("attentive", "mean"), icl_k=(0, 1),
+        components=("attn+mlp", "block"), top_k=(2, ALL_ENTRIES),
+        aggregations=("attentive", "mean"), taus=(0.1, 0.5), icl_k=(0, 1),
     )  # fmt: skip
     selection = select_fints(runner, space, judge)
     assert selection.best.kind == "fints"
-    assert {stage for stage, *_ in selection.log} >= {"layer", "strength", "sites", "icl"}
+    stages = {stage for stage, *_ in selection.log}
+    assert stages >= {"layer", "strength", "sites", "top_k", "icl"}
+    tried = [desc for stage, desc, *_ in selection.log if stage == "tau"]
+    assert all("tau=0.5" in d and " attentive " in d for d in tried)  # only where tau matters
     assert runner.generated > 0 and all(q.split == "validation" for q in task.queries("validation"))
 
     # A second pass starts where the first ended, so it can only do as well or better,
@@ -299,6 +309,42 @@ def test_centering_removes_the_other_users_mean_difference(
         MethodSpec("icl", kind="icl", icl_k=1, centered=True)
 
 
+def test_retrieving_every_entry_with_mean_aggregation_is_the_mean_user_vector(
+    tiny: LoadedModel, tmp_path: Path
+) -> None:
+    task = fixture_task(max_history=4, max_new_tokens=4, n_test=2)
+    ctx = BenchContext(
+        tiny, HashEncoder(), task, benchmark_sites(tiny.num_layers, (1,)), tmp_path, progress=False
+    )
+    queries = task.queries("test")[:3]
+    base = MethodSpec("f", kind="fints", sites="1.block", strength=2.0, relative=False)
+
+    def vectors(spec: MethodSpec) -> torch.Tensor:
+        return next(iter(make_method(spec).vectors(queries, ctx).values()))  # type: ignore[attr-defined]
+
+    every = base.with_(top_k=ALL_ENTRIES, aggregation="mean")
+    mean_vector = base.with_(kind="vector", user_vector="mean")
+    assert torch.allclose(vectors(every), vectors(mean_vector), atol=1e-5)
+    assert not torch.allclose(vectors(base.with_(top_k=1, aggregation="mean")), vectors(every))
+    # tau: near zero only the best-scored entries count, so K beyond them changes nothing;
+    # large, the softmax weights are uniform and attentive is mean aggregation
+    sharp = vectors(base.with_(top_k=ALL_ENTRIES, tau=1e-4))
+    assert torch.allclose(sharp, vectors(base.with_(tau=1e-4)), atol=1e-5)
+    assert not torch.allclose(sharp, vectors(base.with_(top_k=ALL_ENTRIES)), atol=1e-5)
+    flat = vectors(base.with_(top_k=ALL_ENTRIES, tau=1e3))
+    assert torch.allclose(flat, vectors(every), atol=1e-4)
+
+    assert "K=all mean" in every.describe()
+    assert "tau=0.3" in base.with_(tau=0.3).describe()
+    assert "tau" not in base.with_(tau=0.3, top_k=1).describe()  # one entry: tau is moot
+    assert base.weighs_by_score and not every.weighs_by_score
+    assert base.key() == base.with_(tau=0.1).key() != base.with_(tau=0.3).key()
+    with pytest.raises(InvalidInputError, match="top_k"):
+        base.with_(top_k=-1)
+    with pytest.raises(InvalidInputError, match="tau"):
+        base.with_(tau=0.0)
+
+
 def test_sparsity_runs_less_history_and_ends_with_the_whole(
     tiny: LoadedModel, tmp_path: Path
 ) -> None:
@@ -339,3 +385,13 @@ def test_search_choices_from_the_command_line() -> None:
         _choices("attn,ffn", "components", COMPONENTS)
     with pytest.raises(InvalidInputError, match="--contrasts"):
         _choices("", "contrasts", CONTRASTS)
+
+
+def test_retrieval_sizes_from_the_command_line() -> None:
+    from fints.benchmark.commands import _top_ks
+
+    assert _top_ks("5, 1,all") == (5, 1, ALL_ENTRIES)
+    assert _top_ks("") == ()  # the task's default K alone
+    for bad in ("0", "-2", "five", "2.5"):
+        with pytest.raises(InvalidInputError, match="--top-ks"):
+            _top_ks(bad)

@@ -21,7 +21,13 @@ import torch
 import typer
 
 from fints.benchmark.latency import measure_latency
-from fints.benchmark.methods import BenchContext, MethodSpec, benchmark_sites
+from fints.benchmark.methods import (
+    ALL_ENTRIES,
+    DEFAULT_TAU,
+    BenchContext,
+    MethodSpec,
+    benchmark_sites,
+)
 from fints.benchmark.metrics import TextClassifier, paired_bootstrap
 from fints.benchmark.report import TaskReport, task_markdown, write_report
 from fints.benchmark.runner import (
@@ -68,6 +74,8 @@ class Preset:
     absolute_strengths: tuple[float, ...]
     components: tuple[str, ...]
     aggregations: tuple[str, ...]
+    top_ks: tuple[int, ...]  # searched after the task's default K (ALL_ENTRIES: all)
+    taus: tuple[float, ...]  # the attentive temperatures searched, the first one first
     icl_k: tuple[int, ...]
     contrasts: tuple[str, ...]
     variants: bool  # site / aggregation / icl / contrast variants on test
@@ -90,6 +98,8 @@ PRESETS: dict[str, Preset] = {
         absolute_strengths=(),
         components=("attn+mlp",),
         aggregations=("attentive",),
+        top_ks=(),
+        taus=(DEFAULT_TAU,),
         icl_k=(0,),
         contrasts=("context",),
         variants=False,
@@ -110,6 +120,8 @@ PRESETS: dict[str, Preset] = {
         absolute_strengths=(),
         components=("attn+mlp", "attn"),
         aggregations=("attentive",),
+        top_ks=(),
+        taus=(DEFAULT_TAU,),
         icl_k=(0,),
         contrasts=("context",),
         variants=False,
@@ -131,6 +143,8 @@ PRESETS: dict[str, Preset] = {
         absolute_strengths=(2.0, 8.0),
         components=("attn+mlp", "attn", "mlp", "block"),
         aggregations=("attentive", "mean"),
+        top_ks=(1, ALL_ENTRIES),
+        taus=(DEFAULT_TAU, 0.03, 0.3),
         icl_k=(0, 3),
         contrasts=("context", "response"),
         variants=True,
@@ -160,6 +174,14 @@ def _floats(text: str | None, name: str) -> tuple[float, ...] | None:
 def _ints(text: str | None, name: str) -> tuple[int, ...] | None:
     values = _floats(text, name)
     return None if values is None else tuple(int(v) for v in values)
+
+
+def _top_ks(text: str) -> tuple[int, ...]:
+    """``--top-ks``: positive integers, or ``all`` for the whole dictionary."""
+    values = _items(text)
+    if not all(v == "all" or (v.isdigit() and int(v) >= 1) for v in values):
+        raise InvalidInputError(f"--top-ks takes positive integers or 'all', got {text!r}")
+    return tuple(ALL_ENTRIES if v == "all" else int(v) for v in values)
 
 
 def _choices(text: str | None, name: str, allowed: tuple[str, ...]) -> tuple[str, ...] | None:
@@ -387,13 +409,15 @@ def benchmark_task(
     ctx = runner.ctx
     judge = build_judge(task, args["seed"])
     top_k = 3 if task.name == "abstracts" else 5
+    top_ks = (top_k, *(k for k in preset.top_ks if k != top_k))
     space = SearchSpace(
         layers=layers,
         strengths=preset.strengths,
         absolute_strengths=preset.absolute_strengths,
         components=preset.components,
-        top_k=(top_k,),
+        top_k=top_ks,
         aggregations=preset.aggregations,
+        taus=preset.taus,
         icl_k=preset.icl_k,
         contrasts=preset.contrasts,
         rounds=args["search_rounds"],
@@ -477,6 +501,15 @@ def bench(
     contrasts: Annotated[
         str | None, typer.Option(help="contrasts to search: context,response")
     ] = None,
+    top_ks: Annotated[
+        str | None,
+        typer.Option(
+            help="retrieved entries K to search beside the task's default, 'all': every one"
+        ),
+    ] = None,
+    taus: Annotated[
+        str | None, typer.Option(help="attentive temperatures to search, the first one first")
+    ] = None,
     search_rounds: Annotated[
         int, typer.Option(help="passes of the validation search (2+: revisit early choices)")
     ] = 1,
@@ -518,11 +551,16 @@ def _bench(**kw: Any) -> None:
         raise InvalidInputError(f"--search-rounds must be at least 1, got {kw['search_rounds']}")
     preset = PRESETS[kw["preset"]]
     strengths = _floats(kw["strengths"], "strengths")
+    taus = _floats(kw["taus"], "taus")
+    if taus is not None and not all(t > 0 for t in taus):
+        raise InvalidInputError(f"--taus must be positive numbers, got {kw['taus']!r}")
     fractions = _floats(kw["sparsity_fractions"], "sparsity-fractions")
     sizes = _ints(kw["persona_sizes"], "persona-sizes")
     preset = replace(
         preset,
         strengths=strengths or preset.strengths,
+        top_ks=_top_ks(kw["top_ks"]) if kw["top_ks"] is not None else preset.top_ks,
+        taus=taus or preset.taus,
         components=_choices(kw["components"], "components", COMPONENTS) or preset.components,
         contrasts=_choices(kw["contrasts"], "contrasts", CONTRASTS) or preset.contrasts,
         sparsity=fractions if fractions is not None else preset.sparsity,

@@ -37,6 +37,12 @@ from fints.user_vectors import UserVectorMethod, user_vector
 Source = Literal["own", "wrong", "random"]
 Kind = Literal["none", "icl", "vector", "fints"]
 
+#: ``MethodSpec.top_k`` that retrieves the whole dictionary: with mean aggregation, the
+#: mean of all the user's differences (the "user vector (mean)" reached by retrieval).
+ALL_ENTRIES = 0
+#: The attentive softmax temperature unless a spec names another (left out of descriptions).
+DEFAULT_TAU = 0.1
+
 #: What centering subtracts (part of a centered method's cache key): the mean over the
 #: users other than the query's user and its wrong-user control's user.
 CENTERING = "mean of users but the query's and its wrong user's"
@@ -49,7 +55,8 @@ class MethodSpec:
     * ``icl_k`` items of the user's own history (``icl_source="own"``) or of
       another user's (``"wrong"``) are put into the prompt.
     * ``kind="fints"``: per query, top-``top_k`` entries of the dictionary are
-      retrieved and aggregated (``aggregation``, ``tau``); ``kind="vector"``: one
+      retrieved (``ALL_ENTRIES``: all of them) and aggregated (``aggregation``, with
+      the softmax temperature ``tau`` when attentive); ``kind="vector"``: one
       user-level vector (``user_vector`` = mean / pca / logistic).
     * ``vector_source``: the user's own vectors, another user's (``"wrong"``),
       or a random direction of the same norm per site (``"random"``).
@@ -70,7 +77,7 @@ class MethodSpec:
     relative: bool = True
     top_k: int = 5
     aggregation: Aggregation = "attentive"
-    tau: float = 0.1
+    tau: float = DEFAULT_TAU
     contrast: Contrast = "context"
     vector_source: Source = "own"
     user_vector: UserVectorMethod = "mean"
@@ -86,6 +93,10 @@ class MethodSpec:
             raise InvalidInputError("icl_source must be 'own' or 'wrong'")
         if self.centered and self.kind not in ("vector", "fints"):
             raise InvalidInputError(f"method {self.label!r} is centered but does not steer")
+        if self.top_k < 0:
+            raise InvalidInputError(f"top_k must be >= 1 (or {ALL_ENTRIES}: all), got {self.top_k}")
+        if not self.tau > 0:
+            raise InvalidInputError(f"tau must be > 0, got {self.tau}")
 
     def key(self) -> str:
         """A short hash of every field except the label and role."""
@@ -107,6 +118,11 @@ class MethodSpec:
     def with_(self, **changes: object) -> MethodSpec:
         return replace(self, **changes)  # type: ignore[arg-type]
 
+    @property
+    def weighs_by_score(self) -> bool:
+        """Whether ``tau`` changes anything: attentive aggregation of more than one entry."""
+        return self.kind == "fints" and self.aggregation == "attentive" and self.top_k != 1
+
     def describe(self) -> str:
         parts = []
         if self.icl_k:
@@ -114,9 +130,11 @@ class MethodSpec:
                 f"icl k={self.icl_k}" + (" (wrong user)" if self.icl_source == "wrong" else "")
             )
         if self.kind == "fints":
+            k = "all" if self.top_k == ALL_ENTRIES else self.top_k
+            tau = f" tau={self.tau:g}" if self.weighs_by_score and self.tau != DEFAULT_TAU else ""
             parts.append(
                 f"fints {self.sites} s={self.strength:g}{'rel' if self.relative else 'abs'} "
-                f"K={self.top_k} {self.aggregation} {self.contrast}"
+                f"K={k} {self.aggregation}{tau} {self.contrast}"
             )
         elif self.kind == "vector":
             parts.append(
@@ -405,10 +423,11 @@ class SteeredPrompt:
             return {}
         banks = [ctx.bank(self._vector_user(q, ctx), spec.contrast) for q in queries]
         if spec.kind == "fints":
+            dictionaries = [b.dictionary(sites) for b in banks]
             found = retrieve_and_aggregate(
                 ctx.query_keys(queries),
-                [b.dictionary(sites) for b in banks],
-                top_k=spec.top_k,
+                dictionaries,
+                top_k=spec.top_k or max(len(d) for d in dictionaries),
                 aggregation=spec.aggregation,
                 tau=spec.tau,
             )

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
-from fints.benchmark.methods import BenchContext, Method, MethodSpec, make_method
+from fints.benchmark.methods import DEFAULT_TAU, BenchContext, Method, MethodSpec, make_method
 from fints.benchmark.metrics import (
     Difference,
     RougeScores,
@@ -196,8 +196,9 @@ class SearchSpace:
     strengths: tuple[float, ...] = (0.05, 0.15, 0.4)  # relative to the site's norm
     absolute_strengths: tuple[float, ...] = (2.0, 8.0)
     components: tuple[str, ...] = ("attn+mlp", "attn", "mlp", "block")
-    top_k: tuple[int, ...] = (5,)
+    top_k: tuple[int, ...] = (5,)  # ALL_ENTRIES: the whole dictionary
     aggregations: tuple[str, ...] = ("attentive", "mean")
+    taus: tuple[float, ...] = (DEFAULT_TAU,)  # tried only where they matter (attentive, K > 1)
     icl_k: tuple[int, ...] = (0, 3)
     contrasts: tuple[str, ...] = ("context",)
     rounds: int = 1  # passes over the stages; a later pass can revisit an early choice
@@ -218,6 +219,7 @@ def default_fints(space: SearchSpace, default_top_k: int = 5) -> MethodSpec:
         sites=f"{space.layers[len(space.layers) // 2]}.attn+mlp",
         strength=space.strengths[len(space.strengths) // 2],
         top_k=space.top_k[0] if space.top_k else default_top_k,
+        tau=space.taus[0] if space.taus else DEFAULT_TAU,
     )
 
 
@@ -263,6 +265,7 @@ def select_fints(
         ("sites", lambda b: [b.with_(sites=f"{layer(b)}.{c}") for c in space.components]),
         ("top_k", lambda b: [b.with_(top_k=k) for k in space.top_k]),
         ("aggregation", lambda b: [b.with_(aggregation=a) for a in space.aggregations]),
+        ("tau", lambda b: [b.with_(tau=t) for t in space.taus] if b.weighs_by_score else []),
         ("icl", lambda b: [b.with_(icl_k=k) for k in space.icl_k]),
         ("contrast", lambda b: [b.with_(contrast=c) for c in space.contrasts]),
     ]
