@@ -75,7 +75,7 @@ class Preset:
     components: tuple[str, ...]
     aggregations: tuple[str, ...]
     top_ks: tuple[int, ...]  # searched after the task's default K (ALL_ENTRIES: all)
-    taus: tuple[float, ...]  # the attentive temperatures searched, the first one first
+    taus: tuple[float, ...]  # attentive temperatures searched; the search starts at the first
     icl_k: tuple[int, ...]
     contrasts: tuple[str, ...]
     variants: bool  # site / aggregation / icl / contrast variants on test
@@ -508,7 +508,8 @@ def bench(
         ),
     ] = None,
     taus: Annotated[
-        str | None, typer.Option(help="attentive temperatures to search, the first one first")
+        str | None,
+        typer.Option(help="attentive temperatures to search (the search starts at the first)"),
     ] = None,
     search_rounds: Annotated[
         int, typer.Option(help="passes of the validation search (2+: revisit early choices)")
