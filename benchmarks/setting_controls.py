@@ -23,7 +23,7 @@ from typing import Annotated
 import typer
 
 from fints.benchmark.commands import PRESETS, load_task, task_runner
-from fints.benchmark.methods import MethodSpec, benchmark_sites
+from fints.benchmark.methods import DEFAULT_TAU, MethodSpec, benchmark_sites
 from fints.benchmark.runner import Row, build_judge, compare, evaluate
 from fints.benchmark.tasks import DEFAULT_DATA_DIR
 from fints.generation import GenerationOptions
@@ -83,7 +83,8 @@ def main(
     icl_k: Annotated[int, typer.Option(help="in-context items underneath")] = 0,
     contrast: Annotated[str, typer.Option(help="context or response")] = "context",
     aggregation: Annotated[str, typer.Option(help="attentive or mean")] = "attentive",
-    top_k: Annotated[int, typer.Option(help="dictionary entries retrieved")] = 5,
+    top_k: Annotated[int, typer.Option(help="dictionary entries retrieved (0: all)")] = 5,
+    tau: Annotated[float, typer.Option(help="attentive softmax temperature")] = DEFAULT_TAU,
     model: Annotated[str | None, typer.Option(help="model id, folder or GGUF")] = None,
     dtype: Annotated[str, typer.Option(help="the bench run's --dtype")] = "auto",
     n_test: Annotated[int | None, typer.Option(help="the bench run's --n-test")] = None,
@@ -124,6 +125,7 @@ def main(
         relative=not absolute,
         top_k=top_k,
         aggregation=aggregation,  # type: ignore[arg-type]
+        tau=tau,
         contrast=contrast,  # type: ignore[arg-type]
         role="fints",
     )
