@@ -427,7 +427,9 @@ class SteeredPrompt:
             found = retrieve_and_aggregate(
                 ctx.query_keys(queries),
                 dictionaries,
-                top_k=spec.top_k or max(len(d) for d in dictionaries),
+                top_k=(
+                    max(len(d) for d in dictionaries) if spec.top_k == ALL_ENTRIES else spec.top_k
+                ),
                 aggregation=spec.aggregation,
                 tau=spec.tau,
             )
