@@ -9,6 +9,7 @@ from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
@@ -40,6 +41,7 @@ from fints.benchmark.runner import (
     evaluate,
     methods_for_test,
     select_fints,
+    standard_errors,
 )
 from fints.benchmark.tasks import SplitConfig, Task, load_headlines
 from fints.errors import InvalidInputError
@@ -122,6 +124,16 @@ def test_runner_end_to_end_and_resumes_from_cache(tiny: LoadedModel, tmp_path: P
     assert objective[again.best.describe()] >= objective[selection.best.describe()]
     later = [stage for stage, *_ in again.log[len(selection.log) :]]
     assert later and all(stage.endswith(("(2)", "(3)")) for stage in later)
+    assert selection.kept == [] and again.kept == []  # no margin: every winner moves
+
+    # The tiny model ties every candidate, so without a margin each stage moved to its
+    # first candidate; with one, no tie (and no gain a few queries can show) moves it.
+    assert selection.best != default_fints(space)
+    strict = select_fints(runner, replace(space, margin=1e6), judge)
+    assert strict.best == default_fints(space)
+    assert all(" standard errors <= 1e+06)" in note for note in strict.kept)
+    with pytest.raises(InvalidInputError, match="margin must be >= 0"):
+        replace(space, margin=-1.0)
 
     specs = methods_for_test(selection.best, selection.best_absolute, ("context",))
     roles = {s.role for s in specs}
@@ -151,13 +163,15 @@ def test_runner_end_to_end_and_resumes_from_cache(tiny: LoadedModel, tmp_path: P
         name=task.name, judge_name="attribution", source=task.source, sha256=task.sha256,
         users=len(task.users), test_queries=len(task.queries()), validation_queries=3,
         max_new_tokens=4, rows=rows, chosen=selection.best.describe(),
-        selection_log=selection.log, diagnostics=diagnostics(ctx, selection.best),
+        selection_log=selection.log, selection_kept=["layer: kept A over B (+0.01, 0.5 ...)"],
+        diagnostics=diagnostics(ctx, selection.best),
         latency=latency,
     )  # fmt: skip
     assert report.verdict().startswith(("PASS", "FAIL"))
     md = write_report(tmp_path / "out", [report], {"command": "test", "seed": 0})
     text = md.read_text()
     assert "control: random direction" in text and "Verdict" in text and "Latency on one" in text
+    assert "did not clear the search margin:\n\n- layer: kept A over B" in text
     assert (tmp_path / "out" / "headlines_methods.png").is_file()
     summary = json.loads((tmp_path / "out" / "results.json").read_text())["tasks"][0]
     assert set(summary["rows"]) == {s.label for s in specs}
@@ -222,7 +236,8 @@ def test_a_probe_without_steering_runs_no_search_and_no_sparsity_sweep(
 ) -> None:
     task = fixture_task(max_history=3, max_new_tokens=4)
     preset = replace(PRESETS["small"], sparsity=(0.5,), clusters=0)
-    args = {"cache": tmp_path, "seed": 0, "batch_size": 8, "timing_repeats": 0, "search_rounds": 1}
+    args = {"cache": tmp_path, "seed": 0, "batch_size": 8, "timing_repeats": 0}
+    args |= {"search_rounds": 1, "search_margin": 0.0}
     report = benchmark_task(
         task, tiny, HashEncoder(), preset, (1,), {**args, "rows": ["none", "icl k=1"]}
     )
@@ -385,6 +400,13 @@ def test_search_choices_from_the_command_line() -> None:
         _choices("attn,ffn", "components", COMPONENTS)
     with pytest.raises(InvalidInputError, match="--contrasts"):
         _choices("", "contrasts", CONTRASTS)
+
+
+def test_standard_errors_of_a_paired_gain() -> None:
+    assert standard_errors(np.array([0.1, 0.3])) == pytest.approx(2.0)  # mean 0.2, se 0.1
+    assert standard_errors(np.array([-0.1, -0.3])) == pytest.approx(-2.0)
+    assert standard_errors(np.zeros(5)) == 0.0  # identical outputs: no gain at all
+    assert standard_errors(np.full(3, 0.05)) == np.inf  # the same gain on every query
 
 
 def test_retrieval_sizes_from_the_command_line() -> None:

@@ -421,6 +421,7 @@ def benchmark_task(
         icl_k=preset.icl_k,
         contrasts=preset.contrasts,
         rounds=args["search_rounds"],
+        margin=args["search_margin"],
     )
     selection = Selection(default_fints(space), None, [])
     if steers(rows_for_test(selection, preset, args["rows"])):
@@ -443,6 +444,7 @@ def benchmark_task(
         rows=rows,
         chosen=selection.best.describe() if steers(specs) else "",  # no search without it
         selection_log=selection.log,
+        selection_kept=selection.kept,
     )
     if args["timing_repeats"]:
         timed = [s for s in specs if s.label in ("none", "icl k=3", report.best_label)]
@@ -514,6 +516,13 @@ def bench(
     search_rounds: Annotated[
         int, typer.Option(help="passes of the validation search (2+: revisit early choices)")
     ] = 1,
+    search_margin: Annotated[
+        float,
+        typer.Option(
+            help="standard errors of the paired validation gain a stage's winner needs to "
+            "replace the current setting (0: any gain)"
+        ),
+    ] = 0.0,
     sparsity_fractions: Annotated[str | None, typer.Option(help="e.g. 0.05,0.1,0.25")] = None,
     persona_sizes: Annotated[
         str | None, typer.Option(help="persona history sizes to sweep, e.g. 5,10,25")
@@ -550,6 +559,8 @@ def _bench(**kw: Any) -> None:
         raise InvalidInputError(f"unknown task(s) {unknown}: expected some of {TASKS}")
     if kw["search_rounds"] < 1:
         raise InvalidInputError(f"--search-rounds must be at least 1, got {kw['search_rounds']}")
+    if not kw["search_margin"] >= 0:
+        raise InvalidInputError(f"--search-margin must be >= 0, got {kw['search_margin']}")
     preset = PRESETS[kw["preset"]]
     strengths = _floats(kw["strengths"], "strengths")
     taus = _floats(kw["taus"], "taus")
@@ -586,6 +597,7 @@ def _bench(**kw: Any) -> None:
         "batch_size": kw["batch_size"],
         "timing_repeats": kw["timing_repeats"],
         "search_rounds": kw["search_rounds"],
+        "search_margin": kw["search_margin"],
         "rows": None if kw["rows"] is None else [r.strip() for r in kw["rows"].split(",")],
     }
     overrides = {k: kw[k] for k in ("max_users", "n_test", "n_val", "max_history",

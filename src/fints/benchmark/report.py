@@ -65,6 +65,7 @@ class TaskReport:
     best_label: str = "fints (best on val)"
     chosen: str = ""
     selection_log: list[tuple[str, str, float, dict[str, float]]] = field(default_factory=list)
+    selection_kept: list[str] = field(default_factory=list)  # winners the margin turned down
     sparsity: list[dict[str, Any]] = field(default_factory=list)
     clusters: list[dict[str, Any]] = field(default_factory=list)
     latency: list[MethodLatency] = field(default_factory=list)
@@ -191,6 +192,9 @@ def task_markdown(report: TaskReport) -> str:
                 f"| {stage} | {desc} | {obj:.4f} | {means['rouge1']:.4f} | "
                 f"{means['rougeL']:.4f} | {means['judge']:.3f} |"
             )
+        if report.selection_kept:
+            lines += ["", "Stage winners that did not clear the search margin:", ""]
+            lines += [f"- {note}" for note in report.selection_kept]
     if report.sparsity:
         lines += ["", "Data sparsity (share of each user's history kept):", ""]
         lines += ["| history | method | ROUGE-1 | ROUGE-L | judge | ΔR-L vs none [95% CI] |"]
@@ -348,6 +352,7 @@ def write_report(
                 },
                 "per_query": {row.label: _per_query(row) for row in r.rows},
                 "selection_log": r.selection_log,
+                "selection_kept": r.selection_kept,
                 "sparsity": r.sparsity,
                 "clusters": r.clusters,
                 "latency": [asdict(t) for t in r.latency],

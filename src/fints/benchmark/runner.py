@@ -179,6 +179,25 @@ def objective(row: Row, persona: bool) -> float:
     return value + s["judge"] if persona else value
 
 
+def per_query_objective(row: Row, persona: bool) -> np.ndarray:
+    """Each query's share of the objective, for paired comparisons of two settings."""
+    value = (row.scores.rouge1 + row.scores.rougeL) / 2
+    return value + row.judge_hits if persona else value
+
+
+def standard_errors(gain: np.ndarray, tolerance: float = 1e-12) -> float:
+    """The mean of a paired per-query gain in standard errors of that mean.
+
+    Where every query gains the same (up to ``tolerance``) the answer is 0 for no
+    gain and +-inf for a certain one.
+    """
+    mean = float(gain.mean())
+    se = float(gain.std(ddof=1) / np.sqrt(len(gain))) if len(gain) > 1 else 0.0
+    if se > tolerance:
+        return mean / se
+    return 0.0 if abs(mean) <= tolerance else float(np.copysign(np.inf, mean))
+
+
 def compare(a: Row, b: Row, metric: str, seed: int = 0) -> Difference:
     if metric == "judge":
         return paired_bootstrap(a.judge_hits, b.judge_hits, seed=seed)
@@ -202,6 +221,15 @@ class SearchSpace:
     icl_k: tuple[int, ...] = (0, 3)
     contrasts: tuple[str, ...] = ("context",)
     rounds: int = 1  # passes over the stages; a later pass can revisit an early choice
+    # How many standard errors of the paired per-query validation gain a stage's winner
+    # needs to replace the current setting (0: any gain, ties to the earlier candidate).
+    margin: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.rounds < 1:
+            raise InvalidInputError(f"the search needs at least 1 round, got {self.rounds}")
+        if not self.margin >= 0:
+            raise InvalidInputError(f"the search margin must be >= 0, got {self.margin}")
 
 
 @dataclass
@@ -209,6 +237,7 @@ class Selection:
     best: MethodSpec
     best_absolute: MethodSpec | None
     log: list[tuple[str, str, float, dict[str, float]]]  # (stage, description, objective, means)
+    kept: list[str] = field(default_factory=list)  # where the margin kept the current setting
 
 
 def default_fints(space: SearchSpace, default_top_k: int = 5) -> MethodSpec:
@@ -236,6 +265,9 @@ def select_fints(
     too, so a stage never makes the objective worse). The first pass fixes the
     site before ICL and the contrast are chosen; with ``space.rounds > 1`` the
     stages run again, under the later choices, until a pass changes nothing.
+    With ``space.margin > 0`` a stage's winner replaces the current setting only
+    if its paired per-query gain on validation is more than ``margin`` standard
+    errors above zero, so later passes stop chasing noise.
     """
     task = runner.ctx.task
     queries = task.queries("validation")
@@ -243,7 +275,9 @@ def select_fints(
         raise InvalidInputError("the task has no validation queries (n_val = 0)")
     persona = "classifier_data" in task.extra
     log: list[tuple[str, str, float, dict[str, float]]] = []
+    kept: list[str] = []
     seen: dict[str, float] = {}
+    per_query: dict[str, np.ndarray] = {}
 
     def value(stage: str, spec: MethodSpec) -> float:
         if spec.key() in seen:
@@ -251,11 +285,30 @@ def select_fints(
         method = make_method(spec)
         row = score(method, runner.run(method, queries), queries, task, judge)
         seen[spec.key()] = objective(row, persona)
+        per_query[spec.key()] = per_query_objective(row, persona)
         log.append((stage, spec.describe(), seen[spec.key()], row.summary()))
         return seen[spec.key()]
 
-    def pick(stage: str, candidates: list[MethodSpec]) -> MethodSpec:
-        return max(deduplicated(candidates), key=lambda s: value(stage, s))
+    def replaces(stage: str, winner: MethodSpec, current: MethodSpec) -> bool:
+        """Whether ``winner`` (already evaluated) takes over from ``current``."""
+        if winner.key() == current.key():
+            return False
+        if space.margin == 0:
+            return True
+        gain = per_query[winner.key()] - per_query[current.key()]
+        errors = standard_errors(gain)
+        if errors > space.margin:
+            return True
+        if gain.mean() > 0:
+            kept.append(
+                f"{stage}: kept {current.describe()} over {winner.describe()} "
+                f"({gain.mean():+.4f}, {errors:.1f} standard errors <= {space.margin:g})"
+            )
+        return False
+
+    def pick(stage: str, current: MethodSpec, candidates: list[MethodSpec]) -> MethodSpec:
+        winner = max(deduplicated([*candidates, current]), key=lambda s: value(stage, s))
+        return winner if replaces(stage, winner, current) else current
 
     layer = lambda s: parse_sites(s.sites)[0].layer  # noqa: E731
     component = lambda s: s.sites.split(".", 1)[1]  # noqa: E731
@@ -275,17 +328,16 @@ def select_fints(
         start = best
         tag = "" if round_ == 1 else f" ({round_})"
         for stage, candidates in stages:
-            best = pick(stage + tag, [*candidates(best), best])
+            best = pick(stage + tag, best, candidates(best))
         if space.absolute_strengths:
-            absolute = pick(
-                "absolute strength" + tag,
-                [best.with_(relative=False, strength=x) for x in space.absolute_strengths],
-            )
-            if seen[absolute.key()] > seen[best.key()]:
+            stage = "absolute strength" + tag
+            tried = [best.with_(relative=False, strength=x) for x in space.absolute_strengths]
+            absolute = max(deduplicated(tried), key=lambda s: value(stage, s))
+            if seen[absolute.key()] > seen[best.key()] and replaces(stage, absolute, best):
                 best = absolute
         if best.key() == start.key():
             break
-    return Selection(best, absolute, log)
+    return Selection(best, absolute, log, kept)
 
 
 def methods_for_test(
