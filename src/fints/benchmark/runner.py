@@ -172,15 +172,11 @@ def score(
     )
 
 
-def objective(row: Row, persona: bool) -> float:
-    """What validation selection maximizes: mean of ROUGE-1 and ROUGE-L (+ mood rate)."""
-    s = row.summary()
-    value = (s["rouge1"] + s["rougeL"]) / 2
-    return value + s["judge"] if persona else value
-
-
 def per_query_objective(row: Row, persona: bool) -> np.ndarray:
-    """Each query's share of the objective, for paired comparisons of two settings."""
+    """What validation selection maximizes, per query (the search compares the means).
+
+    The mean of ROUGE-1 and ROUGE-L, plus the judge's hit for persona (the mood rate).
+    """
     value = (row.scores.rouge1 + row.scores.rougeL) / 2
     return value + row.judge_hits if persona else value
 
@@ -276,18 +272,16 @@ def select_fints(
     persona = "classifier_data" in task.extra
     log: list[tuple[str, str, float, dict[str, float]]] = []
     kept: list[str] = []
-    seen: dict[str, float] = {}
-    per_query: dict[str, np.ndarray] = {}
+    per_query: dict[str, np.ndarray] = {}  # each evaluated setting's per-query objective
 
     def value(stage: str, spec: MethodSpec) -> float:
-        if spec.key() in seen:
-            return seen[spec.key()]
-        method = make_method(spec)
-        row = score(method, runner.run(method, queries), queries, task, judge)
-        seen[spec.key()] = objective(row, persona)
-        per_query[spec.key()] = per_query_objective(row, persona)
-        log.append((stage, spec.describe(), seen[spec.key()], row.summary()))
-        return seen[spec.key()]
+        if spec.key() not in per_query:
+            method = make_method(spec)
+            row = score(method, runner.run(method, queries), queries, task, judge)
+            per_query[spec.key()] = per_query_objective(row, persona)
+            mean = float(per_query[spec.key()].mean())
+            log.append((stage, spec.describe(), mean, row.summary()))
+        return float(per_query[spec.key()].mean())
 
     def replaces(stage: str, winner: MethodSpec, current: MethodSpec) -> bool:
         """Whether ``winner`` (already evaluated) takes over from ``current``."""
@@ -333,7 +327,7 @@ def select_fints(
             stage = "absolute strength" + tag
             tried = [best.with_(relative=False, strength=x) for x in space.absolute_strengths]
             absolute = max(deduplicated(tried), key=lambda s: value(stage, s))
-            if seen[absolute.key()] > seen[best.key()] and replaces(stage, absolute, best):
+            if value(stage, absolute) > value(stage, best) and replaces(stage, absolute, best):
                 best = absolute
         if best.key() == start.key():
             break
