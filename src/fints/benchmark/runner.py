@@ -275,13 +275,13 @@ def select_fints(
     per_query: dict[str, np.ndarray] = {}  # each evaluated setting's per-query objective
 
     def value(stage: str, spec: MethodSpec) -> float:
-        if spec.key() not in per_query:
+        key = spec.key()
+        if key not in per_query:
             method = make_method(spec)
             row = score(method, runner.run(method, queries), queries, task, judge)
-            per_query[spec.key()] = per_query_objective(row, persona)
-            mean = float(per_query[spec.key()].mean())
-            log.append((stage, spec.describe(), mean, row.summary()))
-        return float(per_query[spec.key()].mean())
+            per_query[key] = per_query_objective(row, persona)
+            log.append((stage, spec.describe(), float(per_query[key].mean()), row.summary()))
+        return float(per_query[key].mean())
 
     def replaces(stage: str, winner: MethodSpec, current: MethodSpec) -> bool:
         """Whether ``winner`` (already evaluated) takes over from ``current``."""
