@@ -354,6 +354,11 @@ def test_retrieving_every_entry_with_mean_aggregation_is_the_mean_user_vector(
     assert "tau" not in base.with_(tau=0.3, top_k=1).describe()  # one entry: tau is moot
     assert base.weighs_by_score and not every.weighs_by_score
     assert base.key() == base.with_(tau=0.1).key() != base.with_(tau=0.3).key()
+    assert every.with_(tau=0.3).key() == every.key()  # where tau is moot it is not in the key
+    assert base.with_(top_k=1, tau=0.3).key() == base.with_(top_k=1).key()
+    # ... while the recorded runs' caches stay valid (qwen1.5b-abstracts-fints' chosen row)
+    recorded = MethodSpec("f", kind="fints", sites="14.attn+mlp", strength=0.1, top_k=3)
+    assert recorded.key() == "069a68418b188bb3"
     with pytest.raises(InvalidInputError, match="top_k"):
         base.with_(top_k=-1)
     with pytest.raises(InvalidInputError, match="tau"):

@@ -107,6 +107,8 @@ class MethodSpec:
             fields["centered"] = CENTERING  # a new definition must not reuse old generations
         else:
             fields.pop("centered")  # keeps the keys (and caches) of runs made before it existed
+        if not self.weighs_by_score:
+            fields["tau"] = DEFAULT_TAU  # a moot tau must not make the same setting generate twice
         if self.kind not in ("vector", "fints"):
             for name in ("sites", "strength", "relative", "top_k", "aggregation", "tau"):
                 fields.pop(name)
