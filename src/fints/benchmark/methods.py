@@ -99,7 +99,7 @@ class MethodSpec:
             raise InvalidInputError(f"tau must be > 0, got {self.tau}")
 
     def key(self) -> str:
-        """A short hash of every field except the label and role, and of none that is moot."""
+        """A short hash of the fields that can change the output (not the label or role)."""
         fields = asdict(self)
         fields.pop("label")
         fields.pop("role")
