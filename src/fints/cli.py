@@ -338,6 +338,29 @@ def perf(
     )
 
 
+@app.command("bench-summary")
+@friendly_errors
+def bench_summary(
+    runs: Annotated[
+        list[Path] | None,
+        typer.Argument(help="run folders, or folders of them (default: benchmarks/results)"),
+    ] = None,
+    out: Annotated[Path | None, typer.Option(help="also write the table to this file")] = None,
+) -> None:
+    """One Markdown table across recorded benchmark runs: Fints against every comparison."""
+    from fints.benchmark.summary import run_folders, summarize_run, summary_markdown
+
+    summaries, skipped = [], []
+    for folder in run_folders(runs or [Path("benchmarks/results")]):
+        done, left_out = summarize_run(folder)
+        summaries += done
+        skipped += left_out
+    table = summary_markdown(summaries, skipped)
+    if out is not None:
+        out.write_text(table + "\n")
+    print(table)
+
+
 def _register_subsystems() -> None:
     """The server (issue #5) and the real-data benchmark (issue #4) live in their own packages."""
     from fints.benchmark.commands import bench

@@ -1,0 +1,126 @@
+"""The cross-run summary: intervals recomputed from per-query scores, counts, errors."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from fints.benchmark.summary import BEST, run_folders, summarize_run, summary_markdown
+from fints.cli import app
+from fints.errors import InvalidInputError
+
+RECORDED = Path(__file__).parents[1] / "benchmarks" / "results" / "qwen1.5b-abstracts-fints"
+
+
+def _row(role: str, rouge: np.ndarray, judge: np.ndarray) -> tuple[dict, dict]:
+    means = {"rouge1": float(rouge.mean()), "rougeL": float(rouge.mean()), "judge": judge.mean()}
+    scores = {"rouge1": rouge.tolist(), "rougeL": rouge.tolist(), "judge": judge.tolist()}
+    return {**means, "role": role, "method": role}, scores
+
+
+def write_run(folder: Path, task: str, *, with_scores: bool = True) -> Path:
+    """A run where Fints clearly beats none on ROUGE, ties the random direction on
+    ROUGE and beats it on the judge, and loses to ICL."""
+    rng = np.random.default_rng(0)
+    base = rng.uniform(0.1, 0.3, 60)
+    hits = (rng.uniform(size=60) < 0.5).astype(float)
+    rows = {
+        BEST: _row("fints", base + 0.05, hits),
+        "none": _row("baseline", base, np.zeros(60)),
+        "icl k=3": _row("baseline", base + 0.08, hits),
+        "control: random direction": _row("control", base + 0.05, np.zeros(60)),
+        "fints attn": _row("variant", base, hits),  # variants are not comparisons
+    }
+    task_entry: dict = {
+        "name": task,
+        "chosen": "fints 10.block s=2abs",
+        "rows": {label: summary for label, (summary, _) in rows.items()},
+    }
+    if with_scores:
+        task_entry["per_query"] = {label: scores for label, (_, scores) in rows.items()}
+    folder.mkdir(parents=True)
+    header = {"model": "smollm2 (fingerprint f5cb850930de, dtype torch.float32)"}
+    (folder / "results.json").write_text(json.dumps({"header": header, "tasks": [task_entry]}))
+    return folder
+
+
+def test_counts_a_comparison_beaten_only_when_every_target_measure_clears_zero(tmp_path):
+    (headlines,), _ = summarize_run(write_run(tmp_path / "h", "headlines"))
+    assert headlines.model == "smollm2" and headlines.queries == 60
+    assert [c.label for c in headlines.comparisons] == [
+        "none",
+        "icl k=3",
+        "control: random direction",
+    ]
+    assert headlines.versus("none").beaten(headlines.target_metrics)
+    assert headlines.beaten == 1 and not headlines.passed
+    assert headlines.hardest("baseline", "rougeL").label == "icl k=3"
+    assert headlines.hardest("control", "rougeL").diffs["rougeL"].mean == pytest.approx(0.0)
+    # On persona the mood rate counts too: none is beaten on it, the random direction is
+    # beaten on it but tied on ROUGE, ICL is lost on ROUGE.
+    (persona,), _ = summarize_run(write_run(tmp_path / "p", "persona"))
+    assert persona.target_metrics == ("rouge1", "rougeL", "judge")
+    assert persona.judge_name == "mood rate"
+    assert persona.beaten == 1
+
+
+def test_recomputed_intervals_match_the_recorded_report():
+    (summary,), _ = summarize_run(RECORDED)
+    recorded = json.loads((RECORDED / "results.json").read_text())["tasks"][0]["best_minus"]
+    assert {c.label for c in summary.comparisons} == set(recorded)
+    for comparison in summary.comparisons:
+        for metric, difference in comparison.diffs.items():
+            # "+0.0013 [-0.0049, +0.0072]"; the stored per-query scores are rounded to 4 digits
+            mean, low, high = map(
+                float, re.findall(r"[-+]\d\.\d+", recorded[comparison.label][metric])
+            )
+            assert (difference.mean, difference.low, difference.high) == pytest.approx(
+                (mean, low, high), abs=2e-4
+            )
+
+
+def test_markdown_names_the_hardest_rows_and_what_was_left_out(tmp_path):
+    runs = tmp_path / "results"
+    write_run(runs / "a", "headlines")
+    write_run(runs / "b", "persona", with_scores=False)
+    folders = run_folders([runs])
+    assert [f.name for f in folders] == ["a", "b"]
+    summaries, skipped = [], []
+    for folder in folders:
+        done, left = summarize_run(folder)
+        summaries += done
+        skipped += left
+    assert skipped == ["b (persona): recorded before per-query scores were kept"]
+    table = summary_markdown(summaries, skipped)
+    line = next(row for row in table.splitlines() if row.startswith("| a |"))
+    assert "(icl k=3)" in line and "(control: random direction; attribution)" in line
+    assert line.endswith("| 1/3 |")
+    assert "Left out: b (persona)" in table
+
+
+def test_bad_folders_get_a_clear_error(tmp_path):
+    with pytest.raises(InvalidInputError, match=r"no results\.json"):
+        summarize_run(tmp_path)
+    (tmp_path / "results.json").write_text("{not json")
+    with pytest.raises(InvalidInputError, match="not a fints benchmark results file"):
+        summarize_run(tmp_path)
+    with pytest.raises(InvalidInputError, match="no such folder"):
+        run_folders([tmp_path / "missing"])
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(InvalidInputError, match=r"no results\.json in it"):
+        run_folders([tmp_path / "empty"])
+
+
+def test_cli_prints_and_writes_the_table(tmp_path):
+    run = write_run(tmp_path / "run", "headlines")
+    out = tmp_path / "summary.md"
+    result = CliRunner().invoke(app, ["bench-summary", str(run), "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    assert "| run | task |" in result.output and out.read_text().startswith("| run | task |")
+    result = CliRunner().invoke(app, ["bench-summary", str(tmp_path / "nope")])
+    assert result.exit_code == 1 and "no such folder" in result.output
