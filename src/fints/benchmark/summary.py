@@ -45,7 +45,6 @@ class RunSummary:
     model: str
     queries: int
     chosen: str
-    fints: dict[str, float]  # the validated Fints row's mean scores
     comparisons: tuple[Comparison, ...]
 
     @property
@@ -60,10 +59,6 @@ class RunSummary:
     def beaten(self) -> int:
         """How many comparisons Fints beats with every target metric's interval above zero."""
         return sum(c.beaten(self.target_metrics) for c in self.comparisons)
-
-    @property
-    def passed(self) -> bool:
-        return bool(self.comparisons) and self.beaten == len(self.comparisons)
 
     def versus(self, label: str) -> Comparison | None:
         return next((c for c in self.comparisons if c.label == label), None)
@@ -116,11 +111,10 @@ def summarize_run(folder: Path, seed: int = 0) -> tuple[list[RunSummary], list[s
         summaries.append(
             RunSummary(
                 run=folder.name,
-                task=task["name"],
+                task=task.get("name", "?"),
                 model=_model_name(header),
                 queries=len(scores[BEST]["rougeL"]),
                 chosen=task.get("chosen", ""),
-                fints={m: float(v) for m, v in rows[BEST].items() if m in (*ROUGE, "judge")},
                 comparisons=comparisons,
             )
         )
