@@ -3,7 +3,7 @@
 Each run folder's ``results.json`` keeps every row's per-query scores, so the
 paired intervals here are recomputed with the run report's own bootstrap
 (2000 resamples, seed 0) rather than parsed from its text. Runs recorded before
-per-query scores were kept are listed as skipped.
+per-query scores were kept are listed as left out.
 """
 
 from __future__ import annotations
