@@ -31,7 +31,7 @@ from fints.benchmark.methods import (
     benchmark_sites,
     make_method,
 )
-from fints.benchmark.report import PROBES, TaskReport, write_report
+from fints.benchmark.report import MOOD_JUDGE, PROBES, TaskReport, write_report
 from fints.benchmark.runner import (
     Runner,
     SearchSpace,
@@ -168,6 +168,11 @@ def test_runner_end_to_end_and_resumes_from_cache(tiny: LoadedModel, tmp_path: P
         latency=latency,
     )  # fmt: skip
     assert report.verdict().startswith(("PASS", "FAIL"))
+    # The mood rate is a target measure only where it is the judge.
+    assert "(mood rate)" not in report.verdict()
+    mood = replace(report, judge_name=MOOD_JUDGE)
+    lost_on_mood = sum(not d["judge"].above_zero for _, _, d in report.comparisons())
+    assert mood.verdict().count("(mood rate)") == lost_on_mood > 0
     md = write_report(tmp_path / "out", [report], {"command": "test", "seed": 0})
     text = md.read_text()
     assert "control: random direction" in text and "Verdict" in text and "Latency on one" in text

@@ -10,7 +10,13 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from fints.benchmark.summary import BEST, run_folders, summarize_run, summary_markdown
+from fints.benchmark.summary import (
+    BEST,
+    run_folders,
+    summarize_run,
+    summarize_runs,
+    summary_markdown,
+)
 from fints.cli import app
 from fints.errors import InvalidInputError
 
@@ -88,13 +94,8 @@ def test_markdown_names_the_hardest_rows_and_what_was_left_out(tmp_path):
     runs = tmp_path / "results"
     write_run(runs / "a", "headlines")
     write_run(runs / "b", "persona", with_scores=False)
-    folders = run_folders([runs])
-    assert [f.name for f in folders] == ["a", "b"]
-    summaries, skipped = [], []
-    for folder in folders:
-        done, left = summarize_run(folder)
-        summaries += done
-        skipped += left
+    assert [f.name for f in run_folders([runs])] == ["a", "b"]
+    summaries, skipped = summarize_runs([runs])
     assert skipped == ["b (persona): recorded before per-query scores were kept"]
     table = summary_markdown(summaries, skipped)
     line = next(row for row in table.splitlines() if row.startswith("| a |"))

@@ -348,14 +348,9 @@ def bench_summary(
     out: Annotated[Path | None, typer.Option(help="also write the table to this file")] = None,
 ) -> None:
     """One Markdown table across recorded benchmark runs: Fints against every comparison."""
-    from fints.benchmark.summary import run_folders, summarize_run, summary_markdown
+    from fints.benchmark.summary import summarize_runs, summary_markdown
 
-    summaries, skipped = [], []
-    for folder in run_folders(runs or [Path("benchmarks/results")]):
-        done, left_out = summarize_run(folder)
-        summaries += done
-        skipped += left_out
-    table = summary_markdown(summaries, skipped)
+    table = summary_markdown(*summarize_runs(runs or [Path("benchmarks/results")]))
     if out is not None:
         out.write_text(table + "\n")
     print(table)

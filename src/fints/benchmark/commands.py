@@ -29,7 +29,7 @@ from fints.benchmark.methods import (
     benchmark_sites,
 )
 from fints.benchmark.metrics import TextClassifier, paired_bootstrap
-from fints.benchmark.report import TaskReport, task_markdown, write_report
+from fints.benchmark.report import TaskReport, judge_name, task_markdown, write_report
 from fints.benchmark.runner import (
     Row,
     Runner,
@@ -434,7 +434,7 @@ def benchmark_task(
     seconds["test methods"] = time.perf_counter() - t
     report = TaskReport(
         name=task.name,
-        judge_name="mood rate" if task.name == "persona" else "attribution",
+        judge_name=judge_name(task.name),
         source=task.source,
         sha256=task.sha256,
         users=len(task.users),

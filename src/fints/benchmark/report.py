@@ -15,6 +15,20 @@ from fints.benchmark.metrics import Difference
 from fints.benchmark.runner import Row, compare
 
 METRICS = ("rouge1", "rougeL", "judge")
+ROUGE = ("rouge1", "rougeL")
+MOOD_JUDGE = "mood rate"
+
+
+def judge_name(task: str) -> str:
+    """Persona outputs are judged by their mood; every other task's by author attribution."""
+    return MOOD_JUDGE if task == "persona" else "attribution"
+
+
+def target_metrics(judge: str) -> tuple[str, ...]:
+    """What Fints must beat every comparison on (issue #4): ROUGE-1 and ROUGE-L, and the
+    mood rate where that is the judge."""
+    return (*ROUGE, "judge") if judge == MOOD_JUDGE else ROUGE
+
 
 Pair = tuple[str, str, dict[str, Difference]]  # (row, minus row, difference per metric)
 
@@ -112,13 +126,12 @@ class TaskReport:
         if not comps:
             return "no Fints row"
         lost = [
-            f"{label} ({m})"
-            for label, _, diffs in comps
-            for m in ("rouge1", "rougeL")
-            if not diffs[m].above_zero
+            f"{label} ({m})" for label, _, diffs in comps for m in ROUGE if not diffs[m].above_zero
         ]
-        if self.judge_name == "mood rate":
-            lost += [f"{label} (mood rate)" for label, _, d in comps if not d["judge"].above_zero]
+        if "judge" in target_metrics(self.judge_name):
+            lost += [
+                f"{label} ({self.judge_name})" for label, _, d in comps if not d["judge"].above_zero
+            ]
         if not lost:
             return "PASS: Fints beats none, every baseline and every control with CI above zero"
         return f"FAIL: CI not above zero against {len(lost)} comparison(s): " + ", ".join(lost)
@@ -181,7 +194,7 @@ def task_markdown(report: TaskReport) -> str:
         lines += [
             "",
             "Validation search (objective = mean of ROUGE-1 and ROUGE-L"
-            + (" + mood rate" if report.judge_name == "mood rate" else "")
+            + (" + mood rate" if report.judge_name == MOOD_JUDGE else "")
             + "):",
             "",
             "| stage | setting | objective | ROUGE-1 | ROUGE-L | judge |",

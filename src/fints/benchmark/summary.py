@@ -15,13 +15,10 @@ from pathlib import Path
 from typing import Any
 
 from fints.benchmark.metrics import Difference, paired_bootstrap
+from fints.benchmark.report import METRICS, judge_name, target_metrics
 from fints.errors import InvalidInputError
 
 BEST = "fints (best on val)"
-ROUGE = ("rouge1", "rougeL")
-# The issue's target: ROUGE-1 and ROUGE-L everywhere, and the mood rate on the persona task.
-TARGET_METRICS = {"persona": (*ROUGE, "judge")}
-JUDGE_NAMES = {"persona": "mood rate"}  # every other task is judged by author attribution
 
 
 @dataclass(frozen=True)
@@ -48,12 +45,12 @@ class RunSummary:
     comparisons: tuple[Comparison, ...]
 
     @property
-    def target_metrics(self) -> tuple[str, ...]:
-        return TARGET_METRICS.get(self.task, ROUGE)
+    def judge_name(self) -> str:
+        return judge_name(self.task)
 
     @property
-    def judge_name(self) -> str:
-        return JUDGE_NAMES.get(self.task, "attribution")
+    def target_metrics(self) -> tuple[str, ...]:
+        return target_metrics(self.judge_name)
 
     @property
     def beaten(self) -> int:
@@ -102,7 +99,7 @@ def summarize_run(folder: Path, seed: int = 0) -> tuple[list[RunSummary], list[s
                 row["role"],
                 {
                     m: paired_bootstrap(scores[BEST][m], scores[label][m], seed=seed)
-                    for m in (*ROUGE, "judge")
+                    for m in METRICS
                 },
             )
             for label, row in rows.items()
@@ -118,6 +115,17 @@ def summarize_run(folder: Path, seed: int = 0) -> tuple[list[RunSummary], list[s
                 comparisons=comparisons,
             )
         )
+    return summaries, skipped
+
+
+def summarize_runs(paths: Iterable[Path]) -> tuple[list[RunSummary], list[str]]:
+    """:func:`summarize_run` over every run folder that ``paths`` names (:func:`run_folders`)."""
+    summaries: list[RunSummary] = []
+    skipped: list[str] = []
+    for folder in run_folders(paths):
+        done, left_out = summarize_run(folder)
+        summaries += done
+        skipped += left_out
     return summaries, skipped
 
 
