@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test lint bench perf serve quality-model clean
+.PHONY: install demo test test-fast lint bench perf serve quality-model clean
 
 $(STAMP): pyproject.toml
 	@command -v $(PYTHON) >/dev/null || { echo "need $(PYTHON)"; exit 1; }
@@ -23,12 +23,17 @@ demo: $(STAMP)
 	$(VENV)/bin/fints demo
 
 test: $(STAMP)
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q tests/unit tests/e2e
+
+# unit tests only: tiny random-weight models, no downloads, seconds
+test-fast: $(STAMP)
+	$(PY) -m pytest -q tests/unit
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check src tests benchmarks
 	$(VENV)/bin/ruff format --check src tests benchmarks
 	$(VENV)/bin/mypy
+	$(VENV)/bin/lint-imports
 
 perf: $(STAMP)
 	$(VENV)/bin/fints perf

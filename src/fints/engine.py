@@ -10,7 +10,8 @@ from __future__ import annotations
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from enum import StrEnum
+from typing import Any
 
 import torch
 
@@ -28,7 +29,12 @@ from fints.steering import SteeringConfig, effective_vectors
 from fints.stopping import check_stops
 from fints.store import DEFAULT_TENANT, Store, check_name
 
-UnknownUserPolicy = Literal["unsteered", "error"]
+
+class UnknownUser(StrEnum):
+    """What to do with a request from a user the store does not know."""
+
+    UNSTEERED = "unsteered"  # serve it unsteered and say so in the result's note
+    ERROR = "error"  # raise UnknownUserError (the server answers 404)
 
 
 @dataclass(frozen=True)
@@ -83,7 +89,7 @@ class Personalizer:
         template: str | PromptTemplate = "generic",
         steering: SteeringConfig | None = None,
         extraction: ExtractionConfig | None = None,
-        unknown_user: UnknownUserPolicy = "unsteered",
+        unknown_user: UnknownUser | str = UnknownUser.UNSTEERED,
     ) -> None:
         self.model = model
         self.store = store
@@ -92,7 +98,13 @@ class Personalizer:
         self.steering = steering or SteeringConfig()
         self.extraction = extraction or ExtractionConfig(sites=default_sites(model.num_layers))
         check_layers_in_range(self.extraction.sites, model.num_layers)
-        self.unknown_user = unknown_user
+        try:
+            self.unknown_user = UnknownUser(unknown_user)
+        except ValueError:
+            raise InvalidInputError(
+                f"unknown_user must be one of {[u.value for u in UnknownUser]}, "
+                f"got {unknown_user!r}"
+            ) from None
         self._cache: dict[tuple[str, str], tuple[int, UserDictionary | None]] = {}
         self._cache_lock = threading.Lock()
 
@@ -177,7 +189,7 @@ class Personalizer:
         try:
             dictionary = self.dictionary(request.user, tenant=request.tenant)
         except UnknownUserError:
-            if self.unknown_user == "error":
+            if self.unknown_user is UnknownUser.ERROR:
                 raise
             return None, "unknown user: served unsteered"
         if dictionary is None or not len(dictionary):
@@ -274,7 +286,16 @@ class Personalizer:
         streamer: Any = None,
     ) -> list[GenerationResult]:
         """Personalized generation for a batch of requests from any users and tenants."""
-        prepared = self.prepare(requests)
+        return self.decode(self.prepare(requests), options, streamer=streamer)
+
+    def decode(
+        self,
+        prepared: PreparedBatch,
+        options: GenerationOptions | None = None,
+        *,
+        streamer: Any = None,
+    ) -> list[GenerationResult]:
+        """Decode a prepared batch; fills in and returns its results, row by row."""
         completions = generate_batch(
             self.model,
             prepared.prompts,

@@ -6,7 +6,15 @@ class FintsError(Exception):
 
 
 class InvalidInputError(FintsError, ValueError):
-    """User-supplied data (history lines, requests, vectors) is malformed."""
+    """User-supplied data (history lines, requests, vectors) is malformed.
+
+    ``param`` names the offending field where there is one (e.g. ``"strengths"``),
+    so a server can point at it.
+    """
+
+    def __init__(self, message: str, *, param: str | None = None) -> None:
+        super().__init__(message)
+        self.param = param
 
 
 class UnknownUserError(FintsError, KeyError):

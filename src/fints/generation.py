@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
-from contextlib import nullcontext
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import Any
 
@@ -64,17 +64,14 @@ def generate_batch(
     decoding: dict[str, Any] = {"do_sample": False}
     if options.temperature > 0:
         decoding = {"do_sample": True, "temperature": options.temperature, "top_p": options.top_p}
-        if options.seed is not None:
-            torch.manual_seed(options.seed)
     if options.ignore_eos:
         decoding["min_new_tokens"] = options.max_new_tokens
-    eos = {tok.eos_token_id} | set(_as_list(model.model.generation_config.eos_token_id))
-    eos.discard(None)
+    eos = eos_token_ids(model)
     criteria = StopSequences(tok, input_ids.shape[1], stops) if stops and any(stops) else None
     if criteria is not None:
         decoding["stopping_criteria"] = [criteria]
     context = steer(model.layout, vectors) if vectors else nullcontext()
-    with context:
+    with context, _seeded(options.seed if options.temperature > 0 else None):
         out = model.model.generate(  # type: ignore[operator]
             input_ids=input_ids.to(model.device),
             attention_mask=attention.to(model.device),
@@ -106,7 +103,24 @@ def generate_batch(
     return completions
 
 
-def _as_list(value: Any) -> list[Any]:
-    if value is None:
-        return []
-    return list(value) if isinstance(value, list | tuple) else [value]
+@contextmanager
+def _seeded(seed: int | None) -> Iterator[None]:
+    """Sample under ``seed`` without touching the process's random state (restored after)."""
+    if seed is None:
+        yield
+        return
+    devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        yield
+
+
+def eos_token_ids(model: LoadedModel) -> set[int]:
+    """The token ids that end a row: the tokenizer's and the generation config's."""
+    ids: set[int] = set()
+    for value in (model.tokenizer.eos_token_id, model.model.generation_config.eos_token_id):
+        if isinstance(value, list | tuple):
+            ids.update(int(v) for v in value)
+        elif value is not None:
+            ids.add(int(value))
+    return ids

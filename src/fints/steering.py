@@ -7,16 +7,24 @@ turns aggregated per-row vectors into what :func:`fints.injection.steer` adds.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field, replace
-from typing import Literal
+import math
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field, fields, replace
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 
 from fints.errors import InvalidInputError
-from fints.sites import Component, Site, parse_component
+from fints.sites import Component, Site, parse_component, parse_sites
+
+if TYPE_CHECKING:
+    from fints.layers import DecoderLayout
 
 Aggregation = Literal["mean", "attentive"]
+AGGREGATIONS: tuple[Aggregation, ...] = ("mean", "attentive")
+#: The largest strength accepted: beyond it a vector only overflows.
+MAX_STRENGTH = 1e4
 
 
 @dataclass(frozen=True)
@@ -42,6 +50,16 @@ class SteeringVector:
 
     def __getitem__(self, site: Site) -> torch.Tensor:
         return self.values[self.sites.index(site)]
+
+    @contextmanager
+    def apply(self, layout: DecoderLayout, *, strength: float = 1.0) -> Iterator[None]:
+        """Add ``strength`` times this vector at its sites, to every row and token, inside
+        the ``with`` block; the hooks are removed on exit, also on error."""
+        from fints.injection import steer
+
+        rows = {site: (strength * self.values[i]).unsqueeze(0) for i, site in enumerate(self.sites)}
+        with steer(layout, rows):
+            yield
 
 
 DEFAULT_STRENGTHS: dict[Component, float] = {
@@ -73,27 +91,97 @@ class SteeringConfig:
     enabled: bool = True
 
     def __post_init__(self) -> None:
-        if self.top_k < 1:
-            raise InvalidInputError(f"top_k must be >= 1, got {self.top_k}")
-        if self.aggregation not in ("mean", "attentive"):
+        if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 1:
             raise InvalidInputError(
-                f"aggregation must be 'mean' or 'attentive', got {self.aggregation!r}"
+                f"top_k must be an integer >= 1, got {self.top_k!r}", param="top_k"
             )
-        if not self.tau > 0:
-            raise InvalidInputError(f"tau must be > 0, got {self.tau}")
-        if self.icl_k < 0:
-            raise InvalidInputError(f"icl_k must be >= 0, got {self.icl_k}")
-        strengths = {parse_component(k): float(v) for k, v in self.strengths.items()}
-        for comp, value in strengths.items():
-            if not torch.isfinite(torch.tensor(value)):
-                raise InvalidInputError(f"strength for {comp} must be finite, got {value}")
+        if self.aggregation not in AGGREGATIONS:
+            raise InvalidInputError(
+                f"aggregation must be 'mean' or 'attentive', got {self.aggregation!r}",
+                param="aggregation",
+            )
+        if not _is_number(self.tau) or not 0 < self.tau < math.inf:
+            raise InvalidInputError(
+                f"tau must be a finite number > 0, got {self.tau!r}", param="tau"
+            )
+        if isinstance(self.icl_k, bool) or not isinstance(self.icl_k, int) or self.icl_k < 0:
+            raise InvalidInputError(
+                f"icl_k must be an integer >= 0, got {self.icl_k!r}", param="icl_k"
+            )
+        for name in ("relative", "enabled"):
+            if not isinstance(getattr(self, name), bool):
+                raise InvalidInputError(
+                    f"{name} must be true or false, got {getattr(self, name)!r}", param=name
+                )
+        if not isinstance(self.strengths, Mapping):
+            raise InvalidInputError(
+                f"strengths must map components to numbers, got {self.strengths!r}",
+                param="strengths",
+            )
+        strengths: dict[Component, float] = {}
+        for key, value in self.strengths.items():
+            try:
+                comp = parse_component(key)
+            except InvalidInputError as exc:
+                raise InvalidInputError(str(exc), param="strengths") from None
+            if not _is_number(value) or not abs(value) <= MAX_STRENGTH:
+                raise InvalidInputError(
+                    f"strength for {comp} must be a number within +-{MAX_STRENGTH:g}, "
+                    f"got {value!r}",
+                    param="strengths",
+                )
+            strengths[comp] = float(value)
         object.__setattr__(self, "strengths", {**DEFAULT_STRENGTHS, **strengths})
+        if self.sites is not None:
+            try:
+                sites = parse_sites(self.sites)
+            except InvalidInputError as exc:
+                raise InvalidInputError(str(exc), param="sites") from None
+            object.__setattr__(self, "sites", sites)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON data; :meth:`from_dict` reads it back."""
+        data = {f.name: getattr(self, f.name) for f in fields(self)}
+        data["sites"] = None if self.sites is None else [str(s) for s in self.sites]
+        data["strengths"] = {c.value: v for c, v in self.strengths.items()}  # type: ignore[union-attr]
+        return data
+
+    @classmethod
+    def from_dict(
+        cls, data: Mapping[str, Any], *, base: SteeringConfig | None = None
+    ) -> SteeringConfig:
+        """A config from JSON data: the one parser behind CLI flags, server defaults and
+        the request's ``fints`` field. Keys left out (or None) keep ``base``'s values;
+        given strengths update ``base``'s per component. Errors name the field."""
+        if not isinstance(data, Mapping):
+            raise InvalidInputError(f"steering settings must be an object, got {data!r}")
+        base = base or cls()
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise InvalidInputError(
+                f"unknown steering setting(s) {unknown}: expected some of {sorted(known)}",
+                param=unknown[0],
+            )
+        changes = {k: v for k, v in data.items() if v is not None}
+        if "strengths" in changes:
+            given = changes["strengths"]
+            if not isinstance(given, Mapping):
+                raise InvalidInputError(
+                    f"strengths must map components to numbers, got {given!r}", param="strengths"
+                )
+            changes["strengths"] = {**base.strengths, **given}
+        return replace(base, **changes)
 
     def with_(self, **changes: object) -> SteeringConfig:
         return replace(self, **changes)  # type: ignore[arg-type]
 
     def strength(self, site: Site) -> float:
         return self.strengths[site.component]
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def effective_vectors(

@@ -49,7 +49,7 @@ from fints.generation import GenerationOptions
 from fints.layers import resolve_layout
 from fints.models import LoadedModel, model_fingerprint, prepare_tokenizer, resolve_source
 
-FIXTURES = Path(__file__).parent / "fixtures" / "bench"
+FIXTURES = Path(__file__).parents[1] / "fixtures" / "bench"
 CONTEXT, CENTERED = (question for question, _ in PROBES)
 
 

@@ -20,7 +20,7 @@ from fints.benchmark.summary import (
 from fints.cli import app
 from fints.errors import InvalidInputError
 
-RECORDED = Path(__file__).parents[1] / "benchmarks" / "results" / "qwen1.5b-abstracts-fints"
+RECORDED = Path(__file__).parents[2] / "benchmarks" / "results" / "qwen1.5b-abstracts-fints"
 
 
 def _row(role: str, rouge: np.ndarray, judge: np.ndarray) -> tuple[dict, dict]:

@@ -17,7 +17,7 @@ from fints.benchmark.tasks import (
 )
 from fints.errors import InvalidInputError
 
-FIXTURES = Path(__file__).parent / "fixtures" / "bench"
+FIXTURES = Path(__file__).parents[1] / "fixtures" / "bench"
 
 
 @pytest.fixture()

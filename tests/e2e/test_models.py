@@ -8,7 +8,7 @@ import torch
 from fints.errors import FintsError
 from fints.models import embedded_gguf, load_model, model_fingerprint, resolve_source
 
-from .conftest import tiny_model
+from tests.conftest import tiny_model
 
 
 def test_local_folder_loads_with_left_padding_and_own_fingerprint(tmp_path, smollm):
