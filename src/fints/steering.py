@@ -143,7 +143,7 @@ class SteeringConfig:
         """Plain JSON data; :meth:`from_dict` reads it back."""
         data = {f.name: getattr(self, f.name) for f in fields(self)}
         data["sites"] = None if self.sites is None else [str(s) for s in self.sites]
-        data["strengths"] = {c.value: v for c, v in self.strengths.items()}  # type: ignore[union-attr]
+        data["strengths"] = {str(c): v for c, v in self.strengths.items()}
         return data
 
     @classmethod

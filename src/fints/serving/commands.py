@@ -12,7 +12,7 @@ from typing import Annotated, cast
 
 import typer
 
-from fints.engine import Personalizer, UnknownUserPolicy
+from fints.engine import Personalizer, UnknownUser
 from fints.errors import FintsError
 from fints.extraction import ExtractionConfig
 from fints.models import load_model
@@ -56,7 +56,7 @@ def build_personalizer(
     relative: bool = False,
     top_k: int = 5,
     aggregation: str = "attentive",
-    unknown_user: UnknownUserPolicy = "unsteered",
+    unknown_user: UnknownUser | str = UnknownUser.UNSTEERED,
     dtype: str = "auto",
     device: str = "cpu",
 ) -> Personalizer:
