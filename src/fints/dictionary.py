@@ -43,7 +43,8 @@ class DictionaryMeta:
     key_dim: int
     prompt_template: str
     dtype: str
-    contrast: str = "context"
+    method: str = "context"  # the extraction method (a name in fints.extraction.METHODS)
+    method_config: dict[str, Any] = field(default_factory=dict)  # its ExtractionConfig.to_dict()
     site_norms: tuple[float, ...] = ()  # typical activation norm per site
     created_at: str = field(default_factory=now_iso)
 
@@ -63,6 +64,8 @@ class DictionaryMeta:
     def from_json(cls, data: dict[str, Any]) -> DictionaryMeta:
         try:
             fields = dict(data)
+            if "contrast" in fields:  # written before methods had a registry
+                fields["method"] = fields.pop("contrast")
             fields["sites"] = parse_sites(fields["sites"])
             fields["site_norms"] = tuple(float(x) for x in fields.get("site_norms", ()))
             return cls(**fields)
@@ -77,7 +80,7 @@ class DictionaryMeta:
             and self.hidden_size == other.hidden_size
             and self.key_encoder == other.key_encoder
             and self.key_dim == other.key_dim
-            and self.contrast == other.contrast
+            and self.method == other.method
         )
 
     def check_model(self, fingerprint: str, hidden_size: int, num_layers: int) -> None:

@@ -22,10 +22,11 @@ from fints.extraction import ExtractionConfig, ExtractionResult, Extractor
 from fints.generation import GenerationOptions, generate_batch
 from fints.history import HistoryItem
 from fints.models import LoadedModel
+from fints.plan import plan_steering
 from fints.prompts import PromptTemplate, build_prompt_ids, encode_prompt, get_template
-from fints.retrieval import retrieve_and_aggregate
+from fints.retrieval import nearest_items
 from fints.sites import Site, check_layers_in_range, default_sites
-from fints.steering import SteeringConfig, effective_vectors
+from fints.steering import SteeringConfig
 from fints.stopping import check_stops
 from fints.store import DEFAULT_TENANT, Store, check_name
 
@@ -75,6 +76,20 @@ class PreparedBatch:
     vectors: dict[Site, torch.Tensor]
     results: list[GenerationResult]  # text filled in after decoding
     stops: list[tuple[str, ...]] = field(default_factory=list)  # per row; empty: none
+
+
+def icl_context(
+    dictionary: UserDictionary | None, key: torch.Tensor | None, config: SteeringConfig
+) -> list[HistoryItem]:
+    """The user's own ``config.icl_k`` history items most similar to the query, for the
+    prompt (none without a dictionary with texts, or with ``icl_k=0``)."""
+    if dictionary is None or key is None or not config.icl_k:
+        return []
+    by_id = {item.item_id: item for item in dictionary.items}
+    known = [j for j, item_id in enumerate(dictionary.item_ids) if item_id in by_id]
+    return nearest_items(
+        dictionary.keys[known], [by_id[dictionary.item_ids[j]] for j in known], key, config.icl_k
+    )
 
 
 class Personalizer:
@@ -136,7 +151,7 @@ class Personalizer:
             return None
         history = self.store.items(tenant, user)
         pool = self.store.other_users_items(
-            tenant, user, limit=max(64, 4 * self.extraction.negative_k), seed=self.extraction.seed
+            tenant, user, limit=self.extraction.settings.pool_size, seed=self.extraction.seed
         )
         extractor = Extractor(self.model, self.encoder, self.template, self.extraction)
         result = extractor.extract(pending, history, pool, progress=progress)
@@ -214,69 +229,25 @@ class Personalizer:
             for r, d, (_, note), c in zip(requests, steered, found, configs, strict=True)
         ]
         needs_key = [i for i in range(len(requests)) if steered[i] or with_icl[i]]
-        keys = self.encoder.encode([requests[i].query for i in needs_key]) if needs_key else None
-        key_of = {i: keys[n] for n, i in enumerate(needs_key)} if keys is not None else {}
+        encoded = self.encoder.encode([requests[i].query for i in needs_key]) if needs_key else None
+        keys: list[torch.Tensor | None] = [None] * len(requests)
+        for n, i in enumerate(needs_key):
+            keys[i] = encoded[n] if encoded is not None else None
 
-        vectors = self._steering_vectors(steered, configs, key_of, results)
-        contexts = [
-            self._icl_context(d, key_of[i], configs[i].icl_k) if d is not None else []
-            for i, d in enumerate(with_icl)
-        ]
+        plan = plan_steering(steered, keys, configs)
+        for result, ids, weights in zip(results, plan.retrieved, plan.weights, strict=True):
+            result.retrieved, result.weights = list(ids), list(weights)
         prompts = [
             encode_prompt(self.model.tokenizer, r.query)
             if r.raw_prompt
-            else build_prompt_ids(self.model.tokenizer, self.template, r.query, context)
-            for r, context in zip(requests, contexts, strict=True)
+            else build_prompt_ids(
+                self.model.tokenizer, self.template, r.query, icl_context(d, keys[i], configs[i])
+            )
+            for i, (r, d) in enumerate(zip(requests, with_icl, strict=True))
         ]
         for result, prompt in zip(results, prompts, strict=True):
             result.prompt_tokens = len(prompt)
-        return PreparedBatch(prompts, vectors, results, [r.stop for r in requests])
-
-    def _steering_vectors(
-        self,
-        dictionaries: Sequence[UserDictionary | None],
-        configs: Sequence[SteeringConfig],
-        key_of: dict[int, torch.Tensor],
-        results: Sequence[GenerationResult],
-    ) -> dict[Site, torch.Tensor]:
-        """``{site: [batch, hidden]}``: each row's retrieved, aggregated, scaled vectors.
-
-        Rows sharing retrieval settings and sites are retrieved together, vectorized;
-        rows without a dictionary stay zero. Retrieved ids land in ``results``.
-        """
-        batch = len(dictionaries)
-        all_sites = sorted({s for d in dictionaries if d is not None for s in d.meta.sites})
-        vectors = {site: torch.zeros(batch, self.model.hidden_size) for site in all_sites}
-        groups: dict[tuple[Any, ...], list[int]] = {}
-        for i, d in enumerate(dictionaries):
-            if d is not None:
-                c = configs[i]
-                groups.setdefault((c.top_k, c.aggregation, c.tau, d.meta.sites), []).append(i)
-        for (top_k, aggregation, tau, sites), rows in groups.items():
-            group = [dictionaries[i] for i in rows]
-            found = retrieve_and_aggregate(
-                torch.stack([key_of[i] for i in rows]),
-                group,
-                top_k=top_k,
-                aggregation=aggregation,
-                tau=tau,
-            )
-            norms = torch.stack([d.site_norms for d in group if d is not None])
-            scaled = effective_vectors(sites, found.vectors, [configs[i] for i in rows], norms)
-            for n, (i, d) in enumerate(zip(rows, group, strict=True)):
-                assert d is not None
-                results[i].retrieved = [d.item_ids[j] for j in found.indices[n]]
-                results[i].weights = found.weights[n]
-                for site in sites:
-                    vectors[site][i] = scaled[site][n]
-        return vectors
-
-    @staticmethod
-    def _icl_context(dictionary: UserDictionary, key: torch.Tensor, k: int) -> list[HistoryItem]:
-        """The user's own k history items most similar to the query, for the prompt."""
-        by_id = {item.item_id: item for item in dictionary.items}
-        top = (dictionary.keys @ key).topk(min(k, len(dictionary))).indices.tolist()
-        return [by_id[dictionary.item_ids[j]] for j in top if dictionary.item_ids[j] in by_id]
+        return PreparedBatch(prompts, plan.vectors(), results, [r.stop for r in requests])
 
     def generate(
         self,

@@ -15,6 +15,7 @@ import torch
 
 from fints.dictionary import UserDictionary
 from fints.errors import InvalidInputError
+from fints.history import HistoryItem
 from fints.steering import Aggregation
 
 
@@ -86,3 +87,16 @@ def retrieve_and_aggregate(
         row_scores.append(top_scores[row][keep].tolist())
         row_weights.append(weights[row][keep].tolist())
     return Retrieved(aggregated, indices, row_scores, row_weights)
+
+
+def nearest_items(
+    keys: torch.Tensor, items: Sequence[HistoryItem], query: torch.Tensor, k: int
+) -> list[HistoryItem]:
+    """The ``k`` items whose keys (``[N, key_dim]``, row i for ``items[i]``) are most similar
+    to ``query``, best first: a user's own examples for the prompt (in-context learning)."""
+    if keys.shape[0] != len(items):
+        raise InvalidInputError(f"{keys.shape[0]} keys for {len(items)} items")
+    if k < 1 or not items:
+        return []
+    top = (keys.to(torch.float32) @ query.to(torch.float32)).topk(min(k, len(items))).indices
+    return [items[j] for j in top.tolist()]

@@ -291,7 +291,7 @@ class Store:
         elif not DictionaryMeta.from_json(json.loads(row[0])).same_space(meta):
             raise DictionaryMismatchError(
                 f"user {user!r} already has a dictionary for this model with other sites, "
-                "key encoder or contrast; delete it (or the user) before building another"
+                "key encoder or extraction method; delete it (or the user) before building another"
             )
         db.executemany(
             "INSERT OR REPLACE INTO entries VALUES (?, ?, ?, ?, ?, ?)",

@@ -24,17 +24,19 @@ from fints.benchmark.tasks import Query, Task
 from fints.dictionary import DictionaryMeta, UserDictionary
 from fints.encoders import KeyEncoder
 from fints.errors import InvalidInputError
-from fints.extraction import Contrast, ExtractionConfig, Extractor
+from fints.extraction import ExtractionConfig, Extractor
 from fints.generation import Completion, GenerationOptions, generate_batch
 from fints.history import HistoryItem
 from fints.models import LoadedModel
+from fints.plan import SteeringPlan, plan_steering
 from fints.prompts import build_prompt_ids, get_template
-from fints.retrieval import retrieve_and_aggregate
+from fints.retrieval import nearest_items
 from fints.sites import Component, Site, parse_sites
-from fints.steering import Aggregation, SteeringConfig, effective_vectors
+from fints.steering import Aggregation, SteeringConfig
 from fints.user_vectors import UserVectorMethod, user_vector
 
 Source = Literal["own", "wrong", "random"]
+Contrast = str  # an extraction method's name (fints.extraction.METHODS)
 Kind = Literal["none", "icl", "vector", "fints"]
 
 #: ``MethodSpec.top_k`` that retrieves the whole dictionary: with mean aggregation, the
@@ -163,7 +165,7 @@ class UserBank:
     site_norms: torch.Tensor  # [sites]
     meta: DictionaryMeta
     _dicts: dict[tuple[Site, ...], UserDictionary] = field(default_factory=dict)
-    _user_vectors: dict[tuple[tuple[Site, ...], str], torch.Tensor] = field(default_factory=dict)
+    _user_vectors: dict[tuple[tuple[Site, ...], str], UserDictionary] = field(default_factory=dict)
 
     @property
     def differences(self) -> torch.Tensor:
@@ -190,12 +192,19 @@ class UserBank:
             )
         return self._dicts[sites]
 
-    def user_vector(self, sites: tuple[Site, ...], method: UserVectorMethod) -> torch.Tensor:
+    def user_dictionary(self, sites: tuple[Site, ...], method: UserVectorMethod) -> UserDictionary:
+        """The user-level vector as a dictionary of one entry (retrieval returns it as is)."""
         key = (sites, method)
         if key not in self._user_vectors:
             idx = self.index(sites)
-            self._user_vectors[key] = user_vector(
-                self.positive[:, idx], self.negative[:, idx], method
+            vector = user_vector(self.positive[:, idx], self.negative[:, idx], method)
+            whole = self.dictionary(sites)
+            self._user_vectors[key] = UserDictionary(
+                self.user,
+                whole.meta,
+                [f"user vector ({method})"],
+                torch.nn.functional.normalize(self.keys.mean(dim=0, keepdim=True), dim=-1),
+                vector.unsqueeze(0),
             )
         return self._user_vectors[key]
 
@@ -240,12 +249,6 @@ class BenchContext:
             history = self.task.users[user].history
             self._history_keys[user] = self.encoder.encode([i.input for i in history])
         return self._history_keys[user]
-
-    def icl_items(self, user: str, query_key: torch.Tensor, k: int) -> list[HistoryItem]:
-        history = self.task.users[user].history
-        scores = self.history_keys(user) @ query_key
-        top = scores.topk(min(k, len(history))).indices.tolist()
-        return [history[j] for j in top]
 
     def _bank_path(self, user: str, contrast: str) -> Path:
         history = self.task.users[user].history
@@ -327,10 +330,14 @@ class BenchContext:
         history = self.task.users[user].history
         config = ExtractionConfig(
             sites=self.sites,
-            contrast=contrast,
+            method=contrast,
+            params=(
+                {"rouge_threshold": 0.15 if self.task.name == "headlines" else 0.2}
+                if contrast == "response"
+                else None
+            ),
             batch_size=self.extraction_batch,
             seed=self.seed,
-            rouge_threshold=0.15 if self.task.name == "headlines" else 0.2,
         )
         extractor = Extractor(self.model, self.encoder, self.template, config)
         start = time.perf_counter()
@@ -375,20 +382,13 @@ class Method(Protocol):
     ) -> list[Completion]: ...
 
 
-def _random_like(vectors: torch.Tensor, queries: Sequence[Query], seed: int) -> torch.Tensor:
-    """Random directions with the same norm as ``vectors`` ``[batch, sites, hidden]``, per row."""
-    out = torch.empty_like(vectors)
-    for row, query in enumerate(queries):
-        digest = hashlib.sha256(f"{seed}:random:{query.qid}".encode()).hexdigest()
-        gen = torch.Generator().manual_seed(int(digest[:12], 16))
-        noise = torch.randn(vectors.shape[1:], generator=gen)
-        noise = noise / noise.norm(dim=-1, keepdim=True).clamp_min(1e-12)
-        out[row] = noise * vectors[row].norm(dim=-1, keepdim=True)
-    return out
-
-
 class SteeredPrompt:
-    """A prompt (optionally with in-context items) plus optional per-row steering."""
+    """A prompt (optionally with in-context items) plus optional per-row steering.
+
+    It runs the engine's own steps: :func:`fints.retrieval.nearest_items` for the
+    in-context items, :func:`fints.prompts.build_prompt_ids`, :func:`fints.plan.plan_steering`
+    (controls transform the plan), and :func:`fints.generation.generate_batch`.
+    """
 
     def __init__(self, spec: MethodSpec) -> None:
         self.spec = spec
@@ -412,32 +412,44 @@ class SteeredPrompt:
             keys = ctx.query_keys(queries)
             for row, query in enumerate(queries):
                 user = query.user if spec.icl_source == "own" else ctx.task.wrong_user(query.user)
-                contexts[row] = ctx.icl_items(user, keys[row], spec.icl_k)
+                history = ctx.task.users[user].history
+                contexts[row] = nearest_items(
+                    ctx.history_keys(user), history, keys[row], spec.icl_k
+                )
         tok = ctx.model.tokenizer
         return [
             build_prompt_ids(tok, ctx.template, q.input, c)
             for q, c in zip(queries, contexts, strict=True)
         ]
 
-    def vectors(self, queries: Sequence[Query], ctx: BenchContext) -> dict[Site, torch.Tensor]:
+    def steering_config(self) -> SteeringConfig:
+        """The engine's settings this method steers with (the top-K of ``ALL_ENTRIES`` is
+        resolved per batch)."""
+        spec = self.spec
+        return SteeringConfig(
+            sites=self._sites,
+            strengths={c: spec.strength for c in Component},
+            relative=spec.relative,
+            top_k=max(spec.top_k, 1),
+            aggregation=spec.aggregation,
+            tau=spec.tau,
+        )
+
+    def plan(self, queries: Sequence[Query], ctx: BenchContext) -> SteeringPlan | None:
+        """The engine's steering plan for these queries, with this method's controls."""
         spec, sites = self.spec, self._sites
         if spec.kind not in ("vector", "fints"):
-            return {}
+            return None
         banks = [ctx.bank(self._vector_user(q, ctx), spec.contrast) for q in queries]
         if spec.kind == "fints":
             dictionaries = [b.dictionary(sites) for b in banks]
-            found = retrieve_and_aggregate(
-                ctx.query_keys(queries),
-                dictionaries,
-                top_k=(
-                    max(len(d) for d in dictionaries) if spec.top_k == ALL_ENTRIES else spec.top_k
-                ),
-                aggregation=spec.aggregation,
-                tau=spec.tau,
-            )
-            aggregated = found.vectors
-        else:
-            aggregated = torch.stack([b.user_vector(sites, spec.user_vector) for b in banks])
+        else:  # one user-level vector: a dictionary of one entry
+            dictionaries = [b.user_dictionary(sites, spec.user_vector) for b in banks]
+        config = self.steering_config()
+        if spec.top_k == ALL_ENTRIES:
+            config = config.with_(top_k=max(len(d) for d in dictionaries))
+        keys = list(ctx.query_keys(queries))
+        plan = plan_steering(dictionaries, keys, [config] * len(queries))
         if spec.centered:
             # The same vector for the own and the wrong-user row of a query, so the two
             # stay a controlled pair.
@@ -445,16 +457,14 @@ class SteeredPrompt:
                 ctx.shared_direction({q.user, ctx.task.wrong_user(q.user)}, spec.contrast, sites)
                 for q in queries
             ]
-            aggregated = aggregated - torch.stack(shared).to(aggregated.dtype)
+            plan = plan.shifted(-torch.stack(shared))
         if spec.vector_source == "random":
-            aggregated = _random_like(aggregated, queries, ctx.seed)
-        norms = torch.stack([b.dictionary(sites).site_norms for b in banks])
-        config = SteeringConfig(
-            sites=sites,
-            strengths={c: spec.strength for c in Component},
-            relative=spec.relative,
-        )
-        return effective_vectors(sites, aggregated, [config] * len(queries), norms)
+            plan = plan.randomized([f"{ctx.seed}:random:{q.qid}" for q in queries])
+        return plan
+
+    def vectors(self, queries: Sequence[Query], ctx: BenchContext) -> dict[Site, torch.Tensor]:
+        plan = self.plan(queries, ctx)
+        return plan.vectors() if plan is not None else {}
 
     def generate(
         self, queries: Sequence[Query], ctx: BenchContext, options: GenerationOptions

@@ -1,0 +1,44 @@
+"""Extracting a user's steering dictionary from a frozen model.
+
+Methods live in a registry (:data:`METHODS`), one module each with its typed config:
+
+* ``context``  - :mod:`.context`, the paper's context contrast
+* ``response`` - :mod:`.response`, the authors' response contrast
+
+A dictionary records the method and its settings (``DictionaryMeta.method_config``).
+Adding a method is one new module that calls :func:`register`, plus its import here.
+"""
+
+from fints.extraction import context as _context  # noqa: F401  (registers "context")
+from fints.extraction import response as _response  # noqa: F401  (registers "response")
+from fints.extraction.base import (
+    METHODS,
+    ExtractionJob,
+    ExtractionResult,
+    MethodConfig,
+    MethodContext,
+    Sides,
+    method_config,
+    method_names,
+    register,
+)
+from fints.extraction.config import ExtractionConfig
+from fints.extraction.context import ContextContrastConfig
+from fints.extraction.extractor import Extractor
+from fints.extraction.response import ResponseContrastConfig
+
+__all__ = [
+    "METHODS",
+    "ContextContrastConfig",
+    "ExtractionConfig",
+    "ExtractionJob",
+    "ExtractionResult",
+    "Extractor",
+    "MethodConfig",
+    "MethodContext",
+    "ResponseContrastConfig",
+    "Sides",
+    "method_config",
+    "method_names",
+    "register",
+]

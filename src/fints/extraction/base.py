@@ -1,0 +1,181 @@
+"""What every extraction method shares: its config's JSON form, the registry, the result,
+and the teacher-forced recording of per-site mean activations.
+
+A method is one module with a typed config (a frozen dataclass named by ``name``)
+and a class that turns history items into dictionary entries. Registering it is one
+line: ``register(MyConfig, MyMethod)``; nothing else in fints names methods.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import random
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, fields
+from typing import Any, ClassVar, Self, TypeVar
+
+import torch
+
+from fints.dictionary import DictionaryEntry, DictionaryMeta
+from fints.encoders import KeyEncoder
+from fints.errors import InvalidInputError
+from fints.history import HistoryItem
+from fints.models import LoadedModel
+from fints.prompts import PromptTemplate, pad_batch
+from fints.recording import record_means
+from fints.sites import Site
+
+
+@dataclass(frozen=True)
+class MethodConfig:
+    """Base of every method's settings; subclasses are frozen dataclasses with a ``name``."""
+
+    name: ClassVar[str]
+
+    @property
+    def pool_size(self) -> int:
+        """How many other users' items the method may draw from."""
+        return 64
+
+    def to_dict(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> Self:
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise InvalidInputError(
+                f"unknown setting(s) {unknown} for extraction method {cls.name!r}: "
+                f"expected some of {sorted(known)}",
+                param=unknown[0],
+            )
+        try:
+            return cls(**data)
+        except TypeError as exc:
+            raise InvalidInputError(f"bad settings for method {cls.name!r}: {exc}") from None
+
+
+@dataclass(frozen=True)
+class ExtractionJob:
+    """What a method extracts from: the items to add and where their context comes from."""
+
+    items: Sequence[HistoryItem]  # the items that need entries
+    history: Sequence[HistoryItem]  # all of the user's items (own context)
+    pool: Sequence[HistoryItem]  # other users' items of the same tenant
+
+
+@dataclass
+class ExtractionResult:
+    meta: DictionaryMeta
+    entries: list[DictionaryEntry]
+    positive: torch.Tensor  # [N, sites, hidden] what the entry points to (e.g. mean activations)
+    negative: torch.Tensor  # [N, sites, hidden] what it points away from
+    skipped: list[str]  # item ids left out (e.g. the response contrast's filter)
+
+    @property
+    def differences(self) -> torch.Tensor:
+        return self.positive - self.negative
+
+
+@dataclass
+class Sides:
+    """A method's per-item output: kept item indices and both sides' activations."""
+
+    kept: list[int]
+    positive: torch.Tensor  # [kept, sites, hidden]
+    negative: torch.Tensor
+    norms: torch.Tensor  # [kept, sites] typical activation norms seen
+    skipped: list[str]
+
+
+C = TypeVar("C", bound=MethodConfig)
+
+
+@dataclass(frozen=True)
+class Registered:
+    """A method: its config class and the function that turns a job into entry sides."""
+
+    config: type[MethodConfig]
+    run: Callable[[MethodContext, Any, ExtractionJob], Sides]
+
+
+#: Extraction methods by name: filled by each method's module, read by :mod:`.extractor`.
+METHODS: dict[str, Registered] = {}
+
+
+def register(config: type[C], run: Callable[[MethodContext, C, ExtractionJob], Sides]) -> None:
+    METHODS[config.name] = Registered(config, run)
+
+
+def method_names() -> tuple[str, ...]:
+    return tuple(sorted(METHODS))
+
+
+def method_config(name: str, data: Mapping[str, Any] | MethodConfig | None = None) -> MethodConfig:
+    """The named method's typed config from JSON data (None: its defaults)."""
+    if name not in METHODS:
+        raise InvalidInputError(
+            f"unknown extraction method {name!r}: expected one of {sorted(METHODS)}",
+            param="method",
+        )
+    cls = METHODS[name].config
+    if isinstance(data, MethodConfig):
+        if not isinstance(data, cls):
+            raise InvalidInputError(f"{type(data).__name__} is not a config of method {name!r}")
+        return data
+    return cls.from_dict(data or {})
+
+
+def item_rng(seed: int, item_id: str) -> random.Random:
+    """A random generator of its own per item: results do not depend on batching."""
+    return random.Random(int(hashlib.sha256(f"{seed}:{item_id}".encode()).hexdigest()[:12], 16))
+
+
+@dataclass(frozen=True)
+class MethodContext:
+    """The model side of extraction, shared by every method."""
+
+    model: LoadedModel
+    encoder: KeyEncoder
+    template: PromptTemplate
+    sites: tuple[Site, ...]
+    batch_size: int
+    max_target_tokens: int
+    seed: int
+    advance: Callable[[int], object] = lambda n: None  # progress: n more items done
+
+    def target_ids(self, text: str) -> list[int]:
+        ids = self.model.tokenizer(text, add_special_tokens=False)["input_ids"]
+        return list(ids)[: self.max_target_tokens]
+
+    def negative_context(
+        self, item: HistoryItem, pool: Sequence[HistoryItem], k: int
+    ) -> list[HistoryItem]:
+        """``k`` other users' items, drawn for this item alone (seeded by its id)."""
+        k = min(k, len(pool))
+        return item_rng(self.seed, item.item_id).sample(list(pool), k) if k else []
+
+    def means(
+        self, prompts: list[list[int]], targets: list[list[int]]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Teacher-force each target after its prompt; per-site mean and norm over its tokens."""
+        sequences = [p + t for p, t in zip(prompts, targets, strict=True)]
+        tok = self.model.tokenizer
+        input_ids, attention = pad_batch(sequences, tok.pad_token_id, side="right")
+        token_mask = torch.zeros_like(attention, dtype=torch.bool)
+        for row, (p, t) in enumerate(zip(prompts, targets, strict=True)):
+            token_mask[row, len(p) : len(p) + len(t)] = True
+        device = self.model.device
+        recorded = record_means(
+            self.model.model,
+            self.model.layout,
+            self.sites,
+            input_ids.to(device),
+            attention.to(device),
+            token_mask.to(device),
+        )
+        return recorded.means, recorded.norms
+
+    def chunks(self, n: int) -> list[list[int]]:
+        return [list(range(s, min(s + self.batch_size, n))) for s in range(0, n, self.batch_size)]

@@ -1,0 +1,63 @@
+"""Extraction settings: where to record, which registered method, and its own settings."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+from fints.errors import InvalidInputError
+from fints.extraction.base import MethodConfig, method_config
+from fints.sites import Site, parse_sites
+
+
+@dataclass(frozen=True)
+class ExtractionConfig:
+    """``method`` names a registered method; ``params`` are its typed settings (None or a
+    dict: parsed by the method's config class, defaults for what is left out)."""
+
+    sites: tuple[Site, ...]
+    method: str = "context"
+    params: MethodConfig | Mapping[str, Any] | None = field(default=None, compare=True)
+    batch_size: int = 8
+    max_target_tokens: int = 160
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "sites", parse_sites(self.sites))
+        object.__setattr__(self, "params", method_config(self.method, self.params))
+        if self.batch_size < 1 or self.max_target_tokens < 1:
+            raise InvalidInputError("batch_size and max_target_tokens must be >= 1")
+
+    @property
+    def settings(self) -> MethodConfig:
+        assert isinstance(self.params, MethodConfig)
+        return self.params
+
+    def with_(self, **changes: Any) -> ExtractionConfig:
+        if "method" in changes and "params" not in changes:
+            changes["params"] = None  # another method: its own defaults
+        return replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "sites": [str(s) for s in self.sites],
+            "method": self.method,
+            "params": self.settings.to_dict(),
+            "batch_size": self.batch_size,
+            "max_target_tokens": self.max_target_tokens,
+            "seed": self.seed,
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> ExtractionConfig:
+        known = {"sites", "method", "params", "batch_size", "max_target_tokens", "seed"}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise InvalidInputError(
+                f"unknown extraction setting(s) {unknown}: expected some of {sorted(known)}",
+                param=unknown[0],
+            )
+        if "sites" not in data:
+            raise InvalidInputError("extraction settings need 'sites'", param="sites")
+        return cls(**data)

@@ -1,0 +1,95 @@
+"""The extractor: runs the configured method over history items and builds entries."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from tqdm.auto import tqdm
+
+from fints.dictionary import DictionaryEntry, DictionaryMeta
+from fints.encoders import KeyEncoder
+from fints.errors import InvalidInputError
+from fints.extraction.base import METHODS, ExtractionJob, ExtractionResult, MethodContext
+from fints.extraction.config import ExtractionConfig
+from fints.history import HistoryItem
+from fints.models import LoadedModel
+from fints.prompts import PromptTemplate
+from fints.sites import check_layers_in_range
+from fints.steering import SteeringVector
+
+
+class Extractor:
+    """Builds dictionary entries for one model, key encoder and prompt template."""
+
+    def __init__(
+        self,
+        model: LoadedModel,
+        encoder: KeyEncoder,
+        template: PromptTemplate,
+        config: ExtractionConfig,
+    ) -> None:
+        check_layers_in_range(config.sites, model.num_layers)
+        self.model, self.encoder, self.template, self.config = model, encoder, template, config
+
+    def meta(self, site_norms: Sequence[float]) -> DictionaryMeta:
+        """What the entries are made with: a dictionary records its method and settings."""
+        cfg = self.config
+        return DictionaryMeta(
+            model_fingerprint=self.model.fingerprint,
+            model_name=self.model.name,
+            sites=cfg.sites,
+            hidden_size=self.model.hidden_size,
+            key_encoder=self.encoder.name,
+            key_dim=self.encoder.dim,
+            prompt_template=self.template.name,
+            dtype=str(self.model.dtype).removeprefix("torch."),
+            method=cfg.method,
+            method_config=cfg.to_dict(),
+            site_norms=tuple(float(x) for x in site_norms),
+        )
+
+    def extract(
+        self,
+        items: Sequence[HistoryItem],
+        history: Sequence[HistoryItem],
+        negative_pool: Sequence[HistoryItem],
+        *,
+        progress: bool = True,
+    ) -> ExtractionResult:
+        """Entries for ``items``; own context comes from ``history`` (the user's items),
+        other users' from ``negative_pool``."""
+        if not items:
+            raise InvalidInputError("no history items to extract from")
+        cfg = self.config
+        bar = tqdm(
+            total=len(items),
+            desc=f"extracting ({cfg.method})",
+            unit="item",
+            disable=not progress,
+        )
+        context = MethodContext(
+            self.model,
+            self.encoder,
+            self.template,
+            cfg.sites,
+            cfg.batch_size,
+            cfg.max_target_tokens,
+            cfg.seed,
+            advance=bar.update,
+        )
+        with bar:
+            sides = METHODS[cfg.method].run(
+                context, cfg.settings, ExtractionJob(items, history, negative_pool)
+            )
+        site_norms = sides.norms.mean(dim=0) if len(sides.kept) else torch.zeros(len(cfg.sites))
+        keys = self.encoder.encode([items[i].input for i in sides.kept]) if sides.kept else None
+        differences = sides.positive - sides.negative
+        entries = [
+            DictionaryEntry(items[i].item_id, keys[n], SteeringVector(cfg.sites, differences[n]))
+            for n, i in enumerate(sides.kept)
+            if keys is not None
+        ]
+        return ExtractionResult(
+            self.meta(site_norms.tolist()), entries, sides.positive, sides.negative, sides.skipped
+        )
