@@ -1,27 +1,97 @@
-"""The ``fints`` command line."""
+"""The ``fints`` command line.
+
+Importing this module stays light: torch, transformers, the server and the benchmark
+are imported only by the command that needs them, so ``fints --help`` answers at once.
+The server and benchmark commands (``serve``, ``loadtest``, ``bench``) are listed by
+name and short help, and their modules are imported when one of them is run (or asked
+for its own ``--help``).
+"""
 
 from __future__ import annotations
 
+import importlib
 import json
 import sys
 from collections.abc import Callable
 from contextlib import contextmanager
 from functools import wraps
 from pathlib import Path
-from typing import Annotated, Any, TypeVar, cast
+from typing import Annotated, Any, NamedTuple, TypeVar
 
 import typer
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
+from typer.core import TyperCommand, TyperGroup
 
-from fints.errors import FintsError
-from fints.extraction import ExtractionConfig
-from fints.generation import GenerationOptions
+from fints.errors import FintsError, InvalidInputError
 from fints.history import read_history
 from fints.sites import parse_sites
 
+
+class LazyCommand(NamedTuple):
+    """A command whose typer function lives in a heavy module, imported when run."""
+
+    module: str
+    function: str
+    short_help: str  # the first line of the function's docstring (a test keeps them equal)
+
+
+#: Listed by ``fints --help`` without importing their modules.
+LAZY_COMMANDS: dict[str, LazyCommand] = {
+    "serve": LazyCommand(
+        "fints.serving.commands",
+        "serve",
+        "Serve personalized generations over an OpenAI-compatible HTTP API.",
+    ),
+    "loadtest": LazyCommand(
+        "fints.serving.commands",
+        "loadtest",
+        "A bounded load benchmark: latency, throughput, batching and steering cost.",
+    ),
+    "bench": LazyCommand(
+        "fints.benchmark.commands",
+        "bench",
+        "Benchmark personalization methods and controls on real per-user data.",
+    ),
+}
+
+
+def load_lazy_command(name: str) -> Any:
+    """The click command of a lazy command: its module is imported here."""
+    spec = LAZY_COMMANDS[name]
+    function = getattr(importlib.import_module(spec.module), spec.function)
+    single = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
+    single.command(name=name, help=function.__doc__)(function)
+    command = typer.main.get_command(single)
+    command.name = name
+    return command
+
+
+class _StandIn(TyperCommand):
+    """A lazy command in the listing (name and short help); never run itself."""
+
+
+class _LazyGroup(TyperGroup):
+    """Lists the lazy commands by stand-ins; the real command replaces its stand-in when it is
+    resolved to be run or to show its own help. (Click's types are written ``Any`` here: some
+    typer versions vendor their own click.)"""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        for name, spec in LAZY_COMMANDS.items():
+            stand_in = _StandIn(name, help=spec.short_help, short_help=spec.short_help)
+            self.commands.setdefault(name, stand_in)
+
+    def resolve_command(self, ctx: Any, args: list[str]) -> tuple[str | None, Any, list[str]]:
+        name, command, rest = super().resolve_command(ctx, args)
+        if name is not None and isinstance(command, _StandIn):
+            command = self.commands[name] = load_lazy_command(name)
+        return name, command, rest
+
+
 app = typer.Typer(
+    cls=_LazyGroup,
     help="fints: inference-time personalization of open-weight LLMs with steering vectors.",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
@@ -88,6 +158,7 @@ def _engine(
     steering: Any = None,
 ) -> Any:
     from fints.engine import Personalizer
+    from fints.extraction import ExtractionConfig
     from fints.models import load_model
     from fints.sites import default_sites
 
@@ -99,7 +170,7 @@ def _engine(
         store,
         template=template,
         steering=steering,
-        extraction=ExtractionConfig(sites=chosen, contrast=contrast),  # type: ignore[arg-type]
+        extraction=ExtractionConfig(sites=chosen, method=contrast),
     )
 
 
@@ -156,6 +227,32 @@ def _build_and_report(engine: Any, user: str, tenant: str) -> None:
         )
 
 
+#: The flag that sets each SteeringConfig field, for error messages.
+_STEERING_FLAGS = {
+    "strengths": "--attn/--mlp/--block",
+    "relative": "--relative",
+    "top_k": "--top-k",
+    "aggregation": "--aggregation",
+    "tau": "--tau",
+    "icl_k": "--icl-k",
+}
+
+
+def steering_from_flags(settings: dict[str, Any]) -> Any:
+    """A :class:`~fints.steering.SteeringConfig` from flag values, through the same parser
+    (``SteeringConfig.from_dict``) and error messages as the server and its requests; an
+    error names the flag."""
+    from fints.steering import SteeringConfig
+
+    try:
+        return SteeringConfig.from_dict(settings)
+    except InvalidInputError as exc:
+        flag = _STEERING_FLAGS.get(exc.param or "")
+        if flag is None:
+            raise
+        raise InvalidInputError(f"{flag}: {exc}", param=exc.param) from None
+
+
 @app.command()
 @friendly_errors
 def generate(
@@ -185,15 +282,17 @@ def generate(
 ) -> None:
     """Personalized answers for USER (all queries decoded in one batch)."""
     from fints.engine import GenerationRequest
-    from fints.steering import Aggregation, SteeringConfig
+    from fints.generation import GenerationOptions
 
-    steering = SteeringConfig(
-        strengths={"attn": attn, "mlp": mlp, "block": block},
-        relative=relative,
-        top_k=top_k,
-        aggregation=cast(Aggregation, aggregation),
-        tau=tau,
-        icl_k=icl_k,
+    steering = steering_from_flags(
+        {
+            "strengths": {"attn": attn, "mlp": mlp, "block": block},
+            "relative": relative,
+            "top_k": top_k,
+            "aggregation": aggregation,
+            "tau": tau,
+            "icl_k": icl_k,
+        }
     )
     name = None if user == "-" else user
     with _store(store) as db:
@@ -354,19 +453,6 @@ def bench_summary(
     if out is not None:
         out.write_text(table + "\n")
     print(table)
-
-
-def _register_subsystems() -> None:
-    """The server (issue #5) and the real-data benchmark (issue #4) live in their own packages."""
-    from fints.benchmark.commands import bench
-    from fints.serving.commands import loadtest, serve
-
-    app.command(help=serve.__doc__)(serve)
-    app.command(help=loadtest.__doc__)(loadtest)
-    app.command(help=bench.__doc__)(bench)
-
-
-_register_subsystems()
 
 
 def main() -> None:  # pragma: no cover

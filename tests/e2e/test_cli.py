@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import re
+import traceback
 
 import pytest
 from typer.testing import CliRunner
@@ -19,8 +21,21 @@ def store_path(tmp_path_factory, smollm):  # smollm: the model cache is warm
 
 
 def run(*args: str) -> tuple[int, str]:
+    """Exit code and everything printed; an unexpected exception's traceback is appended."""
     result = runner.invoke(app, list(args))
-    return result.exit_code, result.output + (result.stderr if result.stderr_bytes else "")
+    out = result.output + (result.stderr if result.stderr_bytes else "")
+    if result.exception is not None and not isinstance(result.exception, SystemExit):
+        out += "".join(traceback.format_exception(result.exception))
+    return result.exit_code, out
+
+
+def users(store_path: str) -> dict[str, int]:
+    """`fints users` as {user: number of history items}, read from its table rows."""
+    code, out = run("users", "--store", store_path)
+    assert code == 0, out
+    rows = re.findall(r"^\W+ (\S+)\s+\W+ (\d+)\s+\W+$", out, flags=re.MULTILINE)
+    assert rows, out
+    return {name: int(count) for name, count in rows}
 
 
 def test_add_build_generate_export_import_delete(store_path, tmp_path):
@@ -58,29 +73,33 @@ def test_add_build_generate_export_import_delete(store_path, tmp_path):
     assert code == 0 and (tmp_path / "zoe" / "vectors.safetensors").is_file()
     code, out = run("import", str(tmp_path / "zoe"), "--as", "zoe2", "--store", store_path)
     assert code == 0 and "imported 10 entries as zoe2" in out
-    code, out = run("users", "--store", store_path)
-    assert "zoe2" in out and "10" in out
+    before = users(store_path)
+    assert before["zoe"] == 10 and "zoe2" in before
     code, out = run("delete", "zoe", "--store", store_path, "--yes")
-    assert code == 0
-    code, out = run("users", "--store", store_path)
-    assert "zoe2" in out and "zoe " not in out.replace("zoe2", "")
+    assert code == 0 and "deleted zoe" in out
+    after = users(store_path)
+    assert "zoe" not in after and after["zoe2"] == before["zoe2"]
 
 
 def test_bad_input_gets_a_clear_error_and_changes_nothing(store_path, tmp_path):
     good = demo_data_dir() / f"{DEMO_USERS[0]}.jsonl"
+    lines = len(good.read_text().splitlines())
     assert run("add", "cap", str(good), "--store", store_path, "--no-build")[0] == 0
+    assert users(store_path)["cap"] == lines
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"input": "a", "output": "b"}\n{"input": "a"}\nnot json\n')
     code, out = run("add", "cap", str(bad), "--store", store_path, "--no-build")
     assert code == 1 and "missing field(s) ['output']" in out and ":3: not valid JSON" in out
-    assert "cap" in run("users", "--store", store_path)[1]
+    assert users(store_path)["cap"] == lines  # the good first line was not stored either
     code, out = run("add", "cap", str(good), "--store", store_path, "--no-build")
     assert code == 1 and "already has item" in out
+    assert users(store_path)["cap"] == lines
     code, out = run("add", "cap", str(tmp_path / "missing.jsonl"), "--store", store_path)
     assert code == 1 and "does not exist" in out
     code, out = run("build", "cap", "--store", store_path, "--sites", "31.attn")
     assert code == 1 and "out of range" in out
     code, out = run("delete", "ghost", "--store", store_path, "--yes")
     assert code == 1 and "unknown user 'ghost'" in out
+    assert "ghost" not in users(store_path)
     code, out = run("build", "cap", "--store", store_path, "--sites", "3.ffn")
     assert code == 1 and "unknown site component" in out
