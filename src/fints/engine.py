@@ -15,17 +15,18 @@ from typing import Any
 
 import torch
 
+from fints.backends import BACKENDS
 from fints.dictionary import UserDictionary
 from fints.encoders import KeyEncoder, SentenceTransformerEncoder
 from fints.errors import InvalidInputError, UnknownUserError
 from fints.extraction import ExtractionConfig, ExtractionResult, Extractor
-from fints.generation import GenerationOptions, generate_batch
+from fints.generation import GenerationOptions
 from fints.history import HistoryItem
 from fints.models import LoadedModel
-from fints.plan import plan_steering
+from fints.modes import MODES, Addition, BatchRows, SteeringMode
 from fints.prompts import PromptTemplate, build_prompt_ids, encode_prompt, get_template
 from fints.retrieval import nearest_items
-from fints.sites import Site, check_layers_in_range, default_sites
+from fints.sites import check_layers_in_range, default_sites
 from fints.steering import SteeringConfig
 from fints.stopping import check_stops
 from fints.store import DEFAULT_TENANT, Store, check_name
@@ -70,12 +71,21 @@ class GenerationResult:
 
 @dataclass
 class PreparedBatch:
-    """Prompts and per-row steering vectors, ready for :func:`generate_batch`."""
+    """Prompts and each mode's per-row additions (e.g. steering vectors), ready to decode."""
 
     prompts: list[list[int]]
-    vectors: dict[Site, torch.Tensor]
     results: list[GenerationResult]  # text filled in after decoding
     stops: list[tuple[str, ...]] = field(default_factory=list)  # per row; empty: none
+    additions: list[Addition] = field(default_factory=list)
+
+    def select(self, rows: Sequence[int]) -> PreparedBatch:
+        """The batch reduced to ``rows`` (e.g. without rows that failed a check)."""
+        return PreparedBatch(
+            [self.prompts[i] for i in rows],
+            [self.results[i] for i in rows],
+            [self.stops[i] for i in rows],
+            [a.select(rows) for a in self.additions],
+        )
 
 
 def icl_context(
@@ -105,6 +115,8 @@ class Personalizer:
         steering: SteeringConfig | None = None,
         extraction: ExtractionConfig | None = None,
         unknown_user: UnknownUser | str = UnknownUser.UNSTEERED,
+        modes: Sequence[str] = (SteeringMode.name,),
+        backend: str = "transformers",
     ) -> None:
         self.model = model
         self.store = store
@@ -120,6 +132,14 @@ class Personalizer:
                 f"unknown_user must be one of {[u.value for u in UnknownUser]}, "
                 f"got {unknown_user!r}"
             ) from None
+        unknown = [m for m in modes if m not in MODES] + [b for b in [backend] if b not in BACKENDS]
+        if unknown:
+            raise InvalidInputError(
+                f"unknown generation mode or backend {unknown}: modes {sorted(MODES)}, "
+                f"backends {sorted(BACKENDS)}"
+            )
+        self.modes = [MODES[m]() for m in modes]
+        self.backend = BACKENDS[backend](model)
         self._cache: dict[tuple[str, str], tuple[int, UserDictionary | None]] = {}
         self._cache_lock = threading.Lock()
 
@@ -234,9 +254,10 @@ class Personalizer:
         for n, i in enumerate(needs_key):
             keys[i] = encoded[n] if encoded is not None else None
 
-        plan = plan_steering(steered, keys, configs)
-        for result, ids, weights in zip(results, plan.retrieved, plan.weights, strict=True):
-            result.retrieved, result.weights = list(ids), list(weights)
+        rows = BatchRows(steered, keys, configs)
+        additions = [a for a in (mode.prepare(rows) for mode in self.modes) if a is not None]
+        for addition in additions:
+            addition.annotate(results)
         prompts = [
             encode_prompt(self.model.tokenizer, r.query)
             if r.raw_prompt
@@ -247,7 +268,7 @@ class Personalizer:
         ]
         for result, prompt in zip(results, prompts, strict=True):
             result.prompt_tokens = len(prompt)
-        return PreparedBatch(prompts, plan.vectors(), results, [r.stop for r in requests])
+        return PreparedBatch(prompts, results, [r.stop for r in requests], additions)
 
     def generate(
         self,
@@ -267,13 +288,12 @@ class Personalizer:
         streamer: Any = None,
     ) -> list[GenerationResult]:
         """Decode a prepared batch; fills in and returns its results, row by row."""
-        completions = generate_batch(
-            self.model,
+        completions = self.backend.decode(
             prepared.prompts,
-            prepared.vectors or None,
-            options,
-            streamer,
-            prepared.stops,
+            prepared.additions,
+            options or GenerationOptions(),
+            streamer=streamer,
+            stops=prepared.stops,
         )
         for result, completion in zip(prepared.results, completions, strict=True):
             result.text = completion.text

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass
+from contextlib import AbstractContextManager, ExitStack, contextmanager, nullcontext
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from transformers import LogitsProcessorList
 
 from fints.errors import InvalidInputError
 from fints.injection import steer
@@ -32,6 +33,15 @@ class GenerationOptions:
             raise InvalidInputError("temperature must be >= 0 and top_p in (0, 1]")
 
 
+@dataclass(frozen=True)
+class Decoration:
+    """What a generation mode adds to one ``generate`` call: hooks (entered around it)
+    and logits processors."""
+
+    context: AbstractContextManager[Any] = field(default_factory=nullcontext)
+    logits_processors: tuple[Any, ...] = ()
+
+
 @dataclass
 class Completion:
     text: str
@@ -48,8 +58,10 @@ def generate_batch(
     options: GenerationOptions | None = None,
     streamer: Any = None,
     stops: Sequence[Sequence[str]] | None = None,
+    decorations: Sequence[Decoration] = (),
 ) -> list[Completion]:
-    """Decode every prompt; ``vectors[site]`` (``[batch, hidden]``) is added while decoding.
+    """Decode every prompt; ``vectors[site]`` (``[batch, hidden]``) is added while decoding,
+    and each decoration's hooks and logits processors apply.
 
     ``stops[row]``: that row's stop sequences. Its decoding ends once one appears,
     and its text is cut before it.
@@ -70,8 +82,15 @@ def generate_batch(
     criteria = StopSequences(tok, input_ids.shape[1], stops) if stops and any(stops) else None
     if criteria is not None:
         decoding["stopping_criteria"] = [criteria]
-    context = steer(model.layout, vectors) if vectors else nullcontext()
-    with context, _seeded(options.seed if options.temperature > 0 else None):
+    processors = [p for d in decorations for p in d.logits_processors]
+    if processors:
+        decoding["logits_processor"] = LogitsProcessorList(processors)
+    with ExitStack() as stack:
+        if vectors:
+            stack.enter_context(steer(model.layout, vectors))
+        for decoration in decorations:
+            stack.enter_context(decoration.context)
+        stack.enter_context(_seeded(options.seed if options.temperature > 0 else None))
         out = model.model.generate(  # type: ignore[operator]
             input_ids=input_ids.to(model.device),
             attention_mask=attention.to(model.device),

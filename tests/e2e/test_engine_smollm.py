@@ -193,14 +193,14 @@ def test_dictionary_from_another_model_is_a_clear_error(engine, tmp_path):
 def test_response_contrast_extracts_and_filters(smollm, encoder):
     config = ExtractionConfig(
         sites=parse_sites("12.attn"),
-        contrast="response",
-        rouge_threshold=0.5,
-        rejected_max_new_tokens=16,
+        method="response",
+        params={"rouge_threshold": 0.5, "rejected_max_new_tokens": 16},
         batch_size=3,
     )
     extractor = Extractor(smollm, encoder, TEMPLATES["generic"], config)
     result = extractor.extract(PIRATE[:3], PIRATE, FORMAL, progress=False)
     assert len(result.entries) + len(result.skipped) == 3
-    assert result.meta.contrast == "response"
+    assert result.meta.method == "response"
+    assert result.meta.method_config["params"]["rouge_threshold"] == 0.5
     for entry in result.entries:
         assert entry.vector.values.shape == (1, 576) and entry.vector.values.norm() > 0
