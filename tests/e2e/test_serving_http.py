@@ -1,7 +1,7 @@
 """The server over real HTTP on loopback, with the real SmolLM2 model, via httpx and openai.
 
 One model and one store for the module; servers run in-process on ephemeral
-ports (:class:`fints.serving.loadtest.RunningServer`).
+ports (:class:`fints.serving.inprocess.RunningServer`).
 """
 
 from __future__ import annotations
@@ -18,10 +18,10 @@ import openai
 import pytest
 import torch
 
-from fints.engine import Personalizer
+from fints.engine import Personalizer, UnknownUser
 from fints.models import load_model
 from fints.serving.app import ServerConfig, create_app
-from fints.serving.loadtest import RunningServer
+from fints.serving.inprocess import RunningServer
 from fints.serving.payloads import Limits
 from fints.store import Store
 
@@ -93,6 +93,14 @@ def good_request(server: RunningServer) -> None:
     assert response.status_code == 200, response.text
 
 
+def metric(server: RunningServer, name: str) -> float:
+    """The value of an unlabelled sample on ``/metrics``."""
+    for line in httpx.get(server.url + "/metrics").text.splitlines():
+        if line.startswith(name + " "):
+            return float(line.split()[1])
+    raise AssertionError(f"{name} is not on /metrics")
+
+
 def sse_payloads(response: httpx.Response) -> list[Any]:
     events = [line for line in response.text.split("\n\n") if line.strip()]
     assert all(e.startswith("data: ") for e in events), events
@@ -103,18 +111,39 @@ def sse_payloads(response: httpx.Response) -> list[Any]:
 # -- basics ---------------------------------------------------------------------------------
 
 
-def test_health_models_and_metrics(server: RunningServer) -> None:
+def test_health(server: RunningServer) -> None:
     health = httpx.get(server.url + "/health")
-    assert health.status_code == 200 and health.json()["tenancy"] == "multi-tenant"
+    assert health.status_code == 200
+    assert health.json()["status"] == "ok" and health.json()["tenancy"] == "multi-tenant"
+
+
+def test_models_need_a_key_and_list_the_model(server: RunningServer) -> None:
     assert call(server, "GET", "/v1/models", key=None).status_code == 401
     models = call(server, "GET", "/v1/models").json()
     assert [m["id"] for m in models["data"]] == [MODEL]
+
+
+def test_metrics_count_requests_and_batches(server: RunningServer) -> None:
     good_request(server)
     metrics = httpx.get(server.url + "/metrics")
     assert metrics.status_code == 200
     for name in ("fints_batch_size", "fints_queue_seconds", "fints_tokens_per_second"):
-        assert name in metrics.text
+        assert f"{name}_count" in metrics.text
     assert 'fints_http_requests_total{route="/v1/completions",status="200"}' in metrics.text
+
+
+def test_a_generation_that_fails_in_the_worker_is_counted(server: RunningServer) -> None:
+    before = metric(server, "fints_generation_errors_total")
+    # short enough for the character check, too many tokens for max_prompt_tokens=256
+    too_long = call(server, "POST", "/v1/chat/completions", KEY_A, chat_body(None, "word " * 400))
+    assert too_long.json()["error"]["code"] == "context_length_exceeded"
+    assert metric(server, "fints_generation_errors_total") == before + 1
+
+
+def test_a_write_that_fails_is_counted(server: RunningServer) -> None:
+    before = metric(server, "fints_write_errors_total")
+    assert call(server, "DELETE", "/v1/users/never-added", KEY_A).status_code == 404
+    assert metric(server, "fints_write_errors_total") == before + 1
 
 
 def test_history_is_usable_by_the_next_request(server: RunningServer) -> None:
@@ -140,6 +169,7 @@ def test_httpx_stream_matches_non_stream(
     body = chat_body("alice", max_tokens=12, fints=STRONG)
     whole = call(server, "POST", "/v1/chat/completions", KEY_A, body).json()
     text = whole["choices"][0]["message"]["content"]
+    assert text, whole  # something to compare the stream with
     assert whole["fints"]["steered"] and set(whole["fints"]["retrieved"]) <= set(alice_ids["A"])
     streamed = call(
         server,
@@ -157,8 +187,15 @@ def test_httpx_stream_matches_non_stream(
     assert chunks[-2]["choices"][0]["finish_reason"] == whole["choices"][0]["finish_reason"]
     assert chunks[-1]["choices"] == [] and chunks[-1]["usage"] == whole["usage"]
 
-    # a stop sequence cuts both the same way
-    cut = text.split()[1] if len(text.split()) > 1 else text[-2:]
+
+def test_a_stop_sequence_cuts_stream_and_whole_alike(
+    server: RunningServer, alice_ids: dict[str, list[str]]
+) -> None:
+    body = chat_body("alice", max_tokens=12, fints=STRONG)
+    whole = call(server, "POST", "/v1/chat/completions", KEY_A, body).json()
+    text = whole["choices"][0]["message"]["content"]
+    assert len(text.split()) > 1, text  # a word to stop at, and text before it
+    cut = text.split()[1]
     stopped = call(server, "POST", "/v1/chat/completions", KEY_A, {**body, "stop": [cut]}).json()
     assert stopped["choices"][0]["message"]["content"] == text[: text.index(cut)]
     assert stopped["choices"][0]["finish_reason"] == "stop"
@@ -171,11 +208,23 @@ def test_httpx_stream_matches_non_stream(
     assert content == text[: text.index(cut)]
 
 
-def test_openai_client(server: RunningServer, alice_ids: dict[str, list[str]]) -> None:
-    client = openai.OpenAI(base_url=server.url + "/v1", api_key=KEY_A, max_retries=0)
-    assert [m.id for m in client.models.list().data] == [MODEL]
-    messages: list[Any] = [{"role": "user", "content": "Tell me about dogs."}]
+DOGS: list[Any] = [{"role": "user", "content": "Tell me about dogs."}]
 
+
+@pytest.fixture(scope="module")
+def client(server: RunningServer) -> openai.OpenAI:
+    return openai.OpenAI(base_url=server.url + "/v1", api_key=KEY_A, max_retries=0)
+
+
+def test_openai_client_lists_and_retrieves_the_model(client: openai.OpenAI) -> None:
+    assert [m.id for m in client.models.list().data] == [MODEL]
+    assert client.models.retrieve(MODEL).id == MODEL
+
+
+def test_openai_client_chat_streamed_and_whole_agree(
+    client: openai.OpenAI, alice_ids: dict[str, list[str]]
+) -> None:
+    messages = DOGS
     resp = client.chat.completions.create(
         model=MODEL,
         messages=messages,
@@ -199,15 +248,23 @@ def test_openai_client(server: RunningServer, alice_ids: dict[str, list[str]]) -
     streamed = "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
     assert streamed == resp.choices[0].message.content
 
+
+def test_openai_client_can_turn_steering_off(
+    client: openai.OpenAI, alice_ids: dict[str, list[str]]
+) -> None:
     off = client.chat.completions.create(
         model=MODEL,
-        messages=messages,
+        messages=DOGS,
         user="alice",
         max_tokens=8,
         extra_body={"fints": {"enabled": False}},
     )
     assert off.model_extra["fints"]["steered"] is False  # type: ignore[index]
 
+
+def test_openai_client_conversation_is_steered(
+    client: openai.OpenAI, alice_ids: dict[str, list[str]]
+) -> None:
     conversation: list[Any] = [
         {"role": "system", "content": "You answer in one sentence."},
         {"role": "user", "content": [{"type": "text", "text": "Hi."}]},
@@ -218,16 +275,19 @@ def test_openai_client(server: RunningServer, alice_ids: dict[str, list[str]]) -
         model=MODEL, messages=conversation, user="alice", max_tokens=4
     )
     assert multi.model_extra["fints"]["steered"] is True  # type: ignore[index]
-    assert client.models.retrieve(MODEL).id == MODEL
 
+
+def test_openai_client_completions_streamed_and_whole_agree(client: openai.OpenAI) -> None:
     done = client.completions.create(model=MODEL, prompt="The sky is", max_tokens=8, user="alice")
     stream_c = client.completions.create(
         model=MODEL, prompt="The sky is", max_tokens=8, user="alice", stream=True
     )
     assert "".join(c.choices[0].text for c in stream_c if c.choices) == done.choices[0].text
 
+
+def test_openai_client_sees_openai_errors(server: RunningServer, client: openai.OpenAI) -> None:
     with pytest.raises(openai.NotFoundError) as missing:
-        client.chat.completions.create(model="gpt-4o", messages=messages, max_tokens=4)
+        client.chat.completions.create(model="gpt-4o", messages=DOGS, max_tokens=4)
     assert missing.value.code == "model_not_found"
     bad_key = openai.OpenAI(base_url=server.url + "/v1", api_key="wrong-key-x", max_retries=0)
     with pytest.raises(openai.AuthenticationError):
@@ -410,28 +470,31 @@ BAD_REQUESTS: list[tuple[str, str, Any, int, str | None]] = [
 ]
 
 
-def test_bad_input_gets_clear_errors_and_the_server_keeps_serving(server: RunningServer) -> None:
-    for method, path, body, status, expected in BAD_REQUESTS:
-        if isinstance(body, str):
-            response = httpx.request(
-                method,
-                server.url + path,
-                content=body,
-                headers={"authorization": f"Bearer {KEY_A}", "content-type": "application/json"},
-            )
-        else:
-            response = call(server, method, path, KEY_A, body)
-        assert response.status_code == status, (path, body, response.text)
-        error = response.json()["error"]
-        assert set(error) == {"message", "type", "param", "code"} and error["message"]
-        if expected is not None:
-            assert expected in (error["code"], error["param"]), (expected, error)
-        good_request(server)
-    assert call(server, "GET", "/v1/users/erin/interactions").status_code == 404
+@pytest.mark.parametrize(("method", "path", "body", "status", "expected"), BAD_REQUESTS)
+def test_bad_input_gets_a_clear_error_and_the_server_keeps_serving(
+    server: RunningServer, method: str, path: str, body: Any, status: int, expected: str | None
+) -> None:
+    if isinstance(body, str):
+        response = httpx.request(
+            method,
+            server.url + path,
+            content=body,
+            headers={"authorization": f"Bearer {KEY_A}", "content-type": "application/json"},
+        )
+    else:
+        response = call(server, method, path, KEY_A, body)
+    assert response.status_code == status, (path, body, response.text)
+    error = response.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"} and error["message"]
+    if expected is not None:
+        assert expected in (error["code"], error["param"]), (expected, error)
+    if path.startswith("/v1/users/erin/"):  # a refused write stores nothing
+        assert call(server, "GET", "/v1/users/erin/interactions").status_code == 404
+    good_request(server)
 
 
 def test_unknown_user_can_be_a_404(personalizer: Personalizer) -> None:
-    config = replace(CONFIG, unknown_user="404", api_keys=None)
+    config = replace(CONFIG, unknown_user=UnknownUser.ERROR, api_keys=None)
     with RunningServer(create_app(personalizer, config)) as single:
         assert httpx.get(single.url + "/health").json()["tenancy"] == "single-tenant"
         missing = call(single, "POST", "/v1/chat/completions", None, chat_body("ghost"))

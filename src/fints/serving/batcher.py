@@ -5,17 +5,16 @@ few milliseconds for company (or not at all when the worker was busy and the
 queue filled meanwhile), and hands up to ``max_batch_size`` requests to the
 single worker thread that owns the model. The worker groups them by
 :class:`GenerationOptions` and runs each group as one
-:meth:`Personalizer.prepare` + :func:`generate_batch`, every row steered with its
-own user's vectors.
+:meth:`Personalizer.prepare` + :meth:`Personalizer.decode` (what
+:meth:`Personalizer.generate` does), every row steered with its own user's vectors.
 
 Writes (adding history with extraction, forgetting a user) go through the same
 queue and the same thread, so extraction and generation never share the model
 at once, and a write acknowledged to a client is visible to every request
 enqueued after it.
 
-Streaming: :class:`RowStreamer` receives each decoding step's ``[batch]`` tokens
-from ``generate`` and hands every streaming row its own text deltas
-(incrementally detokenized) through the row's asyncio queue.
+Streaming: a :class:`~fints.serving.streaming.RowStreamer` hands every streaming
+row its own text deltas, which reach the request through the row's asyncio queue.
 """
 
 from __future__ import annotations
@@ -24,19 +23,16 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from typing import Any, TypeVar
 
-import torch
-from transformers.generation.streamers import BaseStreamer
-
 from fints.engine import GenerationRequest, GenerationResult, Personalizer, PreparedBatch
-from fints.generation import GenerationOptions, generate_batch
-from fints.models import LoadedModel
-from fints.serving.api_spec import ApiError
+from fints.generation import GenerationOptions, eos_token_ids
+from fints.serving.api_errors import ApiError
 from fints.serving.metrics import ServingMetrics
+from fints.serving.streaming import RowStreamer
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -81,9 +77,12 @@ class GenerationJob:
     events: asyncio.Queue[Event] = field(default_factory=asyncio.Queue)
     enqueued_at: float = field(default_factory=time.perf_counter)
     abandoned: bool = False  # the client went away before the batch started
+    answered: bool = False  # Done or Failed was emitted (set and read by the worker)
 
     def emit(self, event: Event) -> None:
         """Thread-safe: called from the worker."""
+        if isinstance(event, Done | Failed):
+            self.answered = True
         with contextlib.suppress(RuntimeError):  # a closed loop: nobody is listening
             self.loop.call_soon_threadsafe(self.events.put_nowait, event)
 
@@ -104,112 +103,6 @@ class GenerationJob:
 class WriteJob:
     fn: Callable[[], Any]
     future: asyncio.Future[Any]
-
-
-# -- streaming --------------------------------------------------------------------------
-
-
-class IncrementalDecoder:
-    """Text deltas of a growing token list whose concatenation is ``decode(ids).strip()``.
-
-    Held back: a trailing incomplete UTF-8 sequence (decoded as U+FFFD) and
-    trailing whitespace (the final text is stripped), until more tokens come.
-    """
-
-    def __init__(self, tokenizer: Any) -> None:
-        self._tokenizer = tokenizer
-        self._ids: list[int] = []
-        self._emitted = ""
-
-    def add(self, token_id: int) -> str:
-        self._ids.append(token_id)
-        text = self._decode()
-        if text.endswith("\ufffd"):
-            return ""
-        return self._advance(text.rstrip())
-
-    def finish(self) -> str:
-        return self._advance(self._decode().rstrip())
-
-    def _decode(self) -> str:
-        return str(self._tokenizer.decode(self._ids, skip_special_tokens=True)).lstrip()
-
-    def _advance(self, stable: str) -> str:
-        if not stable.startswith(self._emitted):
-            return ""  # earlier text changed under a merge; what was sent stays sent
-        delta = stable[len(self._emitted) :]
-        self._emitted = stable
-        return delta
-
-
-class RowStreamer(BaseStreamer):
-    """Splits each decoding step's ``[batch]`` tokens into per-row text deltas.
-
-    ``sinks[row]`` receives the row's deltas (None: the row does not stream).
-    A row ends at its first end-of-sequence token, as in :func:`generate_batch`.
-    """
-
-    def __init__(
-        self,
-        tokenizer: Any,
-        eos_ids: set[int],
-        sinks: Sequence[Callable[[str], None] | None],
-    ) -> None:
-        self._sinks = list(sinks)
-        self._decoders = [IncrementalDecoder(tokenizer) if s else None for s in sinks]
-        self._finished = [s is None for s in sinks]
-        self._eos = eos_ids
-        self._prompt_seen = False
-
-    def put(self, value: torch.Tensor) -> None:
-        if not self._prompt_seen:  # generate() first pushes the prompt ids
-            self._prompt_seen = True
-            return
-        for row, token in enumerate(value.reshape(-1).tolist()):
-            if self._finished[row]:
-                continue
-            if token in self._eos:
-                self._finish(row)
-                continue
-            decoder, sink = self._decoders[row], self._sinks[row]
-            assert decoder is not None and sink is not None
-            delta = decoder.add(int(token))
-            if delta:
-                sink(delta)
-
-    def end(self) -> None:
-        for row in range(len(self._sinks)):
-            if not self._finished[row]:
-                self._finish(row)
-
-    def _finish(self, row: int) -> None:
-        self._finished[row] = True
-        decoder, sink = self._decoders[row], self._sinks[row]
-        if decoder is not None and sink is not None:
-            delta = decoder.finish()
-            if delta:
-                sink(delta)
-
-
-def eos_ids(model: LoadedModel) -> set[int]:
-    """The token ids that end a row, as :func:`generate_batch` counts them."""
-    ids: set[int] = set()
-    for value in (model.tokenizer.eos_token_id, model.model.generation_config.eos_token_id):
-        if isinstance(value, list | tuple):
-            ids.update(int(v) for v in value)
-        elif value is not None:
-            ids.add(int(value))
-    return ids
-
-
-def select_rows(prepared: PreparedBatch, rows: Sequence[int]) -> PreparedBatch:
-    index = torch.tensor(list(rows), dtype=torch.long)
-    return PreparedBatch(
-        prompts=[prepared.prompts[i] for i in rows],
-        vectors={site: v.index_select(0, index) for site, v in prepared.vectors.items()},
-        results=[prepared.results[i] for i in rows],
-        stops=[prepared.stops[i] for i in rows],
-    )
 
 
 # -- the batcher ------------------------------------------------------------------------
@@ -236,7 +129,7 @@ class Batcher:
         self.max_wait = max_wait_ms / 1000
         self.max_queue = max_queue
         self.max_prompt_tokens = max_prompt_tokens
-        self._eos = eos_ids(personalizer.model)
+        self._eos = eos_token_ids(personalizer.model)
         self._queue: asyncio.Queue[GenerationJob | WriteJob] | None = None
         self._executor: ThreadPoolExecutor | None = None
         self._task: asyncio.Task[None] | None = None
@@ -331,6 +224,7 @@ class Batcher:
         try:
             value = await loop.run_in_executor(self._executor, job.fn)
         except Exception as exc:
+            self.metrics.write_errors.inc()
             if not job.future.done():
                 job.future.set_exception(exc)
         else:
@@ -350,7 +244,13 @@ class Batcher:
             except BaseException as exc:  # never let one batch take the worker down
                 log.exception("batch of %d failed", len(group))
                 for job in group:
-                    job.emit(Failed(exc))
+                    if not job.answered:
+                        self._fail(job, exc)
+
+    def _fail(self, job: GenerationJob, error: BaseException) -> None:
+        """Answer one request with ``error`` and count it."""
+        self.metrics.generation_errors.inc()
+        job.emit(Failed(error))
 
     def _prepare(
         self, jobs: list[GenerationJob]
@@ -366,7 +266,7 @@ class Batcher:
                     p.prepare([job.request])
                     kept.append(job)
                 except Exception as exc:
-                    job.emit(Failed(exc))
+                    self._fail(job, exc)
             if not kept:
                 return None, []
             jobs = kept
@@ -375,22 +275,21 @@ class Batcher:
             i for i, ids in enumerate(prepared.prompts) if len(ids) > self.max_prompt_tokens
         }
         for i in sorted(too_long):
-            jobs[i].emit(
-                Failed(
-                    ApiError(
-                        400,
-                        f"the prompt is {len(prepared.prompts[i])} tokens long; this server "
-                        f"accepts at most {self.max_prompt_tokens}",
-                        param="messages" if not jobs[i].request.raw_prompt else "prompt",
-                        code="context_length_exceeded",
-                    )
-                )
+            self._fail(
+                jobs[i],
+                ApiError(
+                    400,
+                    f"the prompt is {len(prepared.prompts[i])} tokens long; this server "
+                    f"accepts at most {self.max_prompt_tokens}",
+                    param="messages" if not jobs[i].request.raw_prompt else "prompt",
+                    code="context_length_exceeded",
+                ),
             )
         if too_long:
             rows = [i for i in range(len(jobs)) if i not in too_long]
             if not rows:
                 return None, []
-            prepared = select_rows(prepared, rows)
+            prepared = prepared.select(rows)
             jobs = [jobs[i] for i in rows]
         return prepared, jobs
 
@@ -412,24 +311,14 @@ class Batcher:
             sinks = [_delta_sink(j) if j.stream else None for j in jobs]
             streamer = RowStreamer(self.personalizer.model.tokenizer, self._eos, sinks)
         began = time.perf_counter()
-        completions = generate_batch(
-            self.personalizer.model,
-            prepared.prompts,
-            prepared.vectors or None,
-            options,
-            streamer,
-            prepared.stops,
-        )
+        results = self.personalizer.decode(prepared, options, streamer=streamer)
         elapsed = time.perf_counter() - began
-        tokens = sum(len(c.token_ids) for c in completions)
+        tokens = sum(r.completion_tokens for r in results)
         m.generation_seconds.observe(elapsed)
         m.tokens_per_second.observe(tokens / max(elapsed, 1e-9))
         m.completion_tokens.inc(tokens)
-        m.prompt_tokens.inc(sum(len(p) for p in prepared.prompts))
-        for job, result, completion in zip(jobs, prepared.results, completions, strict=True):
-            result.text = completion.text
-            result.completion_tokens = len(completion.token_ids)
-            result.finish_reason = completion.finish_reason
+        m.prompt_tokens.inc(sum(r.prompt_tokens for r in results))
+        for job, result in zip(jobs, results, strict=True):
             m.generations.labels(steered=str(result.steered).lower()).inc()
             job.emit(Done(result, size))
 

@@ -1,30 +1,36 @@
 """A bounded load benchmark of the server, over real HTTP on loopback.
 
 N clients (one distinct user each) send M chat requests each, all at once.
-Three phases on the same load: batched and steered, batched and unsteered
-(``fints.enabled = false``), and steered one request at a time (a server with
-``max_batch_size=1``). The report gives p50/p99 latency, throughput and errors
-per phase, the batching speed-up and the cost of steering.
+Three phases on the same load (:class:`~fints.serving.loadreport.Phase`):
+batched and steered, batched and unsteered (``fints.enabled = false``), and
+steered one request at a time (a server with ``max_batch_size=1``). The report
+gives p50/p99 latency, throughput and errors per phase, the batching speed-up
+and the cost of steering. :func:`loadtest` is the ``fints loadtest`` command
+(``python -m fints.serving.loadtest`` runs it on its own).
 """
 
 from __future__ import annotations
 
-import statistics
+import logging
 import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import httpx
+import typer
 
 from fints.engine import Personalizer
 from fints.errors import FintsError
 from fints.serving.app import ServerConfig, create_app
+from fints.serving.factory import build_personalizer, command_failed, set_threads
+from fints.serving.inprocess import RunningServer
+from fints.serving.loadreport import LoadReport, Phase, PhaseResult, merge_phases
 
 TOPICS = [
     "cats",
@@ -90,157 +96,12 @@ class LoadSpec:
     def users(self) -> list[str]:
         return [f"{self.user_prefix}-{c}" for c in range(self.clients)]
 
-
-@dataclass
-class PhaseResult:
-    name: str
-    wall_s: float
-    latencies: list[float] = field(default_factory=list)
-    errors: list[str] = field(default_factory=list)
-    completion_tokens: int = 0
-    steered: int = 0
-    batch_sizes: list[int] = field(default_factory=list)
-    # in-process servers only: process CPU seconds, and the server's own time split
-    cpu_s: float | None = None
-    steering_s: float | None = None  # retrieval, aggregation, prompts (per batch, summed)
-    decode_s: float | None = None  # generate() with the steering hooks (per batch, summed)
-
-    @property
-    def ok(self) -> int:
-        return len(self.latencies)
-
-    def percentile(self, q: float) -> float:
-        if not self.latencies:
-            return float("nan")
-        ordered = sorted(self.latencies)
-        return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
-
-    @property
-    def requests_per_s(self) -> float:
-        return self.ok / self.wall_s if self.wall_s else 0.0
-
-    @property
-    def tokens_per_s(self) -> float:
-        return self.completion_tokens / self.wall_s if self.wall_s else 0.0
-
-    @property
-    def mean_batch(self) -> float:
-        return statistics.fmean(self.batch_sizes) if self.batch_sizes else 0.0
-
-    @property
-    def tokens_per_cpu_s(self) -> float | None:
-        return self.completion_tokens / self.cpu_s if self.cpu_s else None
-
-
-@dataclass
-class LoadReport:
-    spec: LoadSpec
-    setup_s: float
-    phases: list[PhaseResult]
-
-    @property
-    def errors(self) -> int:
-        return sum(len(p.errors) for p in self.phases)
-
-    def phase(self, name: str) -> PhaseResult | None:
-        return next((p for p in self.phases if p.name == name), None)
-
-    def render(self) -> str:
-        s = self.spec
-        lines = [
-            f"fints loadtest: {s.clients} clients x {s.requests} requests, max_tokens "
-            f"{s.max_tokens}, {s.clients} distinct users ({s.items_per_user} history items each), "
-            f"{s.rounds} round(s)",
-            f"setup (adding history with extraction): {self.setup_s:.1f} s",
-            "",
-            f"{'phase':<24}{'ok':>5}{'errors':>8}{'wall s':>9}{'p50 s':>8}{'p99 s':>8}"
-            f"{'req/s':>8}{'tok/s':>8}{'batch':>7}{'steered':>9}{'cpu s':>8}",
-        ]
-        for p in self.phases:
-            lines.append(
-                f"{p.name:<24}{p.ok:>5}{len(p.errors):>8}{p.wall_s:>9.2f}"
-                f"{p.percentile(0.5):>8.2f}{p.percentile(0.99):>8.2f}{p.requests_per_s:>8.2f}"
-                f"{p.tokens_per_s:>8.1f}{p.mean_batch:>7.2f}{p.steered:>9}"
-                + (f"{p.cpu_s:>8.1f}" if p.cpu_s is not None else f"{'-':>8}")
-            )
-        lines.append("")
-        batched, solo = self.phase("batched, steered"), self.phase("one-at-a-time, steered")
-        plain = self.phase("batched, unsteered")
-        if batched and solo and solo.requests_per_s:
-            lines.append(
-                f"batching: {batched.requests_per_s / solo.requests_per_s:.2f}x the requests/s "
-                f"and {_ratio(batched.tokens_per_s, solo.tokens_per_s):.2f}x the tokens/s of "
-                "one-request-at-a-time serving"
-            )
-        if batched and plain and plain.tokens_per_s:
-            ratio = batched.tokens_per_s / plain.tokens_per_s
-            lines.append(
-                f"steering, wall clock: steered serving runs at {ratio:.3f}x the tokens/s of "
-                f"unsteered serving on the same load (cost {100 * (1 - ratio):.1f}%; target <= 5%)"
-            )
-            steered_cpu, plain_cpu = batched.tokens_per_cpu_s, plain.tokens_per_cpu_s
-            if steered_cpu and plain_cpu:
-                cpu_ratio = steered_cpu / plain_cpu
-                lines.append(
-                    f"steering, CPU time: {cpu_ratio:.3f}x the tokens per CPU-second "
-                    f"(cost {100 * (1 - cpu_ratio):.1f}%; less sensitive to other load)"
-                )
-            if batched.steering_s is not None and batched.decode_s:
-                share = 100 * batched.steering_s / batched.decode_s
-                lines.append(
-                    "steering, server side: retrieval + aggregation took "
-                    f"{batched.steering_s:.2f} s = {share:.1f}% of the {batched.decode_s:.1f} s "
-                    "of decoding"
-                )
-        lines.append(f"errors: {self.errors}")
-        for p in self.phases:
-            lines.extend(f"  {p.name}: {e}" for e in p.errors[:5])
-        return "\n".join(lines)
-
-
-def _ratio(a: float, b: float) -> float:
-    return a / b if b else float("nan")
-
-
-# -- running a server in-process -----------------------------------------------------------
-
-
-class RunningServer:
-    """A uvicorn server on an ephemeral loopback port, in a background thread."""
-
-    def __init__(self, app: Any, host: str = "127.0.0.1", startup_timeout_s: float = 60) -> None:
-        import socket
-
-        import uvicorn
-
-        self._socket = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        self._socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self._socket.bind((host, 0))
-        port = self._socket.getsockname()[1]
-        self.url = f"http://{host}:{port}"
-        config = uvicorn.Config(app, log_level="warning", lifespan="on", timeout_keep_alive=30)
-        self.server = uvicorn.Server(config)
-        self.thread = threading.Thread(
-            target=self.server.run, kwargs={"sockets": [self._socket]}, daemon=True
+    def describe(self) -> str:
+        return (
+            f"fints loadtest: {self.clients} clients x {self.requests} requests, max_tokens "
+            f"{self.max_tokens}, {self.clients} distinct users ({self.items_per_user} history "
+            f"items each), {self.rounds} round(s)"
         )
-        self.thread.start()
-        deadline = time.monotonic() + startup_timeout_s
-        while not self.server.started:
-            if not self.thread.is_alive() or time.monotonic() > deadline:
-                self.stop()
-                raise FintsError("the in-process server did not start")
-            time.sleep(0.02)
-
-    def stop(self) -> None:
-        self.server.should_exit = True
-        self.thread.join(timeout=60)
-        self._socket.close()
-
-    def __enter__(self) -> RunningServer:
-        return self
-
-    def __exit__(self, *_exc: object) -> None:
-        self.stop()
 
 
 # -- the load -------------------------------------------------------------------------------
@@ -281,13 +142,13 @@ def served_model(url: str, api_key: str | None = None) -> str:
 
 
 def run_phase(
-    url: str, spec: LoadSpec, name: str, *, steered: bool, api_key: str | None = None
+    url: str, spec: LoadSpec, phase: Phase, *, steered: bool, api_key: str | None = None
 ) -> PhaseResult:
     """Every client sends its requests one after another; all clients start together."""
     model = served_model(url, api_key)
     start = threading.Barrier(spec.clients + 1)
     lock = threading.Lock()
-    result = PhaseResult(name=name, wall_s=0.0)
+    result = PhaseResult(phase=phase, wall_s=0.0)
 
     def client(index: int, user: str) -> None:
         with httpx.Client(base_url=url, headers=_headers(api_key), timeout=spec.timeout_s) as http:
@@ -335,7 +196,7 @@ def _warm_up(url: str, spec: LoadSpec, api_key: str | None = None) -> None:
     """One short request per client, steered and not: first-call costs stay out of the figures."""
     short = replace(spec, requests=1, max_tokens=min(spec.max_tokens, 4))
     for steered in (True, False):
-        run_phase(url, short, "warm-up", steered=steered, api_key=api_key)
+        run_phase(url, short, Phase.WARM_UP, steered=steered, api_key=api_key)
 
 
 def run_with_personalizer(
@@ -370,9 +231,9 @@ def run_with_personalizer(
             phases += _steered_and_unsteered(server.url, spec, round_, app=app)
         app = create_app(personalizer, replace(batched, max_batch_size=1))
         with RunningServer(app) as server:
-            solo = partial(run_phase, server.url, spec, "one-at-a-time, steered", steered=True)
+            solo = partial(run_phase, server.url, spec, Phase.SOLO_STEERED, steered=True)
             phases.append(_measured(app, solo))
-    return LoadReport(spec, setup_s, merge_phases(phases))
+    return LoadReport(spec.describe(), setup_s, merge_phases(phases))
 
 
 def _steered_and_unsteered(
@@ -382,7 +243,7 @@ def _steered_and_unsteered(
     order = [True, False] if round_ % 2 == 0 else [False, True]
     results = []
     for steered in order:
-        name = "batched, steered" if steered else "batched, unsteered"
+        name = Phase.BATCHED_STEERED if steered else Phase.BATCHED_UNSTEERED
         phase = partial(run_phase, url, spec, name, steered=steered, api_key=api_key)
         results.append(_measured(app, phase))
     return results
@@ -410,25 +271,6 @@ def _measured(app: Any, phase: Callable[[], PhaseResult]) -> PhaseResult:
     return result
 
 
-def merge_phases(phases: list[PhaseResult]) -> list[PhaseResult]:
-    """One result per phase name (rounds summed), in order of first appearance."""
-    merged: dict[str, PhaseResult] = {}
-    for p in phases:
-        into = merged.setdefault(p.name, PhaseResult(name=p.name, wall_s=0.0))
-        into.wall_s += p.wall_s
-        into.latencies += p.latencies
-        into.errors += p.errors
-        into.completion_tokens += p.completion_tokens
-        into.steered += p.steered
-        into.batch_sizes += p.batch_sizes
-        for name in ("cpu_s", "steering_s", "decode_s"):
-            value = getattr(p, name)
-            if value is not None:
-                setattr(into, name, (getattr(into, name) or 0.0) + value)
-    order = ["batched, steered", "batched, unsteered", "one-at-a-time, steered"]
-    return sorted(merged.values(), key=lambda p: order.index(p.name) if p.name in order else 9)
-
-
 @contextmanager
 def _store_path(store: Path | None) -> Iterator[Path]:
     if store is not None:
@@ -447,8 +289,6 @@ def run_in_process(
     dtype: str = "auto",
     store: Path | None = None,
 ) -> LoadReport:
-    from fints.serving.commands import build_personalizer
-
     with _store_path(store) as path:
         personalizer = build_personalizer(model=model, store=path, dtype=dtype)
         try:
@@ -467,12 +307,71 @@ def run_external(url: str, spec: LoadSpec, *, api_key: str | None = None) -> Loa
     phases: list[PhaseResult] = []
     for round_ in range(spec.rounds):
         phases += _steered_and_unsteered(url, spec, round_, api_key)
-    return LoadReport(spec, setup_s, merge_phases(phases))
+    return LoadReport(spec.describe(), setup_s, merge_phases(phases))
 
 
-if __name__ == "__main__":  # python -m fints.serving.loadtest (same options as fints loadtest)
-    import typer
+# -- the command ----------------------------------------------------------------------------
 
-    from fints.serving.commands import loadtest
 
+def loadtest(
+    clients: Annotated[int, typer.Option(help="Concurrent clients (one user each).")] = 8,
+    requests: Annotated[int, typer.Option(help="Requests per client.")] = 4,
+    max_tokens: Annotated[int, typer.Option(help="max_tokens of every request.")] = 32,
+    items_per_user: Annotated[int, typer.Option(help="History items added per user.")] = 3,
+    rounds: Annotated[
+        int, typer.Option(help="Run every phase this often (results are pooled).")
+    ] = 1,
+    max_batch_size: Annotated[int, typer.Option(help="Batch size of the batched server.")] = 8,
+    max_wait_ms: Annotated[
+        float,
+        typer.Option(
+            help="Batching window of the in-process servers (wide: a client that is late by a "
+            "few ms on a busy machine still joins the batch)."
+        ),
+    ] = 100.0,
+    model: Annotated[str | None, typer.Option(help="Model for the in-process server.")] = None,
+    dtype: Annotated[str, typer.Option(help="auto, float32, bfloat16 or float16.")] = "auto",
+    store: Annotated[
+        Path | None, typer.Option(help="Store for the in-process server; default: a temp file.")
+    ] = None,
+    url: Annotated[
+        str | None,
+        typer.Option(help="Measure a running server instead (steered vs unsteered only)."),
+    ] = None,
+    api_key: Annotated[str | None, typer.Option(help="API key for --url.")] = None,
+    threads: Annotated[
+        int | None, typer.Option(help="CPU threads for torch (default: torch's choice).")
+    ] = None,
+) -> None:
+    """A bounded load benchmark: latency, throughput, batching and steering cost."""
+    logging.basicConfig(level="WARNING")
+    logging.getLogger("fints.serving").setLevel(logging.ERROR)  # in-process servers: quiet
+    set_threads(threads)
+    try:
+        spec = LoadSpec(
+            clients=clients,
+            requests=requests,
+            max_tokens=max_tokens,
+            items_per_user=items_per_user,
+            rounds=rounds,
+        )
+        if url:
+            report = run_external(url, spec, api_key=api_key)
+        else:
+            report = run_in_process(
+                spec,
+                max_batch_size=max_batch_size,
+                max_wait_ms=max_wait_ms,
+                model=model,
+                dtype=dtype,
+                store=store,
+            )
+    except FintsError as exc:
+        raise command_failed(exc) from None
+    typer.echo(report.render())
+    if report.errors:
+        raise typer.Exit(1)
+
+
+if __name__ == "__main__":  # python -m fints.serving.loadtest (the same as fints loadtest)
     typer.run(loadtest)

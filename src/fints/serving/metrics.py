@@ -42,7 +42,15 @@ class ServingMetrics:
             registry=r,
         )
         self.generation_errors = Counter(
-            "fints_generation_errors", "Generations that failed in the worker", registry=r
+            "fints_generation_errors",
+            "Generation requests the worker answered with an error (a row that could not be "
+            "prepared, a prompt over the token limit, a batch that raised)",
+            registry=r,
+        )
+        self.write_errors = Counter(
+            "fints_write_errors",
+            "Writes (adding history, forgetting a user) that raised, unknown users included",
+            registry=r,
         )
         self.batch_size = Histogram(
             "fints_batch_size",

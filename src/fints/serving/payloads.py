@@ -16,15 +16,15 @@ from fints.errors import InvalidInputError
 from fints.generation import GenerationOptions
 from fints.history import HistoryItem, check_unique_ids
 from fints.prompts import PromptTemplate, render_prompt
+from fints.serving.api_errors import ApiError
 from fints.serving.api_spec import (
-    ApiError,
     ChatCompletionRequest,
     ChatMessage,
     CompletionRequest,
     FintsOptions,
     InteractionItem,
 )
-from fints.sites import Component, check_layers_in_range, parse_sites
+from fints.sites import check_layers_in_range
 from fints.steering import SteeringConfig
 from fints.stopping import check_stops, cut_at_stop
 from fints.store import check_name
@@ -151,38 +151,24 @@ def generation_options(
 def steering_config(
     default: SteeringConfig, options: FintsOptions | None, num_layers: int
 ) -> SteeringConfig:
-    """The server's default steering with the request's ``fints`` overrides applied."""
+    """The server's default steering with the request's ``fints`` overrides applied.
+
+    Parsed by :meth:`SteeringConfig.from_dict`, as the server's defaults are, so a
+    mistake gets the same message everywhere; ``param`` names the field (``fints.tau``).
+    """
     if options is None:
         return default
-    changes: dict[str, Any] = {
-        name: getattr(options, name)
-        for name in ("enabled", "top_k", "aggregation", "tau", "relative", "icl_k")
-        if getattr(options, name) is not None
-    }
-    if options.strengths is not None:
-        strengths = dict(default.strengths)
-        for component, value in options.strengths.items():
-            try:
-                strengths[Component(component)] = value
-            except ValueError:
-                raise ApiError(
-                    400,
-                    f"unknown steering component {component!r} in fints.strengths: expected "
-                    f"one of {[c.value for c in Component]}",
-                    param="fints.strengths",
-                ) from None
-        changes["strengths"] = strengths
-    if options.sites is not None:
+    try:
+        config = SteeringConfig.from_dict(options.model_dump(exclude_none=True), base=default)
+    except InvalidInputError as exc:
+        param = f"fints.{exc.param}" if exc.param else "fints"
+        raise ApiError(400, str(exc), param=param) from None
+    if options.sites is not None and config.sites is not None:
         try:
-            sites = parse_sites(options.sites)
-            check_layers_in_range(sites, num_layers)
+            check_layers_in_range(config.sites, num_layers)
         except InvalidInputError as exc:
             raise ApiError(400, str(exc), param="fints.sites") from None
-        changes["sites"] = sites
-    try:
-        return default.with_(**changes)
-    except InvalidInputError as exc:
-        raise ApiError(400, str(exc), param="fints") from None
+    return config
 
 
 def chat_prompt(

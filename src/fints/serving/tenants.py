@@ -16,11 +16,10 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from fints.errors import FintsError, InvalidInputError
-from fints.serving.api_spec import ApiError
+from fints.serving.api_errors import ApiError
 from fints.store import DEFAULT_TENANT, check_name
 
 KEYS_ENV = "FINTS_API_KEYS"
-TENANT_HEADER = "x-fints-tenant"
 MIN_KEY_CHARS = 8
 
 

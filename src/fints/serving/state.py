@@ -1,0 +1,68 @@
+"""What one app holds: its configuration and the objects its handlers share.
+
+:func:`~fints.serving.app.create_app` puts a :class:`ServerState` on
+``app.state.fints``; handlers reach it with :func:`server_of`.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+from fastapi import Request
+
+from fints.engine import Personalizer, UnknownUser
+from fints.errors import InvalidInputError
+from fints.serving.batcher import Batcher
+from fints.serving.metrics import ServingMetrics
+from fints.serving.payloads import Limits
+from fints.serving.tenants import TenantResolver
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    """Everything the app needs besides the personalizer (which holds model and store)."""
+
+    model_id: str | None = None  # the name clients send as "model"; None: the model's name
+    limits: Limits = field(default_factory=Limits)
+    max_batch_size: int = 8
+    max_wait_ms: float = 5.0
+    max_queue: int = 256
+    # a request naming a user without history: serve it unsteered, or answer 404 (ERROR)
+    unknown_user: UnknownUser = UnknownUser.UNSTEERED
+    extract_on_write: bool = True  # extract vectors when history is added (off: store only)
+    api_keys: Mapping[str, str] | None = None  # key -> tenant; None: single-tenant, no auth
+
+    def __post_init__(self) -> None:
+        try:
+            object.__setattr__(self, "unknown_user", UnknownUser(self.unknown_user))
+        except ValueError:
+            raise InvalidInputError(
+                f"unknown_user must be one of {[u.value for u in UnknownUser]}, "
+                f"got {self.unknown_user!r}"
+            ) from None
+
+
+@dataclass
+class ServerState:
+    """The personalizer, the configuration and the serving objects of one app."""
+
+    personalizer: Personalizer
+    config: ServerConfig
+    model_id: str  # what clients send as "model"
+    metrics: ServingMetrics
+    batcher: Batcher
+    tenants: TenantResolver
+    created: int = field(default_factory=lambda: int(time.time()))
+
+    @property
+    def served(self) -> list[str]:
+        """The model names this server answers to."""
+        return sorted({self.model_id, self.personalizer.model.name})
+
+
+def server_of(request: Request) -> ServerState:
+    state = request.app.state.fints
+    assert isinstance(state, ServerState)
+    return state
