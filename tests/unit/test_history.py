@@ -4,12 +4,18 @@ from fints.errors import InvalidInputError
 from fints.history import MAX_ITEM_CHARS, HistoryItem, parse_history_lines, read_history
 
 
-def test_parse_good_lines_with_ids_and_blank_lines():
+def test_given_ids_are_kept_and_blank_lines_skipped():
     items = parse_history_lines(
         ['{"input": "a", "output": "b", "id": "x1"}', "", '{"input": "c", "output": "d"}']
     )
-    assert items[0].item_id == "x1" and len(items) == 2
-    assert items[1].item_id == HistoryItem("c", "d").item_id  # stable content id
+    assert len(items) == 2
+    assert (items[0].input, items[0].output, items[0].item_id) == ("a", "b", "x1")
+
+
+def test_an_item_without_an_id_gets_a_stable_content_id():
+    (item,) = parse_history_lines(['{"input": "c", "output": "d"}'])
+    assert item.item_id == HistoryItem("c", "d").item_id
+    assert item.item_id != HistoryItem("c", "e").item_id
 
 
 def test_every_bad_line_is_named():
@@ -35,17 +41,23 @@ def test_every_bad_line_is_named():
         assert fragment in text
 
 
-def test_empty_file_and_missing_file(tmp_path):
+def test_an_empty_file_is_refused(tmp_path):
     (tmp_path / "e.jsonl").write_text("\n\n")
     with pytest.raises(InvalidInputError, match="empty"):
         read_history(tmp_path / "e.jsonl")
+
+
+def test_a_missing_file_is_named(tmp_path):
     with pytest.raises(InvalidInputError, match="does not exist"):
         read_history(tmp_path / "nope.jsonl")
 
 
-def test_oversized_and_duplicate_items():
+def test_an_oversized_item_is_refused():
     with pytest.raises(InvalidInputError, match="characters"):
         HistoryItem("x" * (MAX_ITEM_CHARS + 1), "y")
+
+
+def test_duplicate_ids_are_refused():
     with pytest.raises(InvalidInputError, match="duplicate"):
         parse_history_lines(
             ['{"input":"a","output":"b","id":"1"}', '{"input":"c","output":"d","id":"1"}']

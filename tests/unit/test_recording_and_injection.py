@@ -73,14 +73,24 @@ def test_zero_vector_leaves_logits_bit_identical(arch_model):
     assert torch.equal(base, steered)
 
 
-def test_vector_changes_logits_and_hooks_are_removed_on_exit(arch_model):
+def test_a_vector_changes_the_logits(arch_model):
     layout = resolve_layout(arch_model)
     ids = torch.tensor([[1, 5, 7, 9]])
     base = arch_model(ids).logits
     vec = {SITES[1]: torch.full((1, arch_model.config.hidden_size), 0.5)}
     with steer(layout, vec):
         assert not torch.allclose(arch_model(ids).logits, base)
+
+
+def test_hooks_are_removed_on_exit(arch_model):
+    layout = resolve_layout(arch_model)
+    ids = torch.tensor([[1, 5, 7, 9]])
+    base = arch_model(ids).logits
+    vec = {SITES[1]: torch.full((1, arch_model.config.hidden_size), 0.5)}
+    with steer(layout, vec):
+        arch_model(ids)
     assert torch.equal(arch_model(ids).logits, base)
+    assert all(not m._forward_hooks for m in arch_model.modules())
 
 
 def test_hooks_are_removed_when_the_body_raises(arch_model):
@@ -94,7 +104,7 @@ def test_hooks_are_removed_when_the_body_raises(arch_model):
     assert all(not m._forward_hooks for m in arch_model.modules())
 
 
-def test_nan_vector_and_wrong_batch_are_clear_errors(arch_model):
+def test_a_nan_vector_is_a_clear_error_and_leaves_no_hooks(arch_model):
     layout = resolve_layout(arch_model)
     d = arch_model.config.hidden_size
     with (
@@ -102,6 +112,12 @@ def test_nan_vector_and_wrong_batch_are_clear_errors(arch_model):
         steer(layout, {SITES[0]: torch.full((1, d), float("nan"))}),
     ):
         pass
+    assert all(not m._forward_hooks for m in arch_model.modules())
+
+
+def test_vectors_for_another_batch_size_are_a_clear_error(arch_model):
+    layout = resolve_layout(arch_model)
+    d = arch_model.config.hidden_size
     with (
         steer(layout, {SITES[0]: torch.ones(3, d)}),
         pytest.raises(InvalidInputError, match="3 vectors for a batch of 1"),

@@ -39,23 +39,28 @@ def _model(sha: str | None = None, size: int | None = None) -> SplitGGUF:
     )
 
 
-def test_parts_are_joined_in_order_and_checked_once(parts, tmp_path):
-    out = tmp_path / "models"
-    path = assemble(_model(), out)
+def test_parts_are_joined_in_order_and_checked(parts, tmp_path):
+    path = assemble(_model(), tmp_path / "models")
     assert path.read_bytes() == b"".join(CHUNKS)
     assert path.with_suffix(".sha256").read_text().strip() == _model().sha256
-    # Once checked, the file is reused even if a part disappears.
+
+
+def test_a_checked_file_is_reused_without_its_parts(parts, tmp_path):
+    out = tmp_path / "models"
+    path = assemble(_model(), out)
     (parts / "fakesplit_part2" / "data" / "part02.bin").unlink()
     assert assemble(_model(), out) == path
+    assert path.read_bytes() == b"".join(CHUNKS)
 
 
-def test_a_checksum_mismatch_leaves_nothing_behind(parts, tmp_path):
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [({"sha": "0" * 64}, "do not match the published file"), ({"size": 5}, "expected 5 bytes")],
+)
+def test_a_mismatch_leaves_nothing_behind(parts, tmp_path, changes, message):
     out = tmp_path / "models"
-    with pytest.raises(FintsError, match="do not match the published file"):
-        assemble(_model(sha="0" * 64), out)
-    assert list(out.iterdir()) == []
-    with pytest.raises(FintsError, match="expected 5 bytes"):
-        assemble(_model(size=5), out)
+    with pytest.raises(FintsError, match=message):
+        assemble(_model(**changes), out)
     assert list(out.iterdir()) == []
 
 

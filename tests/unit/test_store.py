@@ -61,29 +61,64 @@ def test_duplicate_id_rejects_the_whole_batch(store):
     assert store.items("t", "alice") == before
 
 
-def test_tenants_are_isolated(store):
+def test_tenants_keep_separate_items(store):
     store.add_items("t1", "bob", items("x"))
     store.add_items("t2", "bob", items("y"))
     assert {i.input for i in store.items("t1", "bob")} == {f"x input {i}" for i in range(3)}
+    assert {i.input for i in store.items("t2", "bob")} == {f"y input {i}" for i in range(3)}
+
+
+def test_deleting_a_user_in_one_tenant_leaves_the_other(store):
+    store.add_items("t1", "bob", items("x"))
+    store.add_items("t2", "bob", items("y"))
     store.delete_user("t1", "bob")
     assert not store.has_user("t1", "bob")
     assert len(store.items("t2", "bob")) == 3
+
+
+def test_a_deleted_user_is_unknown(store):
+    store.add_items("t1", "bob", items("x"))
+    store.delete_user("t1", "bob")
     with pytest.raises(UnknownUserError):
         store.items("t1", "bob")
+
+
+def test_the_negative_pool_never_reaches_another_tenant(store):
+    store.add_items("t1", "carol", items("c"))
+    store.add_items("t1", "dave", items("d"))
+    store.add_items("t2", "bob", items("y"))
     assert store.other_users_items("t2", "bob", 10) == []
+    assert {i.item_id for i in store.other_users_items("t1", "dave", 10)} == {"c0", "c1", "c2"}
 
 
-def test_entries_roundtrip_and_version_bumps(store):
+def test_putting_entries_bumps_the_version(store):
     store.add_items("t", "alice", items("a"))
     v0 = store.version("t", "alice")
-    store.put_entries("t", "alice", meta(), [entry("a0", 1.0), entry("a1", 2.0)])
+    store.put_entries("t", "alice", meta(), [entry("a0", 1.0)])
     assert store.version("t", "alice") > v0
+
+
+def test_entries_roundtrip_with_their_texts(store):
+    store.add_items("t", "alice", items("a"))
+    store.put_entries("t", "alice", meta(), [entry("a0", 1.0), entry("a1", 2.0)])
     d = store.dictionary("t", "alice", "fp-a")
     assert d is not None and d.item_ids == ["a0", "a1"]
     torch.testing.assert_close(d.vectors[1], torch.full((2, HIDDEN), 2.0))
+    torch.testing.assert_close(d.keys[0], entry("a0", 1.0).key)
     assert [i.output for i in d.items] == ["a output 0", "a output 1"]
+
+
+def test_another_models_dictionary_is_none(store):
+    store.add_items("t", "alice", items("a"))
+    store.put_entries("t", "alice", meta(), [entry("a0")])
     assert store.dictionary("t", "alice", "fp-other") is None
+
+
+def test_items_without_entries_are_the_ones_left_to_extract(store):
+    store.add_items("t", "alice", items("a"))
+    store.put_entries("t", "alice", meta(), [entry("a0"), entry("a1")])
     assert [i.item_id for i in store.items_without_entries("t", "alice", "fp-a")] == ["a2"]
+    assert len(store.items_without_entries("t", "alice", "fp-other")) == 3
 
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])
@@ -95,13 +130,19 @@ def test_non_finite_vectors_are_rejected_and_nothing_changes(store, bad):
     assert store.dictionary("t", "alice", "fp-a").item_ids == ["a0"]
 
 
-def test_entries_for_another_space_are_rejected(store):
+def test_entries_for_other_sites_are_rejected(store):
     store.add_items("t", "alice", items("a"))
     store.put_entries("t", "alice", meta(), [entry("a0")])
     other = meta(sites=parse_sites("3.attn+mlp"))
     bad = DictionaryEntry("a1", entry("a1").key, SteeringVector(other.sites, torch.ones(2, HIDDEN)))
     with pytest.raises(DictionaryMismatchError, match="other sites"):
         store.put_entries("t", "alice", other, [bad])
+    assert store.dictionary("t", "alice", "fp-a").item_ids == ["a0"]
+
+
+def test_entries_of_another_hidden_size_are_rejected(store):
+    store.add_items("t", "alice", items("a"))
+    store.put_entries("t", "alice", meta(), [entry("a0")])
     with pytest.raises(InvalidInputError, match="expected"):
         store.put_entries("t", "alice", meta(hidden_size=9), [entry("a1")])
     assert store.dictionary("t", "alice", "fp-a").item_ids == ["a0"]
@@ -121,22 +162,41 @@ def test_delete_leaves_no_trace_in_the_file(store, tmp_path):
     assert store.users("t") == ["carol"]
 
 
-def test_export_import_roundtrip(store, tmp_path):
+def exported(store, tmp_path) -> UserDictionary:
     store.add_items("t", "alice", items("a"))
     store.put_entries("t", "alice", meta(), [entry("a0", 1.0), entry("a1", 2.0)])
-    exported = store.dictionary("t", "alice", "fp-a")
-    exported.save(tmp_path / "export")
+    d = store.dictionary("t", "alice", "fp-a")
+    d.save(tmp_path / "export")
+    return d
+
+
+def test_export_and_load_roundtrip(store, tmp_path):
+    original = exported(store, tmp_path)
     loaded = UserDictionary.load(tmp_path / "export")
-    assert loaded.meta == exported.meta and loaded.item_ids == exported.item_ids
-    torch.testing.assert_close(loaded.vectors, exported.vectors)
-    store.import_dictionary("t2", loaded, user="alice-copy")
+    assert loaded.meta == original.meta and loaded.item_ids == original.item_ids
+    assert loaded.items == original.items
+    torch.testing.assert_close(loaded.vectors, original.vectors)
+    torch.testing.assert_close(loaded.keys, original.keys)
+
+
+def test_an_exported_dictionary_imports_under_another_name(store, tmp_path):
+    original = exported(store, tmp_path)
+    store.import_dictionary("t2", UserDictionary.load(tmp_path / "export"), user="alice-copy")
     again = store.dictionary("t2", "alice-copy", "fp-a")
-    torch.testing.assert_close(again.keys, exported.keys)
+    assert again is not None and again.item_ids == original.item_ids
+    torch.testing.assert_close(again.keys, original.keys)
+    torch.testing.assert_close(again.vectors, original.vectors)
+
+
+def test_importing_over_an_existing_user_is_refused(store, tmp_path):
+    exported(store, tmp_path)
+    loaded = UserDictionary.load(tmp_path / "export")
+    store.import_dictionary("t2", loaded, user="alice-copy")
     with pytest.raises(InvalidInputError, match="already exists"):
         store.import_dictionary("t2", loaded, user="alice-copy")
 
 
-def test_import_of_a_corrupt_dictionary_stores_nothing(store, tmp_path):
+def test_import_of_a_dictionary_without_texts_stores_nothing(store):
     store.add_items("t", "alice", items("a"))
     store.put_entries("t", "alice", meta(), [entry("a0", 1.0)])
     d = store.dictionary("t", "alice", "fp-a")
@@ -144,6 +204,9 @@ def test_import_of_a_corrupt_dictionary_stores_nothing(store, tmp_path):
     with pytest.raises(InvalidInputError, match="no history texts"):
         store.import_dictionary("t", d, user="copy")
     assert not store.has_user("t", "copy")
+
+
+def test_loading_a_corrupt_dictionary_folder_is_a_clear_error(tmp_path):
     (tmp_path / "broken").mkdir()
     (tmp_path / "broken" / "dictionary.json").write_text("{not json")
     (tmp_path / "broken" / "vectors.safetensors").write_bytes(b"junk")
@@ -151,14 +214,21 @@ def test_import_of_a_corrupt_dictionary_stores_nothing(store, tmp_path):
         UserDictionary.load(tmp_path / "broken")
 
 
-def test_meta_check_model_names_the_mismatch():
-    m = meta()
-    with pytest.raises(DictionaryMismatchError, match="not from the loaded model"):
-        m.check_model("fp-b", HIDDEN, 4)
-    with pytest.raises(DictionaryMismatchError, match="hidden size"):
-        m.check_model("fp-a", 16, 4)
-    with pytest.raises(DictionaryMismatchError, match="out of range"):
-        m.check_model("fp-a", HIDDEN, 2)
+@pytest.mark.parametrize(
+    ("fingerprint", "hidden", "layers", "message"),
+    [
+        ("fp-b", HIDDEN, 4, "not from the loaded model"),
+        ("fp-a", 16, 4, "hidden size"),
+        ("fp-a", HIDDEN, 2, "out of range"),
+    ],
+)
+def test_meta_check_model_names_the_mismatch(fingerprint, hidden, layers, message):
+    with pytest.raises(DictionaryMismatchError, match=message):
+        meta().check_model(fingerprint, hidden, layers)
+
+
+def test_meta_check_model_accepts_its_own_model():
+    meta().check_model("fp-a", HIDDEN, 3)  # raises nothing
 
 
 def test_failed_transaction_rolls_back(store):
@@ -169,12 +239,23 @@ def test_failed_transaction_rolls_back(store):
     assert len(store.items("t", "alice")) == 3
 
 
-def test_negative_pool_is_seeded_and_never_the_user(store):
-    store.add_items("t", "alice", items("a", 5))
-    store.add_items("t", "bob", items("b", 5))
-    store.add_items("t", "carol", items("c", 5))
-    first = store.other_users_items("t", "alice", 6, seed=3)
-    assert first == store.other_users_items("t", "alice", 6, seed=3)
-    assert len(first) == 6 and not any(i.item_id.startswith("a") for i in first)
-    assert len(store.other_users_items("t", "alice", 100)) == 10
-    assert store.other_users_items("t", "alice", 6, seed=4) != first
+@pytest.fixture
+def three_users(store):
+    for prefix, user in (("a", "alice"), ("b", "bob"), ("c", "carol")):
+        store.add_items("t", user, items(prefix, 5))
+    return store
+
+
+def test_the_negative_pool_is_seeded(three_users):
+    first = three_users.other_users_items("t", "alice", 6, seed=3)
+    assert first == three_users.other_users_items("t", "alice", 6, seed=3)
+    assert three_users.other_users_items("t", "alice", 6, seed=4) != first
+
+
+def test_the_negative_pool_never_holds_the_users_own_items(three_users):
+    pool = three_users.other_users_items("t", "alice", 6, seed=3)
+    assert len(pool) == 6 and not any(i.item_id.startswith("a") for i in pool)
+
+
+def test_the_negative_pool_is_at_most_every_other_item(three_users):
+    assert len(three_users.other_users_items("t", "alice", 100)) == 10
