@@ -141,6 +141,8 @@ class Personalizer:
         self.modes = [MODES[m]() for m in modes]
         self.backend = BACKENDS[backend](model)
         self._cache: dict[tuple[str, str], tuple[int, UserDictionary | None]] = {}
+        # per tenant: extraction methods' tenant-level state (e.g. a trained shared vector)
+        self._method_state: dict[str, dict[str, Any]] = {}
         self._cache_lock = threading.Lock()
 
     # -- history and dictionaries -------------------------------------------------------
@@ -169,15 +171,38 @@ class Personalizer:
             raise UnknownUserError(f"unknown user {user!r} in tenant {tenant!r}")
         if not pending:
             return None
+        settings = self.extraction.settings
         history = self.store.items(tenant, user)
-        pool = self.store.other_users_items(
-            tenant, user, limit=self.extraction.settings.pool_size, seed=self.extraction.seed
+        pool = self.store.sample_items(
+            tenant,
+            settings.pool_size,
+            self.extraction.seed,
+            exclude_user=None if settings.pool_includes_user else user,
         )
         extractor = Extractor(self.model, self.encoder, self.template, self.extraction)
-        result = extractor.extract(pending, history, pool, progress=progress)
+        result = extractor.extract(
+            history if settings.rebuilds_all else pending,
+            history,
+            pool,
+            progress=progress,
+            previous=self._current_vector(user, tenant) if settings.rebuilds_all else None,
+            shared=self._method_state.setdefault(tenant, {}),
+        )
         if result.entries:
             self.store.put_entries(tenant, user, result.meta, result.entries)
         return result
+
+    def _current_vector(self, user: str, tenant: str) -> torch.Tensor | None:
+        """The mean of the user's entries, if made the way this engine extracts."""
+        current = self.dictionary(user, tenant=tenant)
+        if (
+            current is None
+            or not len(current)
+            or current.meta.method != self.extraction.method
+            or current.meta.sites != self.extraction.sites
+        ):
+            return None
+        return current.vectors.mean(dim=0)
 
     def dictionary(self, user: str, *, tenant: str = DEFAULT_TENANT) -> UserDictionary | None:
         """The user's dictionary for this model (cached until the user's data changes)."""
@@ -214,6 +239,7 @@ class Personalizer:
         self.store.delete_user(tenant, user)
         with self._cache_lock:
             self._cache.pop((tenant, user), None)
+        self._method_state.pop(tenant, None)  # it may hold what was learned from the user
 
     # -- generation -------------------------------------------------------------------
 

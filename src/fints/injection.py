@@ -34,11 +34,11 @@ def _adder(site: Site, vector: torch.Tensor) -> Any:
 
     def hook(_module: nn.Module, _inputs: Any, output: Any) -> Any:
         hidden = _hidden(output)
-        if hidden.shape[0] != vector.shape[0]:
+        if vector.shape[0] not in (1, hidden.shape[0]):
             raise InvalidInputError(
                 f"steering at {site}: {vector.shape[0]} vectors for a batch of "
-                f"{hidden.shape[0]} rows (one vector per row is needed; beam search and "
-                "num_return_sequences > 1 are not supported while steering)"
+                f"{hidden.shape[0]} rows (one vector per row, or one for all rows, is needed; "
+                "beam search and num_return_sequences > 1 are not supported while steering)"
             )
         key = (hidden.dtype, hidden.device)
         if key not in cache:
@@ -50,7 +50,8 @@ def _adder(site: Site, vector: torch.Tensor) -> Any:
 
 @contextmanager
 def steer(layout: DecoderLayout, vectors: Mapping[Site, torch.Tensor]) -> Iterator[None]:
-    """Add ``vectors[site]`` (``[batch, hidden]``, already scaled) at each site.
+    """Add ``vectors[site]`` (``[batch, hidden]``, already scaled) at each site; a
+    ``[1, hidden]`` vector is added to every row.
 
     Strengths are applied by the caller (see :func:`fints.steering.effective_vectors`),
     so the hook itself is a single addition.

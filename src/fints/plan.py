@@ -34,6 +34,7 @@ class SteeringPlan:
     site_norms: torch.Tensor  # [batch, sites] typical activation norms (0 where no vector)
     configs: tuple[SteeringConfig, ...]
     steered: tuple[bool, ...]  # rows that have a dictionary (and steering enabled)
+    row_sites: tuple[tuple[Site, ...], ...]  # per row: the sites its dictionary has
     retrieved: tuple[tuple[str, ...], ...]  # per row: retrieved item ids, best first
     weights: tuple[tuple[float, ...], ...]  # per row: their aggregation weights
 
@@ -63,14 +64,20 @@ class SteeringPlan:
 
     def randomized(self, seeds: Sequence[str]) -> SteeringPlan:
         """Each row's vectors replaced by a random direction of the same norm per site,
-        drawn from the row's own seed (so a row's control does not depend on its batch)."""
-        out = torch.empty_like(self.aggregated)
+        drawn from the row's own seed over the row's own sites (so a row's control does
+        not depend on the rest of its batch)."""
+        if len(seeds) != len(self.steered):
+            raise InvalidInputError(f"{len(seeds)} seeds for a plan of {len(self.steered)} rows")
+        out = torch.zeros_like(self.aggregated)
         for row, seed in enumerate(seeds):
-            digest = hashlib.sha256(f"random:{seed}".encode()).hexdigest()
+            columns = [self.sites.index(s) for s in self.row_sites[row]]
+            if not columns:
+                continue
+            digest = hashlib.sha256(seed.encode()).hexdigest()
             gen = torch.Generator().manual_seed(int(digest[:12], 16))
-            noise = torch.randn(self.aggregated.shape[1:], generator=gen)
+            noise = torch.randn((len(columns), self.aggregated.shape[2]), generator=gen)
             noise = noise / noise.norm(dim=-1, keepdim=True).clamp_min(1e-12)
-            out[row] = noise * self.aggregated[row].norm(dim=-1, keepdim=True)
+            out[row, columns] = noise * self.aggregated[row, columns].norm(dim=-1, keepdim=True)
         return self.with_aggregated(out)
 
 
@@ -128,6 +135,7 @@ def plan_steering(
         site_norms=norms,
         configs=tuple(configs),
         steered=tuple(d is not None for d in use),
+        row_sites=tuple(d.meta.sites if d is not None else () for d in use),
         retrieved=tuple(retrieved),
         weights=tuple(weights),
     )

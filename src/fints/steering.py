@@ -133,10 +133,7 @@ class SteeringConfig:
             strengths[comp] = float(value)
         object.__setattr__(self, "strengths", {**DEFAULT_STRENGTHS, **strengths})
         if self.sites is not None:
-            try:
-                sites = parse_sites(self.sites)
-            except InvalidInputError as exc:
-                raise InvalidInputError(str(exc), param="sites") from None
+            sites = parse_sites_param(self.sites)
             object.__setattr__(self, "sites", sites)
 
     def to_dict(self) -> dict[str, Any]:
@@ -180,6 +177,23 @@ class SteeringConfig:
         return self.strengths[site.component]
 
 
+def parse_sites_param(value: object) -> tuple[Site, ...]:
+    """Sites from a string (``"15.attn+mlp"``) or a list of strings; errors name ``sites``."""
+    ok = isinstance(value, str) or (
+        isinstance(value, list | tuple) and all(isinstance(v, str | Site) for v in value)
+    )
+    if not ok:
+        raise InvalidInputError(
+            f"sites must be a string such as '15.attn+mlp' or a list of such strings, "
+            f"got {value!r}",
+            param="sites",
+        )
+    try:
+        return parse_sites(value)  # type: ignore[arg-type]
+    except InvalidInputError as exc:
+        raise InvalidInputError(str(exc), param="sites") from None
+
+
 def _is_number(value: object) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
 
@@ -208,8 +222,13 @@ def effective_vectors(
     vectors = aggregated * scale.unsqueeze(-1)
     relative = torch.tensor([c.relative for c in configs])
     if relative.any():
-        if site_norms is None:
-            raise InvalidInputError("relative strengths need the dictionary's site norms")
+        used = relative.view(-1, 1) & (scale != 0)
+        if site_norms is None or not torch.isfinite(site_norms[used]).all():
+            raise InvalidInputError(
+                "relative strengths need the dictionary's site norms, and this dictionary "
+                "has none: re-extract it, or steer with absolute strengths (relative=false)",
+                param="relative",
+            )
         unit = aggregated / aggregated.norm(dim=-1, keepdim=True).clamp_min(1e-12)
         rel = unit * (scale * site_norms).unsqueeze(-1)
         vectors = torch.where(relative.view(-1, 1, 1), rel, vectors)

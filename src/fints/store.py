@@ -210,11 +210,17 @@ class Store:
         self, tenant: str, user: str, limit: int, seed: int = 0
     ) -> list[HistoryItem]:
         """A seeded random sample of other users' items in the same tenant (negative context)."""
+        return self.sample_items(tenant, limit, seed, exclude_user=user)
+
+    def sample_items(
+        self, tenant: str, limit: int, seed: int = 0, *, exclude_user: str | None = None
+    ) -> list[HistoryItem]:
+        """A seeded random sample of the tenant's items (but ``exclude_user``'s)."""
         rowids = [
             r[0]
             for r in self._query(
                 "SELECT rowid FROM items WHERE tenant = ? AND user != ? ORDER BY rowid",
-                (tenant, user),
+                (tenant, exclude_user if exclude_user is not None else ""),
             )
         ]
         chosen = random.Random(seed).sample(rowids, min(limit, len(rowids)))

@@ -269,9 +269,6 @@ def test_steering_config_errors_name_the_field(data: dict, param: str) -> None:
     assert err.value.param == param
 
 
-@pytest.mark.xfail(
-    strict=True, raises=(TypeError, AttributeError), reason="bug: sites not a string or list"
-)
 @pytest.mark.parametrize("sites", [5, ["1.attn", 3]])
 def test_sites_of_the_wrong_type_are_named(sites: object) -> None:
     with pytest.raises(InvalidInputError) as err:
@@ -341,11 +338,6 @@ def test_apply_removes_its_hooks_when_the_body_raises(small: torch.nn.Module) ->
     assert all(not m._forward_hooks for m in small.modules())
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=InvalidInputError,
-    reason="bug: apply adds a [1, hidden] vector, and steer() wants one per row of the batch",
-)
 def test_apply_steers_every_row_of_a_batch(small: torch.nn.Module) -> None:
     layout = resolve_layout(small)
     batch = torch.tensor([[1, 5, 7, 9], [1, 6, 6, 3]])

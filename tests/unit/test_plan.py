@@ -191,7 +191,6 @@ def test_randomized_rows_with_other_seeds_get_other_directions():
     assert not torch.allclose(randomized.aggregated[0], randomized.aggregated[1])
 
 
-@pytest.mark.xfail(strict=True, reason="bug: the noise is drawn over the batch's union of sites")
 def test_randomized_does_not_depend_on_the_sites_of_other_rows():
     lower = make_dictionary("c", 4, 3, parse_sites("0.mlp"))
     keys = queries(2)
@@ -201,7 +200,6 @@ def test_randomized_does_not_depend_on_the_sites_of_other_rows():
     torch.testing.assert_close(mixed.aggregated[0, 1:], alone.aggregated[0])
 
 
-@pytest.mark.xfail(strict=True, reason="bug: rows without a seed keep torch.empty values")
 def test_randomized_needs_one_seed_per_row():
     plan = plan_steering(*mixed_batch())
     with pytest.raises(InvalidInputError):

@@ -4,6 +4,7 @@ Methods live in a registry (:data:`METHODS`), one module each with its typed con
 
 * ``context``  - :mod:`.context`, the paper's context contrast
 * ``response`` - :mod:`.response`, the authors' response contrast
+* ``trained``  - :mod:`.trained`, vectors optimized on the user's outputs (shared + delta)
 
 A dictionary records the method and its settings (``DictionaryMeta.method_config``).
 Adding a method is one new module that calls :func:`register`, plus its import here.
@@ -11,6 +12,7 @@ Adding a method is one new module that calls :func:`register`, plus its import h
 
 from fints.extraction import context as _context  # noqa: F401  (registers "context")
 from fints.extraction import response as _response  # noqa: F401  (registers "response")
+from fints.extraction import trained as _trained  # noqa: F401  (registers "trained")
 from fints.extraction.base import (
     METHODS,
     ExtractionJob,
@@ -26,6 +28,7 @@ from fints.extraction.config import ExtractionConfig
 from fints.extraction.context import ContextContrastConfig
 from fints.extraction.extractor import Extractor
 from fints.extraction.response import ResponseContrastConfig
+from fints.extraction.trained import TrainedConfig
 
 __all__ = [
     "METHODS",
@@ -38,6 +41,7 @@ __all__ = [
     "MethodContext",
     "ResponseContrastConfig",
     "Sides",
+    "TrainedConfig",
     "method_config",
     "method_names",
     "register",

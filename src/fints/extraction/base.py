@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import hashlib
 import random
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, fields
+from collections.abc import Callable, Mapping, MutableMapping, Sequence
+from dataclasses import dataclass, field, fields
 from typing import Any, ClassVar, Self, TypeVar
 
 import torch
@@ -34,8 +34,19 @@ class MethodConfig:
 
     @property
     def pool_size(self) -> int:
-        """How many other users' items the method may draw from."""
+        """How many items of the tenant's other users the method may draw from."""
         return 64
+
+    @property
+    def pool_includes_user(self) -> bool:
+        """Whether the pool samples the whole tenant, the user included (a shared part)."""
+        return False
+
+    @property
+    def rebuilds_all(self) -> bool:
+        """Whether a new item changes every entry of the user (a user-level fit), so that
+        an update re-extracts the whole history, starting from the current vectors."""
+        return False
 
     def to_dict(self) -> dict[str, Any]:
         return {f.name: getattr(self, f.name) for f in fields(self)}
@@ -63,6 +74,7 @@ class ExtractionJob:
     items: Sequence[HistoryItem]  # the items that need entries
     history: Sequence[HistoryItem]  # all of the user's items (own context)
     pool: Sequence[HistoryItem]  # other users' items of the same tenant
+    previous: torch.Tensor | None = None  # [sites, hidden] the user's current mean vector
 
 
 @dataclass
@@ -144,6 +156,9 @@ class MethodContext:
     max_target_tokens: int
     seed: int
     advance: Callable[[int], object] = lambda n: None  # progress: n more items done
+    #: Tenant-level state a method may keep between users (e.g. a shared vector); the
+    #: caller owns it and clears it when the tenant's data changes under it.
+    shared: MutableMapping[str, Any] = field(default_factory=dict)
 
     def target_ids(self, text: str) -> list[int]:
         ids = self.model.tokenizer(text, add_special_tokens=False)["input_ids"]

@@ -8,7 +8,8 @@ from typing import Any
 
 from fints.errors import InvalidInputError
 from fints.extraction.base import MethodConfig, method_config
-from fints.sites import Site, parse_sites
+from fints.sites import Site
+from fints.steering import parse_sites_param
 
 
 @dataclass(frozen=True)
@@ -24,10 +25,20 @@ class ExtractionConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "sites", parse_sites(self.sites))
+        object.__setattr__(self, "sites", parse_sites_param(self.sites))
+        if self.params is not None and not isinstance(self.params, Mapping | MethodConfig):
+            raise InvalidInputError(
+                f"params must be an object of the method's settings, got {self.params!r}",
+                param="params",
+            )
         object.__setattr__(self, "params", method_config(self.method, self.params))
-        if self.batch_size < 1 or self.max_target_tokens < 1:
-            raise InvalidInputError("batch_size and max_target_tokens must be >= 1")
+        for name in ("batch_size", "max_target_tokens", "seed"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < (name != "seed"):
+                raise InvalidInputError(
+                    f"{name} must be an integer >= {int(name != 'seed')}, got {value!r}",
+                    param=name,
+                )
 
     @property
     def settings(self) -> MethodConfig:

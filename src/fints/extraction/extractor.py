@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import MutableMapping, Sequence
+from typing import Any
 
 import torch
 from tqdm.auto import tqdm
@@ -56,9 +57,12 @@ class Extractor:
         negative_pool: Sequence[HistoryItem],
         *,
         progress: bool = True,
+        previous: torch.Tensor | None = None,
+        shared: MutableMapping[str, Any] | None = None,
     ) -> ExtractionResult:
         """Entries for ``items``; own context comes from ``history`` (the user's items),
-        other users' from ``negative_pool``."""
+        other users' from ``negative_pool``. ``previous`` is the user's current mean vector
+        (methods that refit the user start from it); ``shared`` the tenant's method state."""
         if not items:
             raise InvalidInputError("no history items to extract from")
         cfg = self.config
@@ -77,10 +81,11 @@ class Extractor:
             cfg.max_target_tokens,
             cfg.seed,
             advance=bar.update,
+            shared={} if shared is None else shared,
         )
         with bar:
             sides = METHODS[cfg.method].run(
-                context, cfg.settings, ExtractionJob(items, history, negative_pool)
+                context, cfg.settings, ExtractionJob(items, history, negative_pool, previous)
             )
         site_norms = sides.norms.mean(dim=0) if len(sides.kept) else torch.zeros(len(cfg.sites))
         keys = self.encoder.encode([items[i].input for i in sides.kept]) if sides.kept else None

@@ -1,0 +1,156 @@
+"""Trained vectors: optimized to make the user's own outputs likely, v = v_shared + delta.
+
+``v_shared`` (the task direction) is trained on a sample of the whole tenant's history
+(the job's pool) and cached per tenant in the context's ``shared`` mapping; the user's
+delta starts from it and is trained on the user's history with an L2 penalty towards
+it, early-stopped on the user's latest items. Each entry holds the user's vector, or,
+with ``item_steps > 0``, the item's own short refinement of it (instance-tailored, so
+retrieval picks the relevant ones). A new item updates the user's vector from where it
+was (``incremental_steps``) instead of training from scratch.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+
+import torch
+
+from fints.extraction.base import ExtractionJob, MethodConfig, MethodContext, Sides, register
+from fints.history import HistoryItem
+from fints.prompts import build_prompt_ids
+from fints.vector_training import TrainingConfig, holdout_latest, train_vectors
+
+
+@dataclass(frozen=True)
+class TrainedConfig(MethodConfig):
+    name = "trained"
+
+    shared_steps: int = 30  # Adam steps for the tenant's shared vector (0: no shared part)
+    shared_lr: float = 0.1
+    steps: int = 10  # Adam steps for the user's delta
+    lr: float = 0.05
+    l2: float = 1e-3  # penalty on ||delta||^2
+    batch_size: int = 16
+    max_target_tokens: int = 48
+    patience: int | None = 3  # early stopping on the user's latest items
+    valid_fraction: float = 0.25
+    incremental_steps: int = 4  # a new item: steps from the user's current vector
+    item_steps: int = 0  # per-item refinement steps (0: every entry is the user vector)
+    item_lr: float = 0.05
+    item_l2: float = 1e-2
+    pool: int = 256  # tenant items the shared vector is trained on
+
+    def __post_init__(self) -> None:
+        self.training("user")  # validates the numbers
+
+    @property
+    def pool_size(self) -> int:
+        return self.pool
+
+    @property
+    def pool_includes_user(self) -> bool:
+        return True
+
+    @property
+    def rebuilds_all(self) -> bool:
+        return True
+
+    def training(self, stage: str, steps: int | None = None) -> TrainingConfig:
+        """The optimizer settings of one stage: "shared", "user" or "item"."""
+        lr, l2, patience = {
+            "shared": (self.shared_lr, 0.0, None),
+            "user": (self.lr, self.l2, self.patience),
+            "item": (self.item_lr, self.item_l2, None),
+        }[stage]
+        default = {"shared": self.shared_steps, "user": self.steps, "item": self.item_steps}
+        return TrainingConfig(
+            steps=max(1, steps if steps is not None else default[stage]),
+            lr=lr,
+            l2=l2,
+            batch_size=self.batch_size,
+            max_target_tokens=self.max_target_tokens,
+            patience=patience,
+            valid_fraction=self.valid_fraction if stage == "user" else 0.0,
+        )
+
+
+def _examples(
+    context: MethodContext, items: list[HistoryItem]
+) -> list[tuple[list[int], list[int]]]:
+    tok = context.model.tokenizer
+    return [
+        (build_prompt_ids(tok, context.template, i.input, []), context.target_ids(i.output))
+        for i in items
+    ]
+
+
+def shared_vector(
+    context: MethodContext, config: TrainedConfig, pool: list[HistoryItem]
+) -> torch.Tensor:
+    """The tenant's task direction, trained once on ``pool`` and kept in ``context.shared``
+    until the pool has doubled (or the caller clears it, e.g. when a user is deleted)."""
+    shape = (len(context.sites), context.model.hidden_size)
+    if not config.shared_steps or not pool:
+        return torch.zeros(shape)
+    key = hashlib.sha256(
+        json.dumps(
+            [context.model.fingerprint, [str(s) for s in context.sites], config.to_dict()]
+        ).encode()
+    ).hexdigest()[:16]
+    cached = context.shared.get(key)
+    if cached is not None and len(pool) <= 2 * cached[1]:
+        return cached[0]
+    trained = train_vectors(
+        context.model, context.sites, _examples(context, pool), config=config.training("shared")
+    )
+    context.shared[key] = (trained.values, len(pool))
+    return trained.values
+
+
+def trained_vectors(context: MethodContext, config: TrainedConfig, job: ExtractionJob) -> Sides:
+    history = list(job.history)
+    shared = shared_vector(context, config, list(job.pool))
+    train, valid = holdout_latest(_examples(context, history), config.valid_fraction)
+    if job.previous is not None:  # the user's current vector: a few steps from (and near) it
+        start, steps = job.previous.to(torch.float32), config.incremental_steps
+    else:
+        start, steps = shared, None
+    user = train_vectors(
+        context.model,
+        context.sites,
+        train,
+        init=start,
+        config=config.training("user", steps),
+        valid=valid,
+    ).values
+    items = list(job.items)
+    vectors = user.expand(len(items), -1, -1).clone()
+    if config.item_steps:
+        for n, example in enumerate(_examples(context, items)):
+            vectors[n] = train_vectors(
+                context.model, context.sites, [example], init=user, config=config.training("item")
+            ).values
+            context.advance(1)
+    else:
+        context.advance(len(items))
+    return Sides(
+        kept=list(range(len(items))),
+        positive=vectors,  # the entries are the whole vectors: shared + delta
+        negative=torch.zeros_like(vectors),
+        norms=_site_norms(context, items),
+        skipped=[],
+    )
+
+
+def _site_norms(context: MethodContext, items: list[HistoryItem]) -> torch.Tensor:
+    """``[items, sites]`` typical activation norms over each output (for relative strengths)."""
+    norms = []
+    for chunk in context.chunks(len(items)):
+        prompts, targets = zip(*_examples(context, [items[i] for i in chunk]), strict=True)
+        norms.append(context.means(list(prompts), list(targets))[1])
+    return torch.cat(norms)
+
+
+register(TrainedConfig, trained_vectors)
