@@ -11,6 +11,8 @@ table with paired-bootstrap intervals and the first outputs of each row.
     .venv/bin/python benchmarks/setting_controls.py --task persona --layers 10,15,20 \\
         --sites 20.block --strength 2 --absolute --icl-k 3 --contrast response \\
         --dtype bfloat16 --out benchmarks/results/full-smollm2-persona/block_controls.md
+
+Headlines and abstracts read their JSONL from ``--data-dir`` (or ``$FINTS_BENCH_DATA``).
 """
 
 from __future__ import annotations
@@ -22,49 +24,55 @@ from typing import Annotated
 
 import typer
 
-from fints.benchmark.commands import PRESETS, load_task, task_runner
+from fints.benchmark.labels import METRICS, Kind, Label, Role, Source, judge_name
 from fints.benchmark.methods import DEFAULT_TAU, MethodSpec, benchmark_sites
+from fints.benchmark.pipeline import load_task, task_runner
 from fints.benchmark.runner import Row, build_judge, compare, evaluate
-from fints.benchmark.tasks import DEFAULT_DATA_DIR
+from fints.benchmark.settings import BenchSettings
+from fints.benchmark.tasks import DATA_DIR_ENV
+from fints.errors import FintsError
 from fints.generation import GenerationOptions
-from fints.paths import fints_home
+
+# This script's own row labels (its table, not the bench report's).
+CENTERED = "centered"
+CENTERED_WRONG_USER = "centered, wrong-user dictionary"
 
 
 def specs_for(setting: MethodSpec) -> list[MethodSpec]:
     """The setting, its controls and centered twins, and the unsteered rows."""
-    centered = setting.with_(label="centered", centered=True)
+    centered = setting.with_(label=CENTERED, centered=True)
+    control = Role.CONTROL
     rows = [
-        MethodSpec("none", role="baseline"),
+        MethodSpec(Label.NONE, role=Role.BASELINE),
         setting,
-        setting.with_(label="random direction", vector_source="random", role="control"),
-        setting.with_(label="wrong-user dictionary", vector_source="wrong", role="control"),
+        setting.with_(label="random direction", vector_source=Source.RANDOM, role=control),
+        setting.with_(label="wrong-user dictionary", vector_source=Source.WRONG, role=control),
         centered,
-        centered.with_(label="centered, wrong-user dictionary", vector_source="wrong"),
+        centered.with_(label=CENTERED_WRONG_USER, vector_source=Source.WRONG),
     ]
     if setting.icl_k:
-        rows.insert(1, MethodSpec(f"icl k={setting.icl_k}", kind="icl", icl_k=setting.icl_k))
+        k = setting.icl_k
+        rows.insert(1, MethodSpec(Label.icl(k), kind=Kind.ICL, icl_k=k))
     return rows
 
 
 def markdown(rows: list[Row], judge: str, header: list[str]) -> str:
-    setting = next(r for r in rows if r.role == "fints")
+    setting = next(r for r in rows if r.role == Role.FINTS)
     lines = [*header, "", f"| row | setting | ROUGE-1 | ROUGE-L | {judge} | words |"]
     lines.append("|---|---|---|---|---|---|")
     for row in rows:
-        s = row.summary()
+        r1, rl, hits = (row.summary()[m] for m in METRICS)
         lines.append(
-            f"| {row.label} | {row.description} | {s['rouge1']:.4f} | {s['rougeL']:.4f} | "
-            f"{s['judge']:.3f} | {row.style.words:.1f} |"
+            f"| {row.label} | {row.description} | {r1:.4f} | {rl:.4f} | "
+            f"{hits:.3f} | {row.style.words:.1f} |"
         )
     lines += ["", f"Paired differences (95% bootstrap CI), {len(setting.texts)} queries:", ""]
     lines += [f"| row | minus | ΔROUGE-1 | ΔROUGE-L | Δ{judge} |", "|---|---|---|---|---|"]
     by_label = {r.label: r for r in rows}
-    pairs = [(setting.label, r.label) for r in rows if r is not setting and r.label != "centered"]
-    pairs.append(("centered", "centered, wrong-user dictionary"))
+    pairs = [(setting.label, r.label) for r in rows if r is not setting and r.label != CENTERED]
+    pairs.append((CENTERED, CENTERED_WRONG_USER))
     for a, b in pairs:
-        cells = " | ".join(
-            str(compare(by_label[a], by_label[b], m)) for m in ("rouge1", "rougeL", "judge")
-        )
+        cells = " | ".join(str(compare(by_label[a], by_label[b], m)) for m in METRICS)
         lines.append(f"| {a} | {b} | {cells} |")
     lines += ["", "First three outputs of each row:", ""]
     for row in rows:
@@ -79,6 +87,10 @@ def main(
     strength: Annotated[float, typer.Option(help="the setting's strength")],
     out: Annotated[Path, typer.Option(help="Markdown file to write")],
     layers: Annotated[str, typer.Option(help="the bench run's --layers (cache key)")],
+    data_dir: Annotated[
+        Path | None,
+        typer.Option(help="the bench run's --data-dir (not for persona)", envvar=DATA_DIR_ENV),
+    ] = None,
     absolute: Annotated[bool, typer.Option(help="absolute (not norm-relative) strength")] = False,
     icl_k: Annotated[int, typer.Option(help="in-context items underneath")] = 0,
     contrast: Annotated[str, typer.Option(help="context or response")] = "context",
@@ -99,26 +111,31 @@ def main(
     from fints.encoders import SentenceTransformerEncoder
     from fints.models import load_model
 
+    try:
+        settings = BenchSettings(
+            preset="full", tasks=(task,), model=model, data_dir=data_dir, n_test=n_test,
+            n_val=n_val, max_history=max_history, max_users=max_users,
+            max_new_tokens=max_new_tokens, queries_per_user=queries_per_user,
+            batch_size=batch_size, dtype=dtype, seed=seed,
+        )  # fmt: skip
+        settings.check_data()
+    except FintsError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from None
     loaded = load_model(model, dtype=dtype)
-    overrides = {
-        "n_test": n_test, "n_val": n_val, "max_history": max_history,
-        "max_users": max_users, "max_new_tokens": max_new_tokens,
-    }  # fmt: skip
-    bench_task = load_task(task, PRESETS["full"], DEFAULT_DATA_DIR, seed, overrides)
-    if queries_per_user:
-        bench_task = bench_task.limit_test(queries_per_user)
+    bench_task = load_task(task, settings)
     chosen_layers = tuple(int(x) for x in layers.split(","))
     runner = task_runner(
         bench_task,
-        loaded,
-        SentenceTransformerEncoder(),
-        benchmark_sites(loaded.num_layers, chosen_layers),
-        GenerationOptions(max_new_tokens=bench_task.max_new_tokens),
-        {"cache": fints_home() / "bench", "seed": seed, "batch_size": batch_size},
+        model=loaded,
+        encoder=SentenceTransformerEncoder(),
+        sites=benchmark_sites(loaded.num_layers, chosen_layers),
+        options=GenerationOptions(max_new_tokens=bench_task.max_new_tokens),
+        settings=settings,
     )
     setting = MethodSpec(
         "setting",
-        kind="fints",
+        kind=Kind.FINTS,
         icl_k=icl_k,
         sites=sites,
         strength=strength,
@@ -126,11 +143,11 @@ def main(
         top_k=top_k,
         aggregation=aggregation,  # type: ignore[arg-type]
         tau=tau,
-        contrast=contrast,  # type: ignore[arg-type]
-        role="fints",
+        contrast=contrast,
+        role=Role.FINTS,
     )
     rows = evaluate(runner, specs_for(setting), build_judge(bench_task, seed))
-    judge = "mood rate" if task == "persona" else "attribution"
+    judge = judge_name(task)
     header = [
         f"# {setting.describe()}: against its controls ({task})",
         "",

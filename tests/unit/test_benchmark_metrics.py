@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from fints.benchmark.labels import Metric
 from fints.benchmark.metrics import (
     TextClassifier,
     paired_bootstrap,
@@ -20,7 +21,17 @@ def test_rouge_uses_the_stemmer_and_scores_pairs():
     assert scores.rouge1[0] == pytest.approx(2 * (3 / 4) * 1 / (3 / 4 + 1))  # cat~cats, run~running
     assert scores.rouge1[1] == 0.0  # an empty output scores zero
     assert scores.rougeL[2] == 1.0
-    assert set(scores.mean()) == {"rouge1", "rougeL"}
+
+
+def test_rouge_means_and_lookups_by_metric():
+    scores = rouge(["x y", "x"], ["x y", "y"])
+    assert scores.mean() == {Metric.ROUGE1: 0.5, Metric.ROUGEL: 0.5}
+    assert scores.get(Metric.ROUGEL) is scores.rougeL
+    with pytest.raises(InvalidInputError, match="unknown ROUGE type 'judge'"):
+        scores.get(Metric.JUDGE)
+
+
+def test_rouge_needs_one_reference_per_prediction():
     with pytest.raises(InvalidInputError):
         rouge(["a"], ["a", "b"])
 
@@ -39,18 +50,27 @@ def test_paired_bootstrap_interval():
         paired_bootstrap([1.0], [1.0, 2.0])
 
 
-def test_text_classifier_names_the_writer():
+@pytest.fixture()
+def judge():
     texts = [f"WATCH: Story {i} Stuns Everyone" for i in range(8)] + [
         f"here's why story {i} matters, explained" for i in range(8)
     ]
-    labels = ["ada"] * 8 + ["bo"] * 8
-    judge = TextClassifier().fit(texts, labels)
+    return TextClassifier().fit(texts, ["ada"] * 8 + ["bo"] * 8)
+
+
+def test_text_classifier_names_the_writer(judge):
     hits = judge.hit_rate(
         ["WATCH: Budget Stuns Everyone", "here's why rain matters"], ["ada", "bo"]
     )
     assert hits.tolist() == [1.0, 1.0]
-    assert judge.predict([""])[0] in ("ada", "bo")  # empty outputs do not crash
-    with pytest.raises(InvalidInputError):
+
+
+def test_text_classifier_takes_empty_outputs(judge):
+    assert judge.predict([""])[0] in ("ada", "bo")
+
+
+def test_text_classifier_needs_two_classes():
+    with pytest.raises(InvalidInputError, match="two classes"):
         TextClassifier().fit(["a", "b"], ["x", "x"])
 
 

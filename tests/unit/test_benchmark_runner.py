@@ -1,27 +1,22 @@
-"""Runner smoke test: a tiny random llama, a hashing key encoder, the fixture tasks."""
+"""Runner, validation search, test rows and methods on a tiny random llama with a hashing
+key encoder and the fixture tasks (tests/unit/benchmark_fixtures.py)."""
 
 from __future__ import annotations
 
 import copy
-import hashlib
-import json
-from collections.abc import Sequence
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-from fints.benchmark.commands import (
-    PRESETS,
-    benchmark_task,
-    diagnostics,
-    layers_searched,
-    rows_for_test,
-    sparsity,
-    steers,
+from fints.benchmark.analyses import sparsity
+from fints.benchmark.labels import (
+    Kind,
+    Label,
+    Role,
+    Split,
 )
 from fints.benchmark.latency import measure_latency
 from fints.benchmark.methods import (
@@ -31,77 +26,56 @@ from fints.benchmark.methods import (
     benchmark_sites,
     make_method,
 )
-from fints.benchmark.report import MOOD_JUDGE, PROBES, TaskReport, write_report
-from fints.benchmark.runner import (
-    Runner,
+from fints.benchmark.metrics import TextClassifier
+from fints.benchmark.pipeline import benchmark_task, layers_searched, task_runner
+from fints.benchmark.presets import PRESETS
+from fints.benchmark.rows import methods_for_test, rows_for_test, steers
+from fints.benchmark.runner import Row, Runner, build_judge, evaluate
+from fints.benchmark.search import (
     SearchSpace,
     Selection,
-    build_judge,
     default_fints,
-    evaluate,
-    methods_for_test,
     select_fints,
     standard_errors,
 )
-from fints.benchmark.tasks import SplitConfig, Task, load_headlines
+from fints.benchmark.settings import BenchSettings
+from fints.benchmark.tasks import Task
 from fints.errors import InvalidInputError
 from fints.generation import GenerationOptions
 from fints.layers import resolve_layout
-from fints.models import LoadedModel, model_fingerprint, prepare_tokenizer, resolve_source
-
-FIXTURES = Path(__file__).parents[1] / "fixtures" / "bench"
-CONTEXT, CENTERED = (question for question, _ in PROBES)
-
-
-def fixture_task(max_history: int, max_new_tokens: int, n_test: int = 1) -> Task:
-    """The headlines fixture, split with one validation query per user."""
-    split = SplitConfig(min_items=10, n_test=n_test, n_val=1, max_history=max_history)
-    return load_headlines(FIXTURES / "news.jsonl", split, max_new_tokens)
-
-
-class HashEncoder:
-    """Bag of hashed words, unit length: a deterministic stand-in for MiniLM."""
-
-    name = "hash-encoder"
-    dim = 64
-
-    def encode(self, texts: Sequence[str]) -> torch.Tensor:
-        out = torch.zeros(len(texts), self.dim)
-        for row, text in enumerate(texts):
-            for word in text.lower().split():
-                out[row, int(hashlib.md5(word.encode()).hexdigest(), 16) % self.dim] += 1.0
-        return out / out.norm(dim=1, keepdim=True).clamp_min(1e-12)
+from fints.models import LoadedModel, model_fingerprint
+from tests.unit.benchmark_fixtures import HashEncoder, fixture_task, tiny_llama
 
 
 @pytest.fixture(scope="module")
 def tiny() -> LoadedModel:
-    tokenizer = prepare_tokenizer(AutoTokenizer.from_pretrained(resolve_source(None)))
-    torch.manual_seed(0)
-    config = AutoConfig.for_model(
-        "llama",
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=len(tokenizer),
-        max_position_embeddings=1024,
-        pad_token_id=tokenizer.pad_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-    )
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
-    return LoadedModel(
-        model, tokenizer, "tiny-llama", model_fingerprint(model), resolve_layout(model)
-    )
+    return tiny_llama()
 
 
-def test_runner_end_to_end_and_resumes_from_cache(tiny: LoadedModel, tmp_path: Path) -> None:
+@dataclass
+class Searched:
+    """One validation search and the test rows it leads to, shared by the tests below."""
+
+    task: Task
+    ctx: BenchContext
+    runner: Runner
+    judge: TextClassifier
+    space: SearchSpace
+    selection: Selection
+    generated_by_search: int
+    specs: list[MethodSpec]
+    rows: list[Row]
+    cache: Path
+
+
+@pytest.fixture(scope="module")
+def searched(tiny: LoadedModel, tmp_path_factory: pytest.TempPathFactory) -> Searched:
+    cache = tmp_path_factory.mktemp("bench-cache")
     task = fixture_task(max_history=3, max_new_tokens=4)
     sites = benchmark_sites(tiny.num_layers, (1, 2))
-    ctx = BenchContext(tiny, HashEncoder(), task, sites, tmp_path, progress=False)
-    runner = Runner(
-        ctx, GenerationOptions(max_new_tokens=4), tmp_path, batch_size=8, progress=False
-    )
+    ctx = BenchContext(tiny, HashEncoder(), task, sites, cache, progress=False)
+    options = GenerationOptions(max_new_tokens=4)
+    runner = Runner(ctx, options, cache, batch_size=8, progress=False)
     judge = build_judge(task)
     space = SearchSpace(
         layers=(1, 2), strengths=(0.1, 0.5), absolute_strengths=(2.0,),
@@ -109,147 +83,190 @@ def test_runner_end_to_end_and_resumes_from_cache(tiny: LoadedModel, tmp_path: P
         aggregations=("attentive", "mean"), taus=(0.1, 0.5), icl_k=(0, 1),
     )  # fmt: skip
     selection = select_fints(runner, space, judge)
-    assert selection.best.kind == "fints"
-    stages = {stage for stage, *_ in selection.log}
-    assert stages >= {"layer", "strength", "sites", "top_k", "icl"}
-    tried = [desc for stage, desc, *_ in selection.log if stage == "tau"]
-    assert all("tau=0.5" in d and " attentive " in d for d in tried)  # only where tau matters
-    assert runner.generated > 0 and all(q.split == "validation" for q in task.queries("validation"))
-
-    # A second pass starts where the first ended, so it can only do as well or better,
-    # and it stops once a pass changes nothing.
-    again = select_fints(runner, replace(space, rounds=3), judge)
-    assert again.log[: len(selection.log)] == selection.log
-    objective = {desc: value for _, desc, value, _ in again.log}
-    assert objective[again.best.describe()] >= objective[selection.best.describe()]
-    later = [stage for stage, *_ in again.log[len(selection.log) :]]
-    assert later and all(stage.endswith(("(2)", "(3)")) for stage in later)
-    assert selection.kept == [] and again.kept == []  # no margin: every winner moves
-
-    # The tiny model ties every candidate, so without a margin each stage moved to its
-    # first candidate; with one, no tie (and no gain a few queries can show) moves it.
-    assert selection.best != default_fints(space)
-    strict = select_fints(runner, replace(space, margin=1e6), judge)
-    assert strict.best == default_fints(space)
-    assert all(" standard errors <= 1e+06)" in note for note in strict.kept)
-    with pytest.raises(InvalidInputError, match="margin must be >= 0"):
-        replace(space, margin=-1.0)
-
+    generated = runner.generated
     specs = methods_for_test(selection.best, selection.best_absolute, ("context",))
-    roles = {s.role for s in specs}
-    assert roles == {"baseline", "fints", "variant", "control"}
-    labels = {s.label for s in specs}
-    assert {"none", "icl k=1", "icl k=3", "control: random direction"} <= labels
-    assert {"control: icl k=1 wrong user", "control: icl k=3 wrong user"} <= labels
-    assert "control: wrong-user dictionary" in labels
     rows = evaluate(runner, specs, judge)
-    assert len(rows) == len(specs)
-    assert all(len(r.texts) == len(task.queries("test")) for r in rows)
+    return Searched(task, ctx, runner, judge, space, selection, generated, specs, rows, cache)
 
-    before = runner.generated
-    again = Runner(ctx, GenerationOptions(max_new_tokens=4), tmp_path, batch_size=8, progress=False)
-    rows_again = evaluate(again, specs, judge)
-    assert again.generated == 0  # everything came from the cache
-    assert [r.texts for r in rows_again] == [r.texts for r in rows]
-    assert runner.generated == before
 
-    timed = [specs[0], *(s for s in specs if s.role == "fints")]
-    latency = measure_latency(ctx, timed, GenerationOptions(max_new_tokens=3), batch_size=2)
-    assert [t.label for t in latency] == ["none", "fints (best on val)"]
-    assert latency[0].cpu_vs_first == 1.0 and latency[0].queries == 2
-    assert all(t.new_tokens == 3 and t.tokens_per_second > 0 for t in latency)
+# -- the validation search ---------------------------------------------------------------
 
-    report = TaskReport(
-        name=task.name, judge_name="attribution", source=task.source, sha256=task.sha256,
-        users=len(task.users), test_queries=len(task.queries()), validation_queries=3,
-        max_new_tokens=4, rows=rows, chosen=selection.best.describe(),
-        selection_log=selection.log, selection_kept=["layer: kept A over B (+0.01, 0.5 ...)"],
-        diagnostics=diagnostics(ctx, selection.best),
-        latency=latency,
-    )  # fmt: skip
-    assert report.verdict().startswith(("PASS", "FAIL"))
-    # The mood rate is a target measure only where it is the judge.
-    assert "(mood rate)" not in report.verdict()
-    mood = replace(report, judge_name=MOOD_JUDGE)
-    lost_on_mood = sum(not d["judge"].above_zero for _, _, d in report.comparisons())
-    assert mood.verdict().count("(mood rate)") == lost_on_mood > 0
-    md = write_report(tmp_path / "out", [report], {"command": "test", "seed": 0})
-    text = md.read_text()
-    assert "control: random direction" in text and "Verdict" in text and "Latency on one" in text
-    assert "did not clear the search margin:\n\n- layer: kept A over B" in text
-    assert (tmp_path / "out" / "headlines_methods.png").is_file()
-    summary = json.loads((tmp_path / "out" / "results.json").read_text())["tasks"][0]
-    assert set(summary["rows"]) == {s.label for s in specs}
-    assert set(summary["best_minus"]) == {
-        s.label for s in specs if s.role in ("baseline", "control")
+
+def test_the_search_visits_every_stage_and_picks_a_fints_setting(searched: Searched) -> None:
+    stages = {stage for stage, *_ in searched.selection.log}
+    assert stages >= {"layer", "strength", "sites", "top_k", "aggregation", "tau", "icl"}
+    assert searched.selection.best.kind == Kind.FINTS
+
+
+def test_the_search_tries_tau_only_with_attentive_aggregation(searched: Searched) -> None:
+    tried = [desc for stage, desc, *_ in searched.selection.log if stage == "tau"]
+    assert tried and all("tau=0.5" in d and " attentive " in d for d in tried)
+
+
+def test_the_search_generates_validation_queries_only(searched: Searched) -> None:
+    validation = len(searched.task.queries(Split.VALIDATION))
+    assert searched.generated_by_search == len(searched.selection.log) * validation
+
+
+def test_more_rounds_continue_the_first_pass_and_never_do_worse(searched: Searched) -> None:
+    first = searched.selection
+    again = select_fints(searched.runner, replace(searched.space, rounds=3), searched.judge)
+    assert again.log[: len(first.log)] == first.log
+    objective = {desc: value for _, desc, value, _ in again.log}
+    assert objective[again.best.describe()] >= objective[first.best.describe()]
+    later = [stage for stage, *_ in again.log[len(first.log) :]]
+    assert later and all(stage.endswith(("(2)", "(3)")) for stage in later)
+
+
+def test_without_a_margin_every_stage_winner_moves(searched: Searched) -> None:
+    # The tiny model ties every candidate, so each stage moved to its first candidate.
+    assert searched.selection.kept == []
+    assert searched.selection.best != default_fints(searched.space)
+
+
+def test_a_large_margin_keeps_the_starting_setting(searched: Searched) -> None:
+    strict = select_fints(searched.runner, replace(searched.space, margin=1e6), searched.judge)
+    assert strict.best == default_fints(searched.space)
+    # Every candidate ties on the tiny model: no winner had a gain for the margin to turn down.
+    assert strict.kept == []
+
+
+def test_a_negative_margin_is_refused() -> None:
+    with pytest.raises(InvalidInputError, match="margin must be >= 0"):
+        SearchSpace(layers=(1,), margin=-1.0)
+
+
+def test_standard_errors_of_a_paired_gain() -> None:
+    assert standard_errors(np.array([0.1, 0.3])) == pytest.approx(2.0)  # mean 0.2, se 0.1
+    assert standard_errors(np.array([-0.1, -0.3])) == pytest.approx(-2.0)
+    assert standard_errors(np.zeros(5)) == 0.0  # identical outputs: no gain at all
+    assert standard_errors(np.full(3, 0.05)) == np.inf  # the same gain on every query
+
+
+# -- test rows, the cache and latency -----------------------------------------------------
+
+
+def test_the_test_rows_have_every_role_and_every_control(searched: Searched) -> None:
+    assert {s.role for s in searched.specs} == {
+        Role.BASELINE,
+        Role.FINTS,
+        Role.VARIANT,
+        Role.CONTROL,
     }
-    assert summary["selection_log"] and summary["test_queries"] == len(task.queries())
-
-    # the probes: own ICL minus none and minus another user's ICL; centered own minus
-    # centered wrong-user dictionary; in both outputs
-    probes = dict(report.probes())
-    assert [(a, b) for a, b, _ in probes[CENTERED]] == [
-        ("fints centered", "fints centered (wrong-user dictionary)"),
-        ("fints centered", "fints (best on val)"),
-        ("fints centered", "none"),
-    ]
-    probe = probes[CONTEXT]
-    assert [(a, b) for a, b, _ in probe] == [
-        ("icl k=1", "none"),
-        ("icl k=1", "control: icl k=1 wrong user"),
-        ("icl k=3", "none"),
-        ("icl k=3", "control: icl k=3 wrong user"),
-    ]
-    own, wrong = report.row("icl k=3"), report.row("control: icl k=3 wrong user")
-    assert own is not None and wrong is not None
-    expected = float((own.scores.rougeL - wrong.scores.rougeL).mean())
-    assert probe[3][2]["rougeL"].mean == pytest.approx(expected)
-    assert CONTEXT in text and CENTERED in text
-    assert [p["minus"] for p in summary["probes"][CONTEXT]][-1] == "control: icl k=3 wrong user"
-    per_query = summary["per_query"]["icl k=3"]
-    assert len(per_query["rougeL"]) == len(task.queries())
-    assert per_query["rougeL"] == pytest.approx(own.scores.rougeL.tolist(), abs=1e-4)
+    labels = {s.label for s in searched.specs}
+    assert {Label.NONE, Label.icl(1), Label.icl(3), Label.BEST} <= labels
+    assert {Label.RANDOM_DIRECTION, Label.WRONG_USER_DICTIONARY} <= labels
+    assert {Label.wrong_user_icl(1), Label.wrong_user_icl(3)} <= labels
 
 
-def test_rows_pick_the_test_methods_and_skip_the_search_without_steering() -> None:
-    selection = Selection(default_fints(SearchSpace(layers=(1, 2), strengths=(0.1,))), None, [])
-    assert selection.best.sites == "2.attn+mlp" and selection.best.strength == 0.1
-    probe = ["control: icl k=3 wrong user", "none", "icl k=3"]
-    specs = rows_for_test(selection, PRESETS["small"], probe)
-    assert [s.label for s in specs] == ["none", "icl k=3", "control: icl k=3 wrong user"]
+def test_every_test_row_scores_every_test_query(searched: Searched) -> None:
+    assert [r.label for r in searched.rows] == [s.label for s in searched.specs]
+    assert all(len(r.texts) == len(searched.task.queries(Split.TEST)) for r in searched.rows)
+
+
+def test_a_second_runner_reads_every_generation_from_the_cache(searched: Searched) -> None:
+    options = GenerationOptions(max_new_tokens=4)
+    again = Runner(searched.ctx, options, searched.cache, batch_size=8, progress=False)
+    rows = evaluate(again, searched.specs, searched.judge)
+    assert again.generated == 0
+    assert [r.texts for r in rows] == [r.texts for r in searched.rows]
+
+
+def test_latency_times_each_method_on_the_same_batch(searched: Searched) -> None:
+    timed = [searched.specs[0], *(s for s in searched.specs if s.role == Role.FINTS)]
+    options = GenerationOptions(max_new_tokens=3)
+    latency = measure_latency(searched.ctx, timed, options, batch_size=2)
+    assert [t.label for t in latency] == [Label.NONE, Label.BEST]
+    assert [(t.queries, t.new_tokens) for t in latency] == [(2, 3), (2, 3)]
+
+
+@pytest.fixture()
+def start() -> Selection:
+    """The search's starting point, as a selection (what a run without steering keeps)."""
+    return Selection(default_fints(SearchSpace(layers=(1, 2), strengths=(0.1,))), None, [])
+
+
+def test_the_search_starts_at_the_middle_layer_and_strength(start: Selection) -> None:
+    assert start.best.sites == "2.attn+mlp" and start.best.strength == 0.1
+
+
+def test_named_rows_run_in_the_report_order_and_need_no_search(start: Selection) -> None:
+    named = [Label.wrong_user_icl(3), Label.NONE, Label.icl(3)]
+    specs = rows_for_test(start, PRESETS["small"], named)
+    assert [s.label for s in specs] == [Label.NONE, Label.icl(3), Label.wrong_user_icl(3)]
     assert not steers(specs)
-    small = [s.label for s in rows_for_test(selection, PRESETS["small"], None)]
-    assert {"icl k=1", "control: icl k=1 wrong user", "control: icl k=3 wrong user"} <= set(small)
-    # a wrong-user ICL control runs only beside the own-items ICL row it controls
-    medium = [s.label for s in rows_for_test(selection, PRESETS["medium"], None)]
-    assert "icl k=1" not in medium and "control: icl k=1 wrong user" not in medium
-    assert "control: icl k=3 wrong user" in medium
-    assert steers(rows_for_test(selection, PRESETS["small"], None))
-    # a variant that is the chosen setting itself may be named, and runs once
-    both = ["fints (best on val)", "fints context contrast", "fints response contrast"]
-    specs = rows_for_test(selection, PRESETS["full"], both)
-    assert [s.label for s in specs] == ["fints (best on val)", "fints response contrast"]
+
+
+def test_the_small_preset_runs_both_icl_baselines_and_their_controls(start: Selection) -> None:
+    specs = rows_for_test(start, PRESETS["small"], None)
+    expected = {Label.icl(1), Label.icl(3), Label.wrong_user_icl(1), Label.wrong_user_icl(3)}
+    assert expected <= {s.label for s in specs}
+    assert steers(specs)
+
+
+def test_a_wrong_user_icl_control_runs_only_beside_its_own_icl_row(start: Selection) -> None:
+    medium = {s.label for s in rows_for_test(start, PRESETS["medium"], None)}
+    assert Label.icl(1) not in medium and Label.wrong_user_icl(1) not in medium
+    assert Label.icl(3) in medium and Label.wrong_user_icl(3) in medium
+
+
+def test_a_named_variant_that_is_the_chosen_setting_runs_once(start: Selection) -> None:
+    named = [Label.BEST, Label.fints_contrast("context"), Label.fints_contrast("response")]
+    specs = rows_for_test(start, PRESETS["full"], named)
+    assert [s.label for s in specs] == [Label.BEST, Label.fints_contrast("response")]
     assert [s.contrast for s in specs] == ["context", "response"]
-    with pytest.raises(InvalidInputError, match="unknown row"):
-        rows_for_test(selection, PRESETS["full"], ["fints sideways contrast"])
+
+
+def test_unknown_rows_are_named_in_the_error(start: Selection) -> None:
+    with pytest.raises(InvalidInputError, match=r"unknown row.*'fints sideways contrast'"):
+        rows_for_test(start, PRESETS["full"], ["fints sideways contrast"])
     with pytest.raises(InvalidInputError, match=r"unknown row.*'fints typo'"):
-        rows_for_test(selection, PRESETS["small"], ["none", "fints typo"])
+        rows_for_test(start, PRESETS["small"], [Label.NONE, "fints typo"])
+
+
+# -- a task's run from its settings, and the sparsity sweep -------------------------------
 
 
 def test_a_probe_without_steering_runs_no_search_and_no_sparsity_sweep(
     tiny: LoadedModel, tmp_path: Path
 ) -> None:
     task = fixture_task(max_history=3, max_new_tokens=4)
-    preset = replace(PRESETS["small"], sparsity=(0.5,), clusters=0)
-    args = {"cache": tmp_path, "seed": 0, "batch_size": 8, "timing_repeats": 0}
-    args |= {"search_rounds": 1, "search_margin": 0.0}
-    report = benchmark_task(
-        task, tiny, HashEncoder(), preset, (1,), {**args, "rows": ["none", "icl k=1"]}
-    )
-    assert [r.label for r in report.rows] == ["none", "icl k=1"]
+    settings = BenchSettings(
+        preset="small", cache=tmp_path, batch_size=8, timing_repeats=0,
+        sparsity_fractions=(0.5,), n_clusters=0, rows=(Label.NONE, Label.icl(1)),
+    )  # fmt: skip
+    report = benchmark_task(task, tiny, HashEncoder(), (1,), settings)
+    assert [r.label for r in report.rows] == [Label.NONE, Label.icl(1)]
     assert report.sparsity == [] and report.selection_log == [] and report.chosen == ""
     assert "validation search" not in report.seconds
     assert layers_searched([report], (1,)) == "none (no row steers)"
+
+
+def test_sparsity_runs_less_history_and_ends_with_the_whole(
+    tiny: LoadedModel, tmp_path: Path
+) -> None:
+    task = fixture_task(max_history=4, max_new_tokens=3)
+    best = MethodSpec(
+        Label.BEST, kind=Kind.FINTS, sites="1.attn+mlp", strength=0.2, role=Role.FINTS
+    )
+
+    def runner_for(t: Task) -> Runner:
+        return task_runner(
+            t, model=tiny, encoder=HashEncoder(), sites=benchmark_sites(tiny.num_layers, (1,)),
+            options=GenerationOptions(max_new_tokens=3),
+            settings=BenchSettings(cache=tmp_path, batch_size=8),
+        )  # fmt: skip
+
+    points = sparsity(task, best, build_judge(task), runner_for, fractions=(0.25,), sizes=())
+    assert [(p["history"], p["label"]) for p in points] == [
+        (h, label)
+        for h in ("25%", "100%")
+        for label in (Label.BEST, Label.RANDOM_DIRECTION, Label.icl(3))
+    ]
+    assert all(0 <= p["rougeL"] <= 1 and "[" in p["delta_rougeL"] for p in points)
+
+
+# -- methods: caches, controls, centering, retrieval ----------------------------------------
 
 
 def test_caches_are_per_dtype(tiny: LoadedModel, tmp_path: Path) -> None:
@@ -368,62 +385,3 @@ def test_retrieving_every_entry_with_mean_aggregation_is_the_mean_user_vector(
         base.with_(top_k=-1)
     with pytest.raises(InvalidInputError, match="tau"):
         base.with_(tau=0.0)
-
-
-def test_sparsity_runs_less_history_and_ends_with_the_whole(
-    tiny: LoadedModel, tmp_path: Path
-) -> None:
-    task = fixture_task(max_history=4, max_new_tokens=3)
-    best = MethodSpec(
-        "fints (best on val)", kind="fints", sites="1.attn+mlp", strength=0.2, role="fints"
-    )
-    points = sparsity(
-        task, tiny, HashEncoder(), benchmark_sites(tiny.num_layers, (1,)), best, build_judge(task),
-        GenerationOptions(max_new_tokens=3), {"cache": tmp_path, "seed": 0, "batch_size": 8},
-        fractions=(0.25,), sizes=(),
-    )  # fmt: skip
-    assert [(p["history"], p["label"]) for p in points] == [
-        (h, label)
-        for h in ("25%", "100%")
-        for label in ("fints (best on val)", "control: random direction", "icl k=3")
-    ]
-    assert all(0 <= p["rougeL"] <= 1 and "[" in p["delta_rougeL"] for p in points)
-
-
-def test_number_lists_from_the_command_line() -> None:
-    from fints.benchmark.commands import _ints
-
-    assert _ints("5,10,25", "persona-sizes") == (5, 10, 25)
-    assert _ints("", "persona-sizes") == ()  # an empty list switches the sweep off
-    assert _ints(None, "persona-sizes") is None  # the preset's own sizes
-    with pytest.raises(InvalidInputError, match="--persona-sizes"):
-        _ints("5,ten", "persona-sizes")
-
-
-def test_search_choices_from_the_command_line() -> None:
-    from fints.benchmark.commands import COMPONENTS, _choices
-    from fints.extraction import CONTRASTS
-
-    assert _choices("attn, block", "components", COMPONENTS) == ("attn", "block")
-    assert _choices(None, "components", COMPONENTS) is None  # the preset's own
-    with pytest.raises(InvalidInputError, match=r"--components.*'attn,ffn'"):
-        _choices("attn,ffn", "components", COMPONENTS)
-    with pytest.raises(InvalidInputError, match="--contrasts"):
-        _choices("", "contrasts", CONTRASTS)
-
-
-def test_standard_errors_of_a_paired_gain() -> None:
-    assert standard_errors(np.array([0.1, 0.3])) == pytest.approx(2.0)  # mean 0.2, se 0.1
-    assert standard_errors(np.array([-0.1, -0.3])) == pytest.approx(-2.0)
-    assert standard_errors(np.zeros(5)) == 0.0  # identical outputs: no gain at all
-    assert standard_errors(np.full(3, 0.05)) == np.inf  # the same gain on every query
-
-
-def test_retrieval_sizes_from_the_command_line() -> None:
-    from fints.benchmark.commands import _top_ks
-
-    assert _top_ks("5, 1,all") == (5, 1, ALL_ENTRIES)
-    assert _top_ks("") == ()  # the task's default K alone
-    for bad in ("0", "-2", "five", "2.5"):
-        with pytest.raises(InvalidInputError, match="--top-ks"):
-            _top_ks(bad)

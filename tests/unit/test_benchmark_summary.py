@@ -10,8 +10,9 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
+from fints.benchmark.labels import Judge, Label, Metric, Role
 from fints.benchmark.summary import (
-    BEST,
+    RunSummary,
     run_folders,
     summarize_run,
     summarize_runs,
@@ -36,11 +37,11 @@ def write_run(folder: Path, task: str, *, with_scores: bool = True) -> Path:
     base = rng.uniform(0.1, 0.3, 60)
     hits = (rng.uniform(size=60) < 0.5).astype(float)
     rows = {
-        BEST: _row("fints", base + 0.05, hits),
-        "none": _row("baseline", base, np.zeros(60)),
-        "icl k=3": _row("baseline", base + 0.08, hits),
-        "control: random direction": _row("control", base + 0.05, np.zeros(60)),
-        "fints attn": _row("variant", base, hits),  # variants are not comparisons
+        Label.BEST: _row(Role.FINTS, base + 0.05, hits),
+        Label.NONE: _row(Role.BASELINE, base, np.zeros(60)),
+        Label.icl(3): _row(Role.BASELINE, base + 0.08, hits),
+        Label.RANDOM_DIRECTION: _row(Role.CONTROL, base + 0.05, np.zeros(60)),
+        Label.fints_at("attn"): _row(Role.VARIANT, base, hits),  # not a comparison
     }
     task_entry: dict = {
         "name": task,
@@ -55,23 +56,44 @@ def write_run(folder: Path, task: str, *, with_scores: bool = True) -> Path:
     return folder
 
 
-def test_counts_a_comparison_beaten_only_when_every_target_measure_clears_zero(tmp_path):
-    (headlines,), _ = summarize_run(write_run(tmp_path / "h", "headlines"))
-    assert headlines.model == "smollm2" and headlines.queries == 60
-    assert [c.label for c in headlines.comparisons] == [
-        "none",
-        "icl k=3",
-        "control: random direction",
-    ]
-    assert headlines.versus("none").beaten(headlines.target_metrics)
+def summarized(folder: Path, task: str) -> RunSummary:
+    (summary,), skipped = summarize_run(write_run(folder / task, task))
+    assert skipped == []
+    return summary
+
+
+def test_the_run_summary_names_the_model_and_counts_the_queries(tmp_path):
+    headlines = summarized(tmp_path, "headlines")
+    assert (headlines.model, headlines.queries) == ("smollm2", 60)
+
+
+def test_baselines_and_controls_are_compared_and_variants_are_not(tmp_path):
+    headlines = summarized(tmp_path, "headlines")
+    labels = [c.label for c in headlines.comparisons]
+    assert labels == [Label.NONE, Label.icl(3), Label.RANDOM_DIRECTION]
+
+
+def test_a_comparison_is_beaten_only_when_every_target_measure_clears_zero(tmp_path):
+    # Fints beats none on ROUGE, ties the random direction on ROUGE, loses to ICL.
+    headlines = summarized(tmp_path, "headlines")
+    assert headlines.versus(Label.NONE).beaten(headlines.target_metrics)
+    assert not headlines.versus(Label.RANDOM_DIRECTION).beaten(headlines.target_metrics)
     assert headlines.beaten == 1
-    assert headlines.hardest("baseline", "rougeL").label == "icl k=3"
-    assert headlines.hardest("control", "rougeL").diffs["rougeL"].mean == pytest.approx(0.0)
-    # On persona the mood rate counts too: none is beaten on it, the random direction is
-    # beaten on it but tied on ROUGE, ICL is lost on ROUGE.
-    (persona,), _ = summarize_run(write_run(tmp_path / "p", "persona"))
-    assert persona.target_metrics == ("rouge1", "rougeL", "judge")
-    assert persona.judge_name == "mood rate"
+
+
+def test_the_hardest_rows_are_where_fints_leads_least(tmp_path):
+    headlines = summarized(tmp_path, "headlines")
+    assert headlines.hardest(Role.BASELINE, Metric.ROUGEL).label == Label.icl(3)
+    hardest_control = headlines.hardest(Role.CONTROL, Metric.ROUGEL)
+    assert hardest_control.diffs[Metric.ROUGEL].mean == pytest.approx(0.0)
+
+
+def test_on_persona_the_mood_rate_is_a_target_measure_too(tmp_path):
+    # none is beaten on it, the random direction beaten on it but tied on ROUGE,
+    # ICL lost on ROUGE: one comparison beaten.
+    persona = summarized(tmp_path, "persona")
+    assert persona.judge_name == Judge.MOOD_RATE
+    assert persona.target_metrics == (Metric.ROUGE1, Metric.ROUGEL, Metric.JUDGE)
     assert persona.beaten == 1
 
 
@@ -99,17 +121,24 @@ def test_markdown_names_the_hardest_rows_and_what_was_left_out(tmp_path):
     assert skipped == ["b (persona): recorded before per-query scores were kept"]
     table = summary_markdown(summaries, skipped)
     line = next(row for row in table.splitlines() if row.startswith("| a |"))
-    assert "(icl k=3)" in line and "(control: random direction; attribution)" in line
+    assert f"({Label.icl(3)})" in line
+    assert f"({Label.RANDOM_DIRECTION}; {Judge.ATTRIBUTION})" in line
     assert line.endswith("| 1/3 |")
     assert "Left out: b (persona)" in table
 
 
-def test_bad_folders_get_a_clear_error(tmp_path):
+def test_a_folder_without_results_is_not_a_run(tmp_path):
     with pytest.raises(InvalidInputError, match=r"no results\.json"):
         summarize_run(tmp_path)
+
+
+def test_a_broken_results_file_is_named(tmp_path):
     (tmp_path / "results.json").write_text("{not json")
     with pytest.raises(InvalidInputError, match="not a fints benchmark results file"):
         summarize_run(tmp_path)
+
+
+def test_run_folders_must_exist_and_hold_runs(tmp_path):
     with pytest.raises(InvalidInputError, match="no such folder"):
         run_folders([tmp_path / "missing"])
     (tmp_path / "empty").mkdir()
@@ -123,5 +152,8 @@ def test_cli_prints_and_writes_the_table(tmp_path):
     result = CliRunner().invoke(app, ["bench-summary", str(run), "--out", str(out)])
     assert result.exit_code == 0, result.output
     assert "| run | task |" in result.output and out.read_text().startswith("| run | task |")
+
+
+def test_cli_reports_a_missing_folder(tmp_path):
     result = CliRunner().invoke(app, ["bench-summary", str(tmp_path / "nope")])
     assert result.exit_code == 1 and "no such folder" in result.output

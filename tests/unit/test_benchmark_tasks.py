@@ -7,14 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from fints.benchmark.tasks import (
-    PersonaConfig,
-    SplitConfig,
-    load_abstracts,
-    load_headlines,
-    load_persona,
-    read_jsonl,
-)
+from fints.benchmark.labels import Split, TaskName
+from fints.benchmark.persona import PersonaConfig, load_persona
+from fints.benchmark.tasks import SplitConfig, load_abstracts, load_headlines, read_jsonl
 from fints.errors import InvalidInputError
 
 FIXTURES = Path(__file__).parents[1] / "fixtures" / "bench"
@@ -23,6 +18,10 @@ FIXTURES = Path(__file__).parents[1] / "fixtures" / "bench"
 @pytest.fixture()
 def headlines():
     return load_headlines(FIXTURES / "news.jsonl", SplitConfig(min_items=10, n_test=2, n_val=1))
+
+
+def test_tasks_are_named_by_their_task(headlines):
+    assert headlines.name == TaskName.HEADLINES
 
 
 def test_headlines_time_split_is_per_user_and_chronological(headlines):
@@ -41,13 +40,13 @@ def test_headlines_time_split_is_per_user_and_chronological(headlines):
 
 
 def test_queries_never_leak_into_history_or_pool(headlines):
-    query_ids = {
-        q.qid.split("::")[1] for q in headlines.queries("test") + headlines.queries("validation")
-    }
+    queries = headlines.queries(Split.TEST) + headlines.queries(Split.VALIDATION)
+    query_ids = {q.qid.split("::")[1] for q in queries}
     for split in headlines.users.values():
         assert not query_ids & {i.item_id for i in split.history}
     assert not query_ids & {r.record_id for r in headlines.pool}
-    assert len(headlines.queries("test")) == 6 and len(headlines.queries("validation")) == 3
+    assert len(headlines.queries(Split.TEST)) == 6
+    assert len(headlines.queries(Split.VALIDATION)) == 3
 
 
 def test_negatives_come_from_other_users(headlines):
@@ -88,37 +87,75 @@ def test_abstracts_every_author_is_a_user_and_wrong_user_shares_nothing():
     assert task.queries("test")[0].input.startswith("Paper")
 
 
-def test_persona_moods_are_users_with_disjoint_splits():
-    task = load_persona(
+@pytest.fixture()
+def persona():
+    return load_persona(
         FIXTURES / "moods", PersonaConfig(n_test=3, n_val=1, n_classifier=4, max_history=10)
     )
-    assert sorted(task.users) == ["gloomy", "sleepy", "sunny"]
-    sunny = task.users["sunny"]
-    test_prompts = {q.input for q in sunny.test}
+
+
+def test_persona_moods_are_users_with_disjoint_splits(persona):
+    assert sorted(persona.users) == ["gloomy", "sleepy", "sunny"]
+    sunny = persona.users["sunny"]
     assert len(sunny.history) == 12 - 3 - 1 - 4  # the refusal row is dropped
-    assert not test_prompts & {i.input for i in sunny.history}
-    # The same test prompts for every mood (shared prompts first).
-    assert test_prompts == {q.input for q in task.users["gloomy"].test}
-    data = task.extra["classifier_data"]
+    assert not {q.input for q in sunny.test} & {i.input for i in sunny.history}
+
+
+def test_persona_moods_share_their_test_prompts(persona):
+    # shared prompts are taken first
+    assert {q.input for q in persona.users["sunny"].test} == {
+        q.input for q in persona.users["gloomy"].test
+    }
+
+
+def test_the_mood_judge_trains_on_pairs_no_query_or_history_uses(persona):
+    data = persona.judge_data
+    assert data is not None
     assert len(data) == 12 and {m for _, m in data} == {"sunny", "gloomy", "sleepy"}
     judge_texts = {t for t, _ in data}
-    assert not judge_texts & {q.reference for q in task.queries("test")}
-    assert not judge_texts & {i.output for u in task.users.values() for i in u.history}
-    assert len(task.with_history_size(2).users["sunny"].history) == 2
+    assert not judge_texts & {q.reference for q in persona.queries(Split.TEST)}
+    assert not judge_texts & {i.output for u in persona.users.values() for i in u.history}
 
 
-def test_bad_files_give_clear_errors(tmp_path):
-    with pytest.raises(InvalidInputError, match="does not exist"):
+def test_only_persona_has_judge_data(headlines):
+    assert headlines.judge_data is None
+
+
+def test_persona_history_size_keeps_the_latest_items(persona):
+    assert len(persona.with_history_size(2).users["sunny"].history) == 2
+
+
+def test_a_missing_file_says_how_to_name_the_data(tmp_path):
+    with pytest.raises(InvalidInputError, match=r"does not exist \(pass --data-dir"):
         read_jsonl(tmp_path / "missing.jsonl")
+
+
+def test_a_bad_line_is_reported_with_its_number(tmp_path):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"headline": "x"}\nnot json\n')
     with pytest.raises(InvalidInputError, match=r"bad.jsonl:2: not valid JSON"):
         read_jsonl(bad)
+
+
+def test_a_missing_field_is_named(tmp_path):
+    bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps({"headline": "x", "authors": "A"}) + "\n")
     with pytest.raises(InvalidInputError, match="short_description"):
         load_headlines(bad)
+
+
+def test_abstract_authors_must_be_a_list(tmp_path):
+    bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps({"title": "t", "abstract": "a", "authors": "A"}) + "\n")
     with pytest.raises(InvalidInputError, match="list of names"):
         load_abstracts(bad)
+
+
+def test_a_split_must_leave_some_history():
     with pytest.raises(InvalidInputError, match="min_items"):
         SplitConfig(min_items=3, n_test=2, n_val=1)
+
+
+def test_an_unknown_split_is_refused(headlines):
+    with pytest.raises(InvalidInputError, match="split must be 'validation' or 'test'"):
+        headlines.queries("train")

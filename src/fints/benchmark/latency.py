@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
+from fints.benchmark.labels import Split
 from fints.benchmark.methods import BenchContext, MethodSpec, make_method
 from fints.generation import GenerationOptions
 from fints.perf import interleaved
@@ -36,7 +37,7 @@ def measure_latency(
     repeats: int = 2,
 ) -> list[MethodLatency]:
     """Time ``specs`` on the first ``batch_size`` test queries, interleaved."""
-    queries = ctx.task.queries("test")[:batch_size]
+    queries = ctx.task.queries(Split.TEST)[:batch_size]
     if not queries or not specs or repeats < 1:
         return []
     fixed = replace(options, ignore_eos=True)

@@ -17,9 +17,8 @@ from sklearn.feature_extraction.text import TfidfVectorizer
 from sklearn.linear_model import LogisticRegression
 from sklearn.pipeline import FeatureUnion, Pipeline
 
+from fints.benchmark.labels import ROUGE, Metric
 from fints.errors import InvalidInputError
-
-ROUGE_TYPES = ("rouge1", "rougeL")
 
 
 @dataclass(frozen=True)
@@ -28,12 +27,13 @@ class RougeScores:
     rougeL: np.ndarray
 
     def mean(self) -> dict[str, float]:
-        return {"rouge1": float(self.rouge1.mean()), "rougeL": float(self.rougeL.mean())}
+        return {m: float(self.get(m).mean()) for m in ROUGE}
 
     def get(self, name: str) -> np.ndarray:
-        if name not in ROUGE_TYPES:
-            raise InvalidInputError(f"unknown ROUGE type {name!r}: expected one of {ROUGE_TYPES}")
-        return self.rouge1 if name == "rouge1" else self.rougeL
+        if name not in ROUGE:
+            expected = ", ".join(ROUGE)
+            raise InvalidInputError(f"unknown ROUGE type {str(name)!r}: expected one of {expected}")
+        return self.rouge1 if name == Metric.ROUGE1 else self.rougeL
 
 
 _SCORER: rouge_scorer.RougeScorer | None = None
@@ -45,12 +45,12 @@ def rouge(predictions: Sequence[str], references: Sequence[str]) -> RougeScores:
     if len(predictions) != len(references):
         raise InvalidInputError(f"{len(predictions)} predictions for {len(references)} references")
     if _SCORER is None:
-        _SCORER = rouge_scorer.RougeScorer(list(ROUGE_TYPES), use_stemmer=True)
+        _SCORER = rouge_scorer.RougeScorer([m.value for m in ROUGE], use_stemmer=True)
     r1, rl = [], []
     for pred, ref in zip(predictions, references, strict=True):
         scores = _SCORER.score(ref, pred)
-        r1.append(scores["rouge1"].fmeasure)
-        rl.append(scores["rougeL"].fmeasure)
+        r1.append(scores[Metric.ROUGE1].fmeasure)
+        rl.append(scores[Metric.ROUGEL].fmeasure)
     return RougeScores(np.asarray(r1, dtype=float), np.asarray(rl, dtype=float))
 
 

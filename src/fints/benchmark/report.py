@@ -10,47 +10,42 @@ from typing import Any
 
 import numpy as np
 
+from fints.benchmark.labels import (
+    COMPARED,
+    METRICS,
+    REFERENCE_ICL_K,
+    ROUGE,
+    Judge,
+    Label,
+    Metric,
+    Role,
+    target_metrics,
+)
 from fints.benchmark.latency import MethodLatency
 from fints.benchmark.metrics import Difference
 from fints.benchmark.runner import Row, compare
 
-METRICS = ("rouge1", "rougeL", "judge")
-ROUGE = ("rouge1", "rougeL")
-MOOD_JUDGE = "mood rate"
-
-
-def judge_name(task: str) -> str:
-    """Persona outputs are judged by their mood; every other task's by author attribution."""
-    return MOOD_JUDGE if task == "persona" else "attribution"
-
-
-def target_metrics(judge: str) -> tuple[str, ...]:
-    """What Fints must beat every comparison on (issue #4): ROUGE-1 and ROUGE-L, and the
-    mood rate where that is the judge."""
-    return (*ROUGE, "judge") if judge == MOOD_JUDGE else ROUGE
-
-
 Pair = tuple[str, str, dict[str, Difference]]  # (row, minus row, difference per metric)
+Comparison = tuple[str, str, dict[str, Difference]]  # (row, its role, best minus row)
 
 # Paired questions, each answered by (row, minus row) differences where both rows ran.
 PROBES: tuple[tuple[str, tuple[tuple[str, str], ...]], ...] = (
     # A model that cannot use the user's context gives steering nothing to capture.
     (
         "Does the model use the user's context?",
-        (
-            ("icl k=1", "none"),
-            ("icl k=1", "control: icl k=1 wrong user"),
-            ("icl k=3", "none"),
-            ("icl k=3", "control: icl k=3 wrong user"),
+        tuple(
+            pair
+            for k in (1, REFERENCE_ICL_K)
+            for pair in ((Label.icl(k), Label.NONE), (Label.icl(k), Label.wrong_user_icl(k)))
         ),
     ),
     # Users' vectors share one direction; what is left once it is removed?
     (
         "Without the direction all users share, does the user's own dictionary do better?",
         (
-            ("fints centered", "fints centered (wrong-user dictionary)"),
-            ("fints centered", "fints (best on val)"),
-            ("fints centered", "none"),
+            (Label.CENTERED, Label.CENTERED_WRONG_USER),
+            (Label.CENTERED, Label.BEST),
+            (Label.CENTERED, Label.NONE),
         ),
     ),
 )
@@ -68,7 +63,7 @@ def _difference_cells(diffs: dict[str, Difference]) -> str:
 @dataclass
 class TaskReport:
     name: str
-    judge_name: str  # "attribution" or "mood rate"
+    judge_name: str  # a Judge
     source: str
     sha256: str
     users: int
@@ -76,7 +71,7 @@ class TaskReport:
     validation_queries: int
     max_new_tokens: int
     rows: list[Row]
-    best_label: str = "fints (best on val)"
+    best_label: str = Label.BEST
     chosen: str = ""
     selection_log: list[tuple[str, str, float, dict[str, float]]] = field(default_factory=list)
     selection_kept: list[str] = field(default_factory=list)  # winners the margin turned down
@@ -86,14 +81,14 @@ class TaskReport:
     diagnostics: dict[str, Any] = field(default_factory=dict)
     seconds: dict[str, float] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
-    _comparisons: dict[int, list[tuple[str, str, dict[str, Difference]]]] = field(
+    _comparisons: dict[int, list[Comparison]] = field(
         default_factory=dict, init=False, repr=False, compare=False
     )
 
     def row(self, label: str) -> Row | None:
         return next((r for r in self.rows if r.label == label), None)
 
-    def comparisons(self, seed: int = 0) -> list[tuple[str, str, dict[str, Difference]]]:
+    def comparisons(self, seed: int = 0) -> list[Comparison]:
         """The best Fints row against none, every baseline and every control.
 
         Bootstrapping is the slow part, so each seed's answer is kept (rows do not change
@@ -104,7 +99,7 @@ class TaskReport:
             self._comparisons[seed] = [
                 (other.label, other.role, _differences(best, other, seed))
                 for other in self.rows
-                if best is not None and other is not best and other.role in ("baseline", "control")
+                if best is not None and other is not best and other.role in COMPARED
             ]
         return self._comparisons[seed]
 
@@ -128,13 +123,23 @@ class TaskReport:
         lost = [
             f"{label} ({m})" for label, _, diffs in comps for m in ROUGE if not diffs[m].above_zero
         ]
-        if "judge" in target_metrics(self.judge_name):
+        if Metric.JUDGE in target_metrics(self.judge_name):
             lost += [
-                f"{label} ({self.judge_name})" for label, _, d in comps if not d["judge"].above_zero
+                f"{label} ({self.judge_name})"
+                for label, _, d in comps
+                if not d[Metric.JUDGE].above_zero
             ]
         if not lost:
             return "PASS: Fints beats none, every baseline and every control with CI above zero"
         return f"FAIL: CI not above zero against {len(lost)} comparison(s): " + ", ".join(lost)
+
+
+#: Bar colours of the methods plot; other roles (baselines) are blue.
+ROLE_COLORS: dict[str, str] = {
+    Role.FINTS: "tab:red",
+    Role.CONTROL: "tab:gray",
+    Role.VARIANT: "tab:orange",
+}
 
 
 def _fmt(x: float, digits: int = 4) -> str:
@@ -150,7 +155,7 @@ def task_markdown(report: TaskReport) -> str:
     )
     if report.chosen:
         lines += ["", f"Chosen on validation: **{report.chosen}**"]
-    none = report.row("none")
+    none = report.row(Label.NONE)
     lines += [
         "",
         f"| method | role | ROUGE-1 | ROUGE-L | {report.judge_name} | ΔR-1 vs none [95% CI] | "
@@ -159,11 +164,14 @@ def task_markdown(report: TaskReport) -> str:
     ]
     for row in report.rows:
         s = row.summary()
-        d1 = str(compare(row, none, "rouge1")) if none is not None and row is not none else ""
-        dl = str(compare(row, none, "rougeL")) if none is not None and row is not none else ""
+        d1, dl = (
+            str(compare(row, none, m)) if none is not None and row is not none else ""
+            for m in ROUGE
+        )
+        r1, rl, judge = (s[m] for m in METRICS)
         lines.append(
-            f"| {row.label} | {row.role} | {_fmt(s['rouge1'])} | {_fmt(s['rougeL'])} | "
-            f"{_fmt(s['judge'], 3)} | {d1} | {dl} | {_fmt(row.style.words, 1)} | "
+            f"| {row.label} | {row.role} | {_fmt(r1)} | {_fmt(rl)} | "
+            f"{_fmt(judge, 3)} | {d1} | {dl} | {_fmt(row.style.words, 1)} | "
             f"{_fmt(row.style.length_gap, 2)} | {_fmt(row.style.casing_gap, 2)} | "
             f"{_fmt(row.seconds_per_query, 2)} | {_fmt(row.tokens_per_second, 1)} |"
         )
@@ -194,17 +202,15 @@ def task_markdown(report: TaskReport) -> str:
         lines += [
             "",
             "Validation search (objective = mean of ROUGE-1 and ROUGE-L"
-            + (" + mood rate" if report.judge_name == MOOD_JUDGE else "")
+            + (f" + {Judge.MOOD_RATE}" if report.judge_name == Judge.MOOD_RATE else "")
             + "):",
             "",
             "| stage | setting | objective | ROUGE-1 | ROUGE-L | judge |",
             "|---|---|---|---|---|---|",
         ]
         for stage, desc, obj, means in report.selection_log:
-            lines.append(
-                f"| {stage} | {desc} | {obj:.4f} | {means['rouge1']:.4f} | "
-                f"{means['rougeL']:.4f} | {means['judge']:.3f} |"
-            )
+            r1, rl, judge = (means[m] for m in METRICS)
+            lines.append(f"| {stage} | {desc} | {obj:.4f} | {r1:.4f} | {rl:.4f} | {judge:.3f} |")
         if report.selection_kept:
             lines += ["", "Stage winners that did not clear the search margin:", ""]
             lines += [f"- {note}" for note in report.selection_kept]
@@ -213,18 +219,20 @@ def task_markdown(report: TaskReport) -> str:
         lines += ["| history | method | ROUGE-1 | ROUGE-L | judge | ΔR-L vs none [95% CI] |"]
         lines += ["|---|---|---|---|---|---|"]
         for item in report.sparsity:
+            r1, rl, judge = (item[m] for m in METRICS)
             lines.append(
-                f"| {item['history']} | {item['label']} | {item['rouge1']:.4f} | "
-                f"{item['rougeL']:.4f} | {item['judge']:.3f} | {item['delta_rougeL']} |"
+                f"| {item['history']} | {item['label']} | {r1:.4f} | {rl:.4f} | {judge:.3f} | "
+                f"{item['delta_rougeL']} |"
             )
     if report.clusters:
         lines += ["", "Heterogeneous users (KMeans on mean history embeddings):", ""]
         lines += ["| cluster | users | queries | method | ROUGE-1 | ROUGE-L | judge |"]
         lines += ["|---|---|---|---|---|---|---|"]
         for item in report.clusters:
+            r1, rl, judge = (item[m] for m in METRICS)
             lines.append(
                 f"| {item['cluster']} | {item['users']} | {item['queries']} | {item['label']} | "
-                f"{item['rouge1']:.4f} | {item['rougeL']:.4f} | {item['judge']:.3f} |"
+                f"{r1:.4f} | {rl:.4f} | {judge:.3f} |"
             )
     if report.latency:
         first = report.latency[0]
@@ -263,24 +271,20 @@ def plot_task(report: TaskReport, folder: Path) -> list[Path]:
     for ax, metric in zip(axes, METRICS, strict=True):
         values, lows, highs = [], [], []
         for row in rows:
-            data = row.judge_hits if metric == "judge" else row.scores.get(metric)
+            data = row.judge_hits if metric == Metric.JUDGE else row.scores.get(metric)
             values.append(float(np.mean(data)))
             rng = np.random.default_rng(0)
             boots = data[rng.integers(0, len(data), (1000, len(data)))].mean(axis=1)
             low, high = np.percentile(boots, [2.5, 97.5])
             lows.append(values[-1] - low)
             highs.append(high - values[-1])
-        colors = [
-            {"fints": "tab:red", "control": "tab:gray", "variant": "tab:orange"}.get(
-                r.role, "tab:blue"
-            )
-            for r in rows
-        ]
+        colors = [ROLE_COLORS.get(r.role, "tab:blue") for r in rows]
         y = np.arange(len(rows))
         ax.barh(y, values, xerr=[lows, highs], color=colors, capsize=2)
-        ax.set_yticks(y, [r.label for r in rows] if metric == "rouge1" else [""] * len(rows))
+        first = metric == METRICS[0]  # the row labels once, on the left
+        ax.set_yticks(y, [r.label for r in rows] if first else [""] * len(rows))
         ax.invert_yaxis()
-        ax.set_title(report.judge_name if metric == "judge" else metric)
+        ax.set_title(report.judge_name if metric == Metric.JUDGE else metric)
     fig.suptitle(f"{report.name}: test queries (95% bootstrap CI)")
     fig.tight_layout()
     path = folder / f"{report.name}_methods.png"
@@ -289,10 +293,9 @@ def plot_task(report: TaskReport, folder: Path) -> list[Path]:
     paths.append(path)
     if report.sparsity:
         fig, ax = plt.subplots(figsize=(6, 4))
-        labels = sorted({s["label"] for s in report.sparsity})
-        for label in labels:
+        for label in sorted({s["label"] for s in report.sparsity}):
             pts = [s for s in report.sparsity if s["label"] == label]
-            ax.plot([p["x"] for p in pts], [p["rougeL"] for p in pts], marker="o", label=label)
+            ax.plot([p["x"] for p in pts], [p[Metric.ROUGEL] for p in pts], marker="o", label=label)
         ax.set_xlabel("history kept (share or items)")
         ax.set_ylabel("ROUGE-L")
         ax.set_xscale("log")
@@ -308,11 +311,10 @@ def plot_task(report: TaskReport, folder: Path) -> list[Path]:
 
 def _per_query(row: Row) -> dict[str, list[float]]:
     """Per-query scores (test order), so later comparisons need no generation cache."""
-    return {
-        "rouge1": [round(float(x), 4) for x in row.scores.get("rouge1")],
-        "rougeL": [round(float(x), 4) for x in row.scores.get("rougeL")],
-        "judge": [float(x) for x in row.judge_hits],
+    rounded: dict[str, list[float]] = {
+        m: [round(float(x), 4) for x in row.scores.get(m)] for m in ROUGE
     }
+    return {**rounded, Metric.JUDGE: [float(x) for x in row.judge_hits]}
 
 
 def write_report(

