@@ -20,6 +20,7 @@ from typing import Literal, Protocol
 
 import torch
 
+from fints.benchmark.labels import Label, Role
 from fints.benchmark.tasks import Query, Task
 from fints.dictionary import DictionaryMeta, UserDictionary
 from fints.encoders import KeyEncoder
@@ -84,7 +85,7 @@ class MethodSpec:
     vector_source: Source = "own"
     user_vector: UserVectorMethod = "mean"
     centered: bool = False
-    role: str = "method"  # "method", "baseline" or "control" (for the report)
+    role: str = Role.METHOD  # a Role (for the report)
 
     def __post_init__(self) -> None:
         if self.kind not in ("none", "icl", "vector", "fints"):
@@ -202,7 +203,7 @@ class UserBank:
             self._user_vectors[key] = UserDictionary(
                 self.user,
                 whole.meta,
-                [f"user vector ({method})"],
+                [Label.user_vector(method)],
                 torch.nn.functional.normalize(self.keys.mean(dim=0, keepdim=True), dim=-1),
                 vector.unsqueeze(0),
             )
