@@ -38,8 +38,10 @@ lint: $(STAMP)
 perf: $(STAMP)
 	$(VENV)/bin/fints perf
 
+# the real-data files (see BENCHMARKS.md); override with FINTS_BENCH_DATA=/path/to/data
+FINTS_BENCH_DATA ?= ../shared/data
 bench: $(STAMP)
-	$(VENV)/bin/fints bench --preset small --out benchmarks/results/small-smollm2
+	$(VENV)/bin/fints bench --preset small --data-dir $(FINTS_BENCH_DATA) --out benchmarks/results/small-smollm2
 
 serve: $(STAMP)
 	$(VENV)/bin/fints serve
