@@ -185,15 +185,15 @@ class Personalizer:
             history,
             pool,
             progress=progress,
-            previous=self._current_vector(user, tenant) if settings.rebuilds_all else None,
+            previous=self._current(user, tenant) if settings.rebuilds_all else None,
             shared=self._method_state.setdefault(tenant, {}),
         )
         if result.entries:
             self.store.put_entries(tenant, user, result.meta, result.entries)
         return result
 
-    def _current_vector(self, user: str, tenant: str) -> torch.Tensor | None:
-        """The mean of the user's entries, if made the way this engine extracts."""
+    def _current(self, user: str, tenant: str) -> UserDictionary | None:
+        """The user's dictionary, if made the way this engine extracts."""
         current = self.dictionary(user, tenant=tenant)
         if (
             current is None
@@ -202,7 +202,7 @@ class Personalizer:
             or current.meta.sites != self.extraction.sites
         ):
             return None
-        return current.vectors.mean(dim=0)
+        return current
 
     def dictionary(self, user: str, *, tenant: str = DEFAULT_TENANT) -> UserDictionary | None:
         """The user's dictionary for this model (cached until the user's data changes)."""

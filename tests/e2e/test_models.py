@@ -7,7 +7,6 @@ import torch
 
 from fints.errors import FintsError
 from fints.models import embedded_gguf, load_model, model_fingerprint, resolve_source
-
 from tests.conftest import tiny_model
 
 

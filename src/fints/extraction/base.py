@@ -16,7 +16,7 @@ from typing import Any, ClassVar, Self, TypeVar
 
 import torch
 
-from fints.dictionary import DictionaryEntry, DictionaryMeta
+from fints.dictionary import DictionaryEntry, DictionaryMeta, UserDictionary
 from fints.encoders import KeyEncoder
 from fints.errors import InvalidInputError
 from fints.history import HistoryItem
@@ -74,7 +74,7 @@ class ExtractionJob:
     items: Sequence[HistoryItem]  # the items that need entries
     history: Sequence[HistoryItem]  # all of the user's items (own context)
     pool: Sequence[HistoryItem]  # other users' items of the same tenant
-    previous: torch.Tensor | None = None  # [sites, hidden] the user's current mean vector
+    previous: UserDictionary | None = None  # the user's current entries, made the same way
 
 
 @dataclass

@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from fints.dictionary import DictionaryEntry, DictionaryMeta
+from fints.dictionary import DictionaryEntry, DictionaryMeta, UserDictionary
 from fints.encoders import KeyEncoder
 from fints.errors import InvalidInputError
 from fints.extraction.base import METHODS, ExtractionJob, ExtractionResult, MethodContext
@@ -57,11 +57,11 @@ class Extractor:
         negative_pool: Sequence[HistoryItem],
         *,
         progress: bool = True,
-        previous: torch.Tensor | None = None,
+        previous: UserDictionary | None = None,
         shared: MutableMapping[str, Any] | None = None,
     ) -> ExtractionResult:
         """Entries for ``items``; own context comes from ``history`` (the user's items),
-        other users' from ``negative_pool``. ``previous`` is the user's current mean vector
+        other users' from ``negative_pool``. ``previous`` is the user's current dictionary
         (methods that refit the user start from it); ``shared`` the tenant's method state."""
         if not items:
             raise InvalidInputError("no history items to extract from")

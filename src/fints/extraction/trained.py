@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
+from fints.dictionary import UserDictionary
 from fints.extraction.base import ExtractionJob, MethodConfig, MethodContext, Sides, register
 from fints.history import HistoryItem
 from fints.prompts import build_prompt_ids
@@ -36,7 +37,8 @@ class TrainedConfig(MethodConfig):
     max_target_tokens: int = 48
     patience: int | None = 3  # early stopping on the user's latest items
     valid_fraction: float = 0.25
-    incremental_steps: int = 4  # a new item: steps from the user's current vector
+    incremental_steps: int = 3  # a new item: steps from the user's current vector...
+    replay: int = 3  # ... on the new items and this many of the latest old ones
     item_steps: int = 0  # per-item refinement steps (0: every entry is the user vector)
     item_lr: float = 0.05
     item_l2: float = 1e-2
@@ -57,16 +59,16 @@ class TrainedConfig(MethodConfig):
     def rebuilds_all(self) -> bool:
         return True
 
-    def training(self, stage: str, steps: int | None = None) -> TrainingConfig:
-        """The optimizer settings of one stage: "shared", "user" or "item"."""
-        lr, l2, patience = {
-            "shared": (self.shared_lr, 0.0, None),
-            "user": (self.lr, self.l2, self.patience),
-            "item": (self.item_lr, self.item_l2, None),
+    def training(self, stage: str) -> TrainingConfig:
+        """The optimizer settings of one stage: shared, user, incremental or item."""
+        lr, l2, patience, steps = {
+            "shared": (self.shared_lr, 0.0, None, self.shared_steps),
+            "user": (self.lr, self.l2, self.patience, self.steps),
+            "incremental": (self.lr, self.l2, None, self.incremental_steps),
+            "item": (self.item_lr, self.item_l2, None, self.item_steps),
         }[stage]
-        default = {"shared": self.shared_steps, "user": self.steps, "item": self.item_steps}
         return TrainingConfig(
-            steps=max(1, steps if steps is not None else default[stage]),
+            steps=max(1, steps),
             lr=lr,
             l2=l2,
             batch_size=self.batch_size,
@@ -109,48 +111,82 @@ def shared_vector(
     return trained.values
 
 
-def trained_vectors(context: MethodContext, config: TrainedConfig, job: ExtractionJob) -> Sides:
-    history = list(job.history)
-    shared = shared_vector(context, config, list(job.pool))
-    train, valid = holdout_latest(_examples(context, history), config.valid_fraction)
-    if job.previous is not None:  # the user's current vector: a few steps from (and near) it
-        start, steps = job.previous.to(torch.float32), config.incremental_steps
-    else:
-        start, steps = shared, None
-    user = train_vectors(
+def _user_vector(
+    context: MethodContext,
+    config: TrainedConfig,
+    job: ExtractionJob,
+    new: list[HistoryItem],
+) -> torch.Tensor:
+    """The user's vector: trained from the shared one on the whole history (early-stopped
+    on the latest items), or, with a current dictionary, updated from its mean vector on
+    the new items and the latest ``replay`` old ones: a few steps, not a retraining."""
+    if job.previous is not None and new:
+        old = [i for i in job.history if i not in new][-config.replay :] if config.replay else []
+        return train_vectors(
+            context.model,
+            context.sites,
+            _examples(context, new + old),
+            init=job.previous.vectors.mean(dim=0).to(torch.float32),
+            config=config.training("incremental"),
+        ).values
+    train, valid = holdout_latest(_examples(context, list(job.history)), config.valid_fraction)
+    return train_vectors(
         context.model,
         context.sites,
         train,
-        init=start,
-        config=config.training("user", steps),
+        init=shared_vector(context, config, list(job.pool)),
+        config=config.training("user"),
         valid=valid,
     ).values
+
+
+def trained_vectors(context: MethodContext, config: TrainedConfig, job: ExtractionJob) -> Sides:
+    """Entries for every item of ``job.items`` (the whole history: a new item moves the
+    user's vector, so every entry is rewritten)."""
     items = list(job.items)
+    known = set(job.previous.item_ids) if job.previous is not None else set()
+    new = [i for i in items if i.item_id not in known]
+    user = _user_vector(context, config, job, new)
     vectors = user.expand(len(items), -1, -1).clone()
-    if config.item_steps:
-        for n, example in enumerate(_examples(context, items)):
+    previous = job.previous
+    if config.item_steps:  # each item's own refinement; old ones keep theirs, moved along
+        for n, item in enumerate(items):
+            if previous is not None and item.item_id in known:
+                moved = user - previous.vectors.mean(dim=0)
+                vectors[n] = previous.vectors[previous.item_ids.index(item.item_id)] + moved
+                continue
             vectors[n] = train_vectors(
-                context.model, context.sites, [example], init=user, config=config.training("item")
+                context.model,
+                context.sites,
+                _examples(context, [item]),
+                init=user,
+                config=config.training("item"),
             ).values
-            context.advance(1)
-    else:
-        context.advance(len(items))
+    context.advance(len(items))
     return Sides(
         kept=list(range(len(items))),
         positive=vectors,  # the entries are the whole vectors: shared + delta
         negative=torch.zeros_like(vectors),
-        norms=_site_norms(context, items),
+        norms=_site_norms(context, items, job.previous),
         skipped=[],
     )
 
 
-def _site_norms(context: MethodContext, items: list[HistoryItem]) -> torch.Tensor:
-    """``[items, sites]`` typical activation norms over each output (for relative strengths)."""
-    norms = []
-    for chunk in context.chunks(len(items)):
-        prompts, targets = zip(*_examples(context, [items[i] for i in chunk]), strict=True)
-        norms.append(context.means(list(prompts), list(targets))[1])
-    return torch.cat(norms)
+def _site_norms(
+    context: MethodContext, items: list[HistoryItem], previous: UserDictionary | None
+) -> torch.Tensor:
+    """``[items, sites]`` typical activation norms over each output (for relative strengths):
+    recorded for new items, the dictionary's recorded norms for the others."""
+    norms = torch.zeros(len(items), len(context.sites))
+    known = set(previous.item_ids) if previous is not None and previous.meta.site_norms else set()
+    if known:
+        norms[:] = previous.site_norms  # type: ignore[union-attr]
+    todo = [n for n, i in enumerate(items) if i.item_id not in known]
+    for start in range(0, len(todo), context.batch_size):
+        chunk = todo[start : start + context.batch_size]
+        prompts, targets = zip(*_examples(context, [items[n] for n in chunk]), strict=True)
+        norms[chunk] = context.means(list(prompts), list(targets))[1]
+    return norms
 
 
 register(TrainedConfig, trained_vectors)

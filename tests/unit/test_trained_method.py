@@ -1,0 +1,124 @@
+"""The "trained" extraction method through the engine, on a tiny random llama: shared +
+delta vectors in the dictionary, incremental updates, tenant state and deletion."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+
+from fints.engine import GenerationRequest, Personalizer
+from fints.extraction import METHODS, ExtractionConfig, TrainedConfig
+from fints.generation import GenerationOptions
+from fints.history import HistoryItem
+from fints.models import LoadedModel
+from fints.sites import parse_sites
+from fints.store import Store
+from tests.unit.benchmark_fixtures import HashEncoder, tiny_llama
+
+SITES = parse_sites("2.block")
+FAST = {"shared_steps": 3, "steps": 3, "incremental_steps": 2, "batch_size": 4}
+
+
+def history(user: str, n: int) -> list[HistoryItem]:
+    word = {"ann": "apples", "bob": "boats", "cy": "clouds"}[user]
+    return [
+        HistoryItem(f"question {i} of {user}", f"I like {word} number {i}!", f"{user}-{i}")
+        for i in range(n)
+    ]
+
+
+@pytest.fixture(scope="module")
+def tiny() -> LoadedModel:
+    return tiny_llama()
+
+
+@pytest.fixture
+def engine(tiny: LoadedModel, tmp_path: Path) -> Iterator[Personalizer]:
+    store = Store(tmp_path / "store.sqlite")
+    extraction = ExtractionConfig(sites=SITES, method="trained", params=FAST)
+    yield Personalizer(tiny, store, encoder=HashEncoder(), extraction=extraction)
+    store.close()
+
+
+def test_trained_is_a_registered_method_with_a_json_config() -> None:
+    assert METHODS["trained"].config is TrainedConfig
+    config = ExtractionConfig(sites=SITES, method="trained", params={"steps": 7})
+    again = ExtractionConfig.from_dict(config.to_dict())
+    assert again == config and again.settings.steps == 7  # type: ignore[attr-defined]
+
+
+def test_a_dictionary_records_the_method_and_holds_one_user_vector(
+    engine: Personalizer,
+) -> None:
+    for user in ("ann", "bob"):
+        engine.add_history(user, history(user, 4), build=False)
+    engine.build("ann", progress=False)
+    ann = engine.dictionary("ann")
+    assert ann is not None and len(ann) == 4
+    assert ann.meta.method == "trained"
+    assert ann.meta.method_config["params"]["steps"] == FAST["steps"]
+    # user-level: every entry is the same (shared + delta) vector, and it is not zero
+    assert torch.allclose(ann.vectors, ann.vectors[:1].expand_as(ann.vectors))
+    assert ann.vectors.norm() > 0
+    assert all(n > 0 for n in ann.meta.site_norms)
+
+
+def test_users_get_different_vectors(engine: Personalizer) -> None:
+    for user in ("ann", "bob"):
+        engine.add_history(user, history(user, 4))
+    ann, bob = engine.dictionary("ann"), engine.dictionary("bob")
+    assert ann is not None and bob is not None
+    assert not torch.allclose(ann.vectors[0], bob.vectors[0])
+
+
+def test_a_new_item_updates_every_entry_from_the_current_vector(engine: Personalizer) -> None:
+    engine.add_history("ann", history("ann", 4))
+    before = engine.dictionary("ann")
+    assert before is not None
+    engine.add_history("ann", [HistoryItem("one more", "apples again!", "ann-new")])
+    after = engine.dictionary("ann")
+    assert after is not None and len(after) == 5 and "ann-new" in after.item_ids
+    assert not torch.allclose(after.vectors[0], before.vectors[0])
+    assert torch.allclose(after.vectors, after.vectors[:1].expand_as(after.vectors))
+    # an update moves the vector a little, it does not start again from zero
+    moved = (after.vectors[0] - before.vectors[0]).norm()
+    assert moved < before.vectors[0].norm()
+
+
+def test_the_shared_vector_is_kept_per_tenant_and_dropped_when_a_user_is_deleted(
+    engine: Personalizer,
+) -> None:
+    engine.add_history("ann", history("ann", 4))
+    assert engine._method_state["default"]  # trained once for the tenant
+    engine.add_history("bob", history("bob", 4), tenant="other")
+    assert set(engine._method_state) == {"default", "other"}
+    engine.delete_user("ann")
+    assert "default" not in engine._method_state
+    assert engine.store.users() == []
+
+
+def test_steered_generation_uses_the_trained_vectors(engine: Personalizer) -> None:
+    engine.add_history("ann", history("ann", 4))
+    options = GenerationOptions(max_new_tokens=4)
+    steered, plain = engine.generate(
+        [GenerationRequest("ann", "question 9"), GenerationRequest(None, "question 9")], options
+    )
+    assert steered.steered and not plain.steered
+    assert steered.retrieved  # retrieval runs over the trained entries as over any others
+
+
+def test_per_item_refinement_gives_each_entry_its_own_vector(
+    tiny: LoadedModel, tmp_path: Path
+) -> None:
+    extraction = ExtractionConfig(
+        sites=SITES, method="trained", params={**FAST, "item_steps": 2, "item_l2": 0.0}
+    )
+    with Store(tmp_path / "s.sqlite") as store:
+        engine = Personalizer(tiny, store, encoder=HashEncoder(), extraction=extraction)
+        engine.add_history("cy", history("cy", 3))
+        cy = engine.dictionary("cy")
+        assert cy is not None
+        assert not torch.allclose(cy.vectors[0], cy.vectors[1])
