@@ -24,8 +24,9 @@ from typing import Annotated
 
 import typer
 
+from fints.benchmark.banks import benchmark_sites
 from fints.benchmark.labels import METRICS, Kind, Label, Role, Source, judge_name
-from fints.benchmark.methods import DEFAULT_TAU, MethodSpec, benchmark_sites
+from fints.benchmark.methods import DEFAULT_TAU, MethodSpec
 from fints.benchmark.pipeline import load_task, task_runner
 from fints.benchmark.runner import Row, build_judge, compare, evaluate
 from fints.benchmark.settings import BenchSettings

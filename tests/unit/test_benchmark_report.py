@@ -11,8 +11,9 @@ import numpy as np
 import pytest
 
 from fints.benchmark.analyses import diagnostics
+from fints.benchmark.banks import BenchContext, benchmark_sites
 from fints.benchmark.labels import COMPARED, ROUGE, Judge, Label, Metric, Role, Split, judge_name
-from fints.benchmark.methods import BenchContext, MethodSpec, benchmark_sites
+from fints.benchmark.methods import MethodSpec
 from fints.benchmark.metrics import RougeScores, StyleStats
 from fints.benchmark.report import PROBES, TaskReport, task_markdown, write_report
 from fints.benchmark.rows import methods_for_test

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from fints.benchmark.analyses import sparsity
+from fints.benchmark.banks import BenchContext, benchmark_sites
 from fints.benchmark.labels import (
     Kind,
     Label,
@@ -19,13 +20,7 @@ from fints.benchmark.labels import (
     Split,
 )
 from fints.benchmark.latency import measure_latency
-from fints.benchmark.methods import (
-    ALL_ENTRIES,
-    BenchContext,
-    MethodSpec,
-    benchmark_sites,
-    make_method,
-)
+from fints.benchmark.methods import ALL_ENTRIES, MethodSpec, make_method
 from fints.benchmark.metrics import TextClassifier
 from fints.benchmark.pipeline import benchmark_task, layers_searched, task_runner
 from fints.benchmark.presets import PRESETS

@@ -12,7 +12,8 @@ import pytest
 from typer.testing import CliRunner
 
 import fints
-from fints.cli import LAZY_COMMANDS, app, steering_from_flags
+from fints.cli import app, steering_from_flags
+from fints.cli_lazy import LAZY_COMMANDS
 from fints.errors import InvalidInputError
 from fints.steering import SteeringConfig
 

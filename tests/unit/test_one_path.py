@@ -9,7 +9,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from fints.benchmark.methods import BenchContext, MethodSpec, benchmark_sites, make_method
+from fints.benchmark.banks import BenchContext, benchmark_sites
+from fints.benchmark.methods import MethodSpec, make_method
 from fints.benchmark.tasks import Query, Task
 from fints.dictionary import UserDictionary
 from fints.engine import Personalizer

@@ -9,6 +9,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from fints.benchmark.banks import BenchContext
 from fints.benchmark.labels import (
     REFERENCE_ICL_K,
     Kind,
@@ -18,7 +19,7 @@ from fints.benchmark.labels import (
     Source,
     Split,
 )
-from fints.benchmark.methods import BenchContext, MethodSpec
+from fints.benchmark.methods import MethodSpec
 from fints.benchmark.metrics import TextClassifier, paired_bootstrap
 from fints.benchmark.runner import Row, Runner, evaluate
 from fints.benchmark.tasks import Task

@@ -11,6 +11,7 @@ from __future__ import annotations
 from enum import StrEnum
 from typing import Final
 
+import fints.user_vectors
 from fints.sites import Component
 
 
@@ -135,7 +136,7 @@ class Label:
 
 #: The user-vector baselines (``fints.user_vectors``); all but the mean one run only
 #: where a preset asks for extra baselines.
-USER_VECTORS: tuple[str, ...] = ("mean", "pca", "logistic")
+USER_VECTORS: tuple[str, ...] = tuple(fints.user_vectors.USER_VECTORS)
 EXTRA_USER_VECTORS: tuple[str, ...] = USER_VECTORS[1:]
 
 

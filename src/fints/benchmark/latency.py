@@ -11,8 +11,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
+from fints.benchmark.banks import BenchContext
 from fints.benchmark.labels import Split
-from fints.benchmark.methods import BenchContext, MethodSpec, make_method
+from fints.benchmark.methods import MethodSpec, make_method
 from fints.generation import GenerationOptions
 from fints.perf import interleaved
 

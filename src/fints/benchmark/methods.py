@@ -5,40 +5,38 @@ or without in-context items) plus, per row, a steering vector per site; they are
 all one :class:`SteeredPrompt` with a :class:`MethodSpec`. Other kinds (PEFT,
 classifier-guided decoding) register their own factory in :data:`REGISTRY`.
 
-Vectors are extracted once per (user, contrast) at every benchmark site
-(:class:`VectorBank`) and subsets of sites are chosen at steer time.
+Vectors are extracted once per (user, method) at every benchmark site
+(:class:`fints.benchmark.banks.UserBank`) and subsets of sites are chosen at steer time.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Callable, Collection, Sequence
-from dataclasses import asdict, dataclass, field, replace
-from pathlib import Path
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, replace
 from typing import Literal, Protocol
 
 import torch
 
-from fints.benchmark.labels import Label, Role
-from fints.benchmark.tasks import Query, Task
-from fints.dictionary import DictionaryMeta, UserDictionary
-from fints.encoders import KeyEncoder
+from fints.benchmark.banks import BenchContext, Contrast
+from fints.benchmark.labels import Kind, Role, Source
+from fints.benchmark.tasks import Query
 from fints.errors import InvalidInputError
-from fints.extraction import ExtractionConfig, Extractor
 from fints.generation import Completion, GenerationOptions, generate_batch
 from fints.history import HistoryItem
-from fints.models import LoadedModel
 from fints.plan import SteeringPlan, plan_steering
-from fints.prompts import build_prompt_ids, get_template
+from fints.prompts import build_prompt_ids
 from fints.retrieval import nearest_items
 from fints.sites import Component, Site, parse_sites
 from fints.steering import Aggregation, SteeringConfig
-from fints.user_vectors import UserVectorMethod, user_vector
+from fints.user_vectors import UserVectorMethod
 
-Source = Literal["own", "wrong", "random"]
-Contrast = str  # an extraction method's name (fints.extraction.METHODS)
-Kind = Literal["none", "icl", "vector", "fints"]
+SourceName = Literal["own", "wrong", "random"]  # the values of labels.Source
+KindName = Literal["none", "icl", "vector", "fints"]  # the values of labels.Kind
+
+#: The kinds that steer (they name sites and draw vectors from the user's bank).
+STEERING_KINDS = (Kind.VECTOR, Kind.FINTS)
 
 #: ``MethodSpec.top_k`` that retrieves the whole dictionary: with mean aggregation, the
 #: mean of all the user's differences (the "user vector (mean)" reached by retrieval).
@@ -72,9 +70,9 @@ class MethodSpec:
     """
 
     label: str
-    kind: Kind = "none"
+    kind: KindName = Kind.NONE
     icl_k: int = 0
-    icl_source: Source = "own"
+    icl_source: SourceName = Source.OWN
     sites: str = ""
     strength: float = 0.0
     relative: bool = True
@@ -82,19 +80,19 @@ class MethodSpec:
     aggregation: Aggregation = "attentive"
     tau: float = DEFAULT_TAU
     contrast: Contrast = "context"
-    vector_source: Source = "own"
+    vector_source: SourceName = Source.OWN
     user_vector: UserVectorMethod = "mean"
     centered: bool = False
     role: str = Role.METHOD  # a Role (for the report)
 
     def __post_init__(self) -> None:
-        if self.kind not in ("none", "icl", "vector", "fints"):
+        if self.kind not in (Kind.NONE, Kind.ICL, Kind.VECTOR, Kind.FINTS):
             raise InvalidInputError(f"unknown method kind {self.kind!r}")
-        if self.kind in ("vector", "fints") and not self.sites:
+        if self.kind in STEERING_KINDS and not self.sites:
             raise InvalidInputError(f"method {self.label!r} steers but names no sites")
-        if self.icl_source == "random":
+        if self.icl_source == Source.RANDOM:
             raise InvalidInputError("icl_source must be 'own' or 'wrong'")
-        if self.centered and self.kind not in ("vector", "fints"):
+        if self.centered and self.kind not in STEERING_KINDS:
             raise InvalidInputError(f"method {self.label!r} is centered but does not steer")
         if self.top_k < 0:
             raise InvalidInputError(f"top_k must be >= 1 (or {ALL_ENTRIES}: all), got {self.top_k}")
@@ -112,7 +110,7 @@ class MethodSpec:
             fields.pop("centered")  # keeps the keys (and caches) of runs made before it existed
         if not self.weighs_by_score:
             fields["tau"] = DEFAULT_TAU  # a moot tau must not make the same setting generate twice
-        if self.kind not in ("vector", "fints"):
+        if self.kind not in STEERING_KINDS:
             for name in ("sites", "strength", "relative", "top_k", "aggregation", "tau"):
                 fields.pop(name)
             for name in ("contrast", "vector_source", "user_vector"):
@@ -126,246 +124,31 @@ class MethodSpec:
     @property
     def weighs_by_score(self) -> bool:
         """Whether ``tau`` changes anything: attentive aggregation of more than one entry."""
-        return self.kind == "fints" and self.aggregation == "attentive" and self.top_k != 1
+        return self.kind == Kind.FINTS and self.aggregation == "attentive" and self.top_k != 1
 
     def describe(self) -> str:
         parts = []
         if self.icl_k:
             parts.append(
-                f"icl k={self.icl_k}" + (" (wrong user)" if self.icl_source == "wrong" else "")
+                f"icl k={self.icl_k}" + (" (wrong user)" if self.icl_source == Source.WRONG else "")
             )
-        if self.kind == "fints":
+        if self.kind == Kind.FINTS:
             k = "all" if self.top_k == ALL_ENTRIES else self.top_k
             tau = f" tau={self.tau:g}" if self.weighs_by_score and self.tau != DEFAULT_TAU else ""
             parts.append(
                 f"fints {self.sites} s={self.strength:g}{'rel' if self.relative else 'abs'} "
                 f"K={k} {self.aggregation}{tau} {self.contrast}"
             )
-        elif self.kind == "vector":
+        elif self.kind == Kind.VECTOR:
             parts.append(
                 f"user vector ({self.user_vector}) {self.sites} "
                 f"s={self.strength:g}{'rel' if self.relative else 'abs'} {self.contrast}"
             )
         if self.centered:
             parts.append("centered")
-        if self.kind in ("fints", "vector") and self.vector_source != "own":
+        if self.kind in STEERING_KINDS and self.vector_source != Source.OWN:
             parts.append(f"[{self.vector_source} vectors]")
         return ", ".join(parts) or "no personalization"
-
-
-@dataclass
-class UserBank:
-    """One user's per-item activations at every benchmark site, for one contrast."""
-
-    user: str
-    sites: tuple[Site, ...]
-    item_ids: list[str]
-    keys: torch.Tensor  # [N, key_dim]
-    positive: torch.Tensor  # [N, sites, hidden]
-    negative: torch.Tensor
-    site_norms: torch.Tensor  # [sites]
-    meta: DictionaryMeta
-    _dicts: dict[tuple[Site, ...], UserDictionary] = field(default_factory=dict)
-    _user_vectors: dict[tuple[tuple[Site, ...], str], UserDictionary] = field(default_factory=dict)
-
-    @property
-    def differences(self) -> torch.Tensor:
-        return self.positive - self.negative
-
-    def index(self, sites: Sequence[Site]) -> list[int]:
-        missing = [str(s) for s in sites if s not in self.sites]
-        if missing:
-            raise InvalidInputError(
-                f"sites {missing} were not extracted (extracted: {[str(s) for s in self.sites]})"
-            )
-        return [self.sites.index(s) for s in sites]
-
-    def dictionary(self, sites: tuple[Site, ...]) -> UserDictionary:
-        if sites not in self._dicts:
-            idx = self.index(sites)
-            meta = replace(
-                self.meta,
-                sites=sites,
-                site_norms=tuple(float(self.site_norms[i]) for i in idx),
-            )
-            self._dicts[sites] = UserDictionary(
-                self.user, meta, list(self.item_ids), self.keys, self.differences[:, idx]
-            )
-        return self._dicts[sites]
-
-    def user_dictionary(self, sites: tuple[Site, ...], method: UserVectorMethod) -> UserDictionary:
-        """The user-level vector as a dictionary of one entry (retrieval returns it as is)."""
-        key = (sites, method)
-        if key not in self._user_vectors:
-            idx = self.index(sites)
-            vector = user_vector(self.positive[:, idx], self.negative[:, idx], method)
-            whole = self.dictionary(sites)
-            self._user_vectors[key] = UserDictionary(
-                self.user,
-                whole.meta,
-                [Label.user_vector(method)],
-                torch.nn.functional.normalize(self.keys.mean(dim=0, keepdim=True), dim=-1),
-                vector.unsqueeze(0),
-            )
-        return self._user_vectors[key]
-
-
-class BenchContext:
-    """One model, one task: query keys, history keys and vector banks, cached."""
-
-    def __init__(
-        self,
-        model: LoadedModel,
-        encoder: KeyEncoder,
-        task: Task,
-        sites: tuple[Site, ...],
-        cache_dir: Path,
-        *,
-        extraction_batch: int = 8,
-        seed: int = 0,
-        progress: bool = True,
-    ) -> None:
-        self.model, self.encoder, self.task, self.sites = model, encoder, task, sites
-        self.template = get_template(task.template)
-        self.cache_dir = cache_dir
-        self.extraction_batch = extraction_batch
-        self.seed = seed
-        self.progress = progress
-        self._query_keys: dict[str, torch.Tensor] = {}
-        self._history_keys: dict[str, torch.Tensor] = {}
-        self._banks: dict[tuple[str, str], UserBank] = {}
-        self._mean_differences: dict[str, dict[str, torch.Tensor]] = {}
-        self.extraction_seconds = 0.0
-
-    def query_keys(self, queries: Sequence[Query]) -> torch.Tensor:
-        missing = [q for q in queries if q.qid not in self._query_keys]
-        if missing:
-            keys = self.encoder.encode([q.input for q in missing])
-            for q, k in zip(missing, keys, strict=True):
-                self._query_keys[q.qid] = k
-        return torch.stack([self._query_keys[q.qid] for q in queries])
-
-    def history_keys(self, user: str) -> torch.Tensor:
-        if user not in self._history_keys:
-            history = self.task.users[user].history
-            self._history_keys[user] = self.encoder.encode([i.input for i in history])
-        return self._history_keys[user]
-
-    def _bank_path(self, user: str, contrast: str) -> Path:
-        history = self.task.users[user].history
-        payload = json.dumps(
-            [
-                self.model.fingerprint,
-                str(self.model.dtype),
-                self.task.name,
-                self.task.sha256,
-                user,
-                contrast,
-                [str(s) for s in self.sites],
-                [i.item_id for i in history],
-                self.seed,
-                self.encoder.name,
-            ]
-        )
-        digest = hashlib.sha256(payload.encode()).hexdigest()[:24]
-        return self.cache_dir / "banks" / f"{digest}.pt"
-
-    def bank(self, user: str, contrast: Contrast) -> UserBank:
-        """The user's activations at every site (extracted once, cached on disk)."""
-        key = (user, contrast)
-        if key in self._banks:
-            return self._banks[key]
-        path = self._bank_path(user, contrast)
-        if path.is_file():
-            data = torch.load(path, weights_only=False)
-            bank = UserBank(
-                user,
-                self.sites,
-                data["item_ids"],
-                data["keys"],
-                data["positive"],
-                data["negative"],
-                data["site_norms"],
-                DictionaryMeta.from_json(data["meta"]),
-            )
-        else:
-            bank = self._extract(user, contrast)
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_suffix(".tmp")
-            torch.save(
-                {
-                    "item_ids": bank.item_ids,
-                    "keys": bank.keys,
-                    "positive": bank.positive,
-                    "negative": bank.negative,
-                    "site_norms": bank.site_norms,
-                    "meta": bank.meta.to_json(),
-                },
-                tmp,
-            )
-            tmp.replace(path)
-        self._banks[key] = bank
-        return bank
-
-    def shared_direction(
-        self, exclude: Collection[str], contrast: Contrast, sites: Sequence[Site]
-    ) -> torch.Tensor:
-        """The mean difference of the users not in ``exclude`` at ``sites``: ``[sites, hidden]``.
-
-        Each user's mean over their items counts once, so a long history does not
-        dominate. It needs every user's bank (extracted on first use).
-        """
-        if contrast not in self._mean_differences:
-            self._mean_differences[contrast] = {
-                u: self.bank(u, contrast).differences.float().mean(dim=0) for u in self.task.users
-            }
-        others = [m for u, m in self._mean_differences[contrast].items() if u not in exclude]
-        if not others:
-            raise InvalidInputError(f"centering needs users besides {sorted(exclude)}")
-        idx = self.bank(next(iter(self.task.users)), contrast).index(sites)
-        return torch.stack(others).mean(dim=0)[idx]
-
-    def _extract(self, user: str, contrast: Contrast) -> UserBank:
-        import time
-
-        history = self.task.users[user].history
-        config = ExtractionConfig(
-            sites=self.sites,
-            method=contrast,
-            params=(
-                {"rouge_threshold": 0.15 if self.task.name == "headlines" else 0.2}
-                if contrast == "response"
-                else None
-            ),
-            batch_size=self.extraction_batch,
-            seed=self.seed,
-        )
-        extractor = Extractor(self.model, self.encoder, self.template, config)
-        start = time.perf_counter()
-        result = extractor.extract(
-            history, history, self.task.negatives_for(user), progress=self.progress
-        )
-        self.extraction_seconds += time.perf_counter() - start
-        if not result.entries:
-            # Every pair was filtered out (response contrast): fall back to zero vectors.
-            hidden = self.model.hidden_size
-            zeros = torch.zeros(1, len(self.sites), hidden)
-            keys = self.encoder.encode([history[-1].input])
-            return UserBank(
-                user, self.sites, [history[-1].item_id], keys, zeros, zeros,
-                torch.ones(len(self.sites)), result.meta,
-            )  # fmt: skip
-        keys = torch.stack([e.key for e in result.entries])
-        return UserBank(
-            user,
-            self.sites,
-            [e.item_id for e in result.entries],
-            keys,
-            result.positive,
-            result.negative,
-            torch.tensor(result.meta.site_norms, dtype=torch.float32),
-            result.meta,
-        )
 
 
 class Method(Protocol):
@@ -404,7 +187,11 @@ class SteeredPrompt:
         return self.spec.describe()
 
     def _vector_user(self, query: Query, ctx: BenchContext) -> str:
-        return ctx.task.wrong_user(query.user) if self.spec.vector_source == "wrong" else query.user
+        return (
+            ctx.task.wrong_user(query.user)
+            if self.spec.vector_source == Source.WRONG
+            else query.user
+        )
 
     def prompts(self, queries: Sequence[Query], ctx: BenchContext) -> list[list[int]]:
         spec = self.spec
@@ -412,7 +199,9 @@ class SteeredPrompt:
         if spec.icl_k:
             keys = ctx.query_keys(queries)
             for row, query in enumerate(queries):
-                user = query.user if spec.icl_source == "own" else ctx.task.wrong_user(query.user)
+                user = (
+                    query.user if spec.icl_source == Source.OWN else ctx.task.wrong_user(query.user)
+                )
                 history = ctx.task.users[user].history
                 contexts[row] = nearest_items(
                     ctx.history_keys(user), history, keys[row], spec.icl_k
@@ -439,10 +228,10 @@ class SteeredPrompt:
     def plan(self, queries: Sequence[Query], ctx: BenchContext) -> SteeringPlan | None:
         """The engine's steering plan for these queries, with this method's controls."""
         spec, sites = self.spec, self._sites
-        if spec.kind not in ("vector", "fints"):
+        if spec.kind not in STEERING_KINDS:
             return None
         banks = [ctx.bank(self._vector_user(q, ctx), spec.contrast) for q in queries]
-        if spec.kind == "fints":
+        if spec.kind == Kind.FINTS:
             dictionaries = [b.dictionary(sites) for b in banks]
         else:  # one user-level vector: a dictionary of one entry
             dictionaries = [b.user_dictionary(sites, spec.user_vector) for b in banks]
@@ -459,7 +248,7 @@ class SteeredPrompt:
                 for q in queries
             ]
             plan = plan.shifted(-torch.stack(shared))
-        if spec.vector_source == "random":
+        if spec.vector_source == Source.RANDOM:
             plan = plan.randomized([f"{ctx.seed}:random:{q.qid}" for q in queries])
         return plan
 
@@ -479,10 +268,10 @@ MethodFactory = Callable[[MethodSpec], Method]
 
 #: Method kinds by name. Later issues add e.g. "peft" or "classifier-guided" here.
 REGISTRY: dict[str, MethodFactory] = {
-    "none": SteeredPrompt,
-    "icl": SteeredPrompt,
-    "vector": SteeredPrompt,
-    "fints": SteeredPrompt,
+    Kind.NONE: SteeredPrompt,
+    Kind.ICL: SteeredPrompt,
+    Kind.VECTOR: SteeredPrompt,
+    Kind.FINTS: SteeredPrompt,
 }
 
 
@@ -490,16 +279,3 @@ def make_method(spec: MethodSpec) -> Method:
     if spec.kind not in REGISTRY:
         raise InvalidInputError(f"no method registered for kind {spec.kind!r}: {sorted(REGISTRY)}")
     return REGISTRY[spec.kind](spec)
-
-
-def benchmark_sites(num_layers: int, layers: Sequence[int] | None = None) -> tuple[Site, ...]:
-    """attn, mlp and block at each layer (default: at 1/3, 1/2 and 2/3 of the depth)."""
-    chosen = (
-        sorted(set(layers))
-        if layers
-        else sorted({num_layers // 3, num_layers // 2, 2 * num_layers // 3})
-    )
-    bad = [layer for layer in chosen if not 0 <= layer < num_layers]
-    if bad:
-        raise InvalidInputError(f"layers {bad} out of range for a {num_layers}-layer model")
-    return parse_sites(",".join(f"{layer}.attn+mlp+block" for layer in chosen))

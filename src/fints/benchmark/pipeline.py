@@ -15,9 +15,9 @@ from pathlib import Path
 import torch
 
 from fints.benchmark.analyses import clusters, diagnostics, sparsity
+from fints.benchmark.banks import BenchContext, benchmark_sites
 from fints.benchmark.labels import REFERENCE_ICL_K, Label, Split, TaskName, judge_name
 from fints.benchmark.latency import measure_latency
-from fints.benchmark.methods import BenchContext, benchmark_sites
 from fints.benchmark.persona import PersonaConfig, first_moods, load_persona
 from fints.benchmark.presets import Preset, default_top_k
 from fints.benchmark.report import TaskReport, task_markdown, write_report

@@ -17,8 +17,9 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
+from fints.benchmark.banks import BenchContext
 from fints.benchmark.labels import Metric, Split
-from fints.benchmark.methods import BenchContext, Method, MethodSpec, make_method
+from fints.benchmark.methods import Method, MethodSpec, make_method
 from fints.benchmark.metrics import (
     Difference,
     RougeScores,
