@@ -135,38 +135,30 @@ def test_rows_carry_their_own_vectors_in_generate(arch_model):
     vectors = torch.randn(2, d) * 2.0
     sites = parse_sites("1.attn+mlp")
 
+    def scores(ids: torch.Tensor, attention: torch.Tensor) -> torch.Tensor:
+        out = arch_model.generate(
+            input_ids=ids,
+            attention_mask=attention,
+            max_new_tokens=6,
+            do_sample=False,
+            pad_token_id=0,
+            eos_token_id=None,
+            output_scores=True,
+            return_dict_in_generate=True,
+        )
+        return torch.stack(out.scores, dim=1)  # [batch, steps, vocab]
+
     def run(rows: list[int]) -> torch.Tensor:
         ids, attention = pad_batch([prompts[r] for r in rows], 0, side="left")
-        vec = {s: vectors[rows] for s in sites}
-        with steer(layout, vec):
-            out = arch_model.generate(
-                input_ids=ids,
-                attention_mask=attention,
-                max_new_tokens=6,
-                do_sample=False,
-                pad_token_id=0,
-                eos_token_id=None,
-                output_scores=True,
-                return_dict_in_generate=True,
-            )
-        return torch.stack(out.scores, dim=1)  # [batch, steps, vocab]
+        with steer(layout, {s: vectors[rows] for s in sites}):
+            return scores(ids, attention)
 
     batched = run([0, 1])
     for row in (0, 1):
         torch.testing.assert_close(batched[row], run([row])[0], atol=1e-4, rtol=1e-4)
     # and the two rows really got different steering: unsteered scores differ from steered
-    ids, attention = pad_batch(prompts[:1], 0, side="left")
-    plain = arch_model.generate(
-        input_ids=ids,
-        attention_mask=attention,
-        max_new_tokens=6,
-        do_sample=False,
-        pad_token_id=0,
-        eos_token_id=None,
-        output_scores=True,
-        return_dict_in_generate=True,
-    )
-    assert not torch.allclose(torch.stack(plain.scores, dim=1)[0], batched[0])
+    plain = scores(*pad_batch(prompts[:1], 0, side="left"))
+    assert not torch.allclose(plain[0], batched[0])
 
 
 def test_steering_reaches_every_decode_step_with_kv_cache(arch_model):
