@@ -23,6 +23,7 @@ from dataclasses import asdict, dataclass, fields
 from typing import Any, Literal
 
 import torch
+from tqdm.auto import tqdm
 
 from fints.errors import InvalidInputError
 from fints.models import LoadedModel
@@ -254,6 +255,7 @@ def _train(
     train_losses: list[float] = []
     valid_losses = [check.mean_nll(values)] if check else []
     best, best_step, stale, steps_run = values.detach().clone(), 0, 0, 0
+    bar = tqdm(total=config.steps, desc="training vectors", unit="step", disable=not progress)
     for step in range(1, config.steps + 1):
         if not order:
             order = list(range(len(train.batches)))
@@ -273,11 +275,14 @@ def _train(
                 best, best_step, stale = values.detach().clone(), step, 0
             else:
                 stale += 1
-        if progress:
-            shown = f" valid {valid_losses[-1]:.4f}" if valid_losses else ""
-            print(f"step {step}: train {train_losses[-1]:.4f}{shown}", flush=True)
+        bar.update(1)
+        bar.set_postfix(
+            train=f"{train_losses[-1]:.4f}",
+            **({"valid": f"{valid_losses[-1]:.4f}"} if valid_losses else {}),
+        )
         if config.patience is not None and stale >= config.patience:
             break
+    bar.close()
     return TrainedVectors(
         sites=sites,
         values=best.float().cpu(),
