@@ -44,7 +44,7 @@ class TransformersBackend:
         return generate_batch(
             self.model,
             prompts,
-            options=options,
+            options,
             streamer=streamer,
             stops=stops,
             decorations=[a.decoration(self.model) for a in additions],

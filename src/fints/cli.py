@@ -59,7 +59,9 @@ SitesOpt = Annotated[
     typer.Option("--sites", help="steering sites, e.g. '15.attn+mlp' (default: middle layer)"),
 ]
 TemplateOpt = Annotated[str, typer.Option("--template", help="generic, headline or abstract")]
-ContrastOpt = Annotated[str, typer.Option("--contrast", help="context or response")]
+ContrastOpt = Annotated[
+    str, typer.Option("--contrast", help="the extraction method: context, response or trained")
+]
 
 
 def friendly_errors(func: F) -> F:

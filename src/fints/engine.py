@@ -75,7 +75,7 @@ class PreparedBatch:
 
     prompts: list[list[int]]
     results: list[GenerationResult]  # text filled in after decoding
-    stops: list[tuple[str, ...]] = field(default_factory=list)  # per row; empty: none
+    stops: list[tuple[str, ...]]  # per row; empty: none
     additions: list[Addition] = field(default_factory=list)
 
     def select(self, rows: Sequence[int]) -> PreparedBatch:
@@ -277,8 +277,9 @@ class Personalizer:
         needs_key = [i for i in range(len(requests)) if steered[i] or with_icl[i]]
         encoded = self.encoder.encode([requests[i].query for i in needs_key]) if needs_key else None
         keys: list[torch.Tensor | None] = [None] * len(requests)
-        for n, i in enumerate(needs_key):
-            keys[i] = encoded[n] if encoded is not None else None
+        if encoded is not None:
+            for n, i in enumerate(needs_key):
+                keys[i] = encoded[n]
 
         rows = BatchRows(steered, keys, configs)
         additions = [a for a in (mode.prepare(rows) for mode in self.modes) if a is not None]

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import AbstractContextManager, ExitStack, contextmanager, nullcontext
 from dataclasses import dataclass, field
 from typing import Any
@@ -11,10 +11,8 @@ import torch
 from transformers import LogitsProcessorList
 
 from fints.errors import InvalidInputError
-from fints.injection import steer
 from fints.models import LoadedModel
 from fints.prompts import pad_batch
-from fints.sites import Site
 from fints.stopping import StopSequences, cut_at_stop
 
 
@@ -54,14 +52,13 @@ class Completion:
 def generate_batch(
     model: LoadedModel,
     prompts: Sequence[Sequence[int]],
-    vectors: Mapping[Site, torch.Tensor] | None = None,
     options: GenerationOptions | None = None,
     streamer: Any = None,
     stops: Sequence[Sequence[str]] | None = None,
     decorations: Sequence[Decoration] = (),
 ) -> list[Completion]:
-    """Decode every prompt; ``vectors[site]`` (``[batch, hidden]``) is added while decoding,
-    and each decoration's hooks and logits processors apply.
+    """Decode every prompt, with each decoration's hooks (e.g. per-row steering vectors,
+    see :class:`fints.modes.SteeringAddition`) and logits processors applied.
 
     ``stops[row]``: that row's stop sequences. Its decoding ends once one appears,
     and its text is cut before it.
@@ -86,11 +83,10 @@ def generate_batch(
     if processors:
         decoding["logits_processor"] = LogitsProcessorList(processors)
     with ExitStack() as stack:
-        if vectors:
-            stack.enter_context(steer(model.layout, vectors))
         for decoration in decorations:
             stack.enter_context(decoration.context)
-        stack.enter_context(_seeded(options.seed if options.temperature > 0 else None))
+        seed = options.seed if options.temperature > 0 else None
+        stack.enter_context(_seeded(seed, model.device))
         out = model.model.generate(  # type: ignore[operator]
             input_ids=input_ids.to(model.device),
             attention_mask=attention.to(model.device),
@@ -123,12 +119,12 @@ def generate_batch(
 
 
 @contextmanager
-def _seeded(seed: int | None) -> Iterator[None]:
+def _seeded(seed: int | None, device: torch.device) -> Iterator[None]:
     """Sample under ``seed`` without touching the process's random state (restored after)."""
     if seed is None:
         yield
         return
-    devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
+    devices = [device] if device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices):
         torch.manual_seed(seed)
         yield

@@ -13,6 +13,7 @@ import sqlite3
 import threading
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -206,12 +207,6 @@ class Store:
         )
         return [HistoryItem(*r) for r in rows]
 
-    def other_users_items(
-        self, tenant: str, user: str, limit: int, seed: int = 0
-    ) -> list[HistoryItem]:
-        """A seeded random sample of other users' items in the same tenant (negative context)."""
-        return self.sample_items(tenant, limit, seed, exclude_user=user)
-
     def sample_items(
         self, tenant: str, limit: int, seed: int = 0, *, exclude_user: str | None = None
     ) -> list[HistoryItem]:
@@ -294,10 +289,21 @@ class Store:
                 "INSERT INTO dictionaries VALUES (?, ?, ?, ?)",
                 (tenant, user, meta.model_fingerprint, json.dumps(meta.to_json())),
             )
-        elif not DictionaryMeta.from_json(json.loads(row[0])).same_space(meta):
-            raise DictionaryMismatchError(
-                f"user {user!r} already has a dictionary for this model with other sites, "
-                "key encoder or extraction method; delete it (or the user) before building another"
+        else:
+            stored = DictionaryMeta.from_json(json.loads(row[0]))
+            if not stored.same_space(meta):
+                raise DictionaryMismatchError(
+                    f"user {user!r} already has a dictionary for this model with other sites, "
+                    "key encoder or extraction method; delete it (or the user) before building "
+                    "another"
+                )
+            merged = replace(
+                meta, site_norms=self._merged_norms(db, tenant, user, stored, meta, entries)
+            )
+            db.execute(
+                "UPDATE dictionaries SET meta = ? "
+                "WHERE tenant = ? AND user = ? AND fingerprint = ?",
+                (json.dumps(merged.to_json()), tenant, user, meta.model_fingerprint),
             )
         db.executemany(
             "INSERT OR REPLACE INTO entries VALUES (?, ?, ?, ?, ?, ?)",
@@ -314,6 +320,34 @@ class Store:
             ],
         )
         self._touch(db, tenant, user)
+
+    @staticmethod
+    def _merged_norms(
+        db: sqlite3.Connection,
+        tenant: str,
+        user: str,
+        stored: DictionaryMeta,
+        new: DictionaryMeta,
+        entries: Sequence[DictionaryEntry],
+    ) -> tuple[float, ...]:
+        """The typical site norms over all of the user's entries: the stored ones weighted by
+        the entries that stay, the new ones by the entries written now."""
+        if not stored.site_norms or not new.site_norms:
+            return new.site_norms or stored.site_norms
+        written = {e.item_id for e in entries}
+        kept = sum(
+            1
+            for (item_id,) in db.execute(
+                "SELECT item_id FROM entries WHERE tenant = ? AND user = ? AND fingerprint = ?",
+                (tenant, user, new.model_fingerprint),
+            )
+            if item_id not in written
+        )
+        total = kept + len(written)
+        return tuple(
+            (old * kept + now * len(written)) / total
+            for old, now in zip(stored.site_norms, new.site_norms, strict=True)
+        )
 
     def dictionary(self, tenant: str, user: str, fingerprint: str) -> UserDictionary | None:
         """The user's dictionary for a model, or None if nothing was extracted yet."""

@@ -28,7 +28,6 @@ from tqdm.auto import tqdm
 from fints.errors import InvalidInputError
 from fints.models import LoadedModel
 from fints.sites import Site, check_layers_in_range
-from fints.steering import SteeringVector
 from fints.target_nll import (
     Example,
     PackedBatch,
@@ -107,9 +106,6 @@ class TrainedVectors:
     best_step: int
     steps_run: int
     config: TrainingConfig
-
-    def vector(self) -> SteeringVector:
-        return SteeringVector(self.sites, self.values)
 
     def rows(self, n: int = 1) -> dict[Site, torch.Tensor]:
         """``{site: [n, hidden]}`` for :func:`fints.injection.steer` or ``target_nll``."""

@@ -87,8 +87,12 @@ def test_the_negative_pool_never_reaches_another_tenant(store):
     store.add_items("t1", "carol", items("c"))
     store.add_items("t1", "dave", items("d"))
     store.add_items("t2", "bob", items("y"))
-    assert store.other_users_items("t2", "bob", 10) == []
-    assert {i.item_id for i in store.other_users_items("t1", "dave", 10)} == {"c0", "c1", "c2"}
+    assert store.sample_items("t2", 10, exclude_user="bob") == []
+    assert {i.item_id for i in store.sample_items("t1", 10, exclude_user="dave")} == {
+        "c0",
+        "c1",
+        "c2",
+    }
 
 
 def test_putting_entries_bumps_the_version(store):
@@ -247,15 +251,32 @@ def three_users(store):
 
 
 def test_the_negative_pool_is_seeded(three_users):
-    first = three_users.other_users_items("t", "alice", 6, seed=3)
-    assert first == three_users.other_users_items("t", "alice", 6, seed=3)
-    assert three_users.other_users_items("t", "alice", 6, seed=4) != first
+    first = three_users.sample_items("t", 6, seed=3, exclude_user="alice")
+    assert first == three_users.sample_items("t", 6, seed=3, exclude_user="alice")
+    assert three_users.sample_items("t", 6, seed=4, exclude_user="alice") != first
 
 
 def test_the_negative_pool_never_holds_the_users_own_items(three_users):
-    pool = three_users.other_users_items("t", "alice", 6, seed=3)
+    pool = three_users.sample_items("t", 6, seed=3, exclude_user="alice")
     assert len(pool) == 6 and not any(i.item_id.startswith("a") for i in pool)
 
 
 def test_the_negative_pool_is_at_most_every_other_item(three_users):
-    assert len(three_users.other_users_items("t", "alice", 100)) == 10
+    assert len(three_users.sample_items("t", 100, exclude_user="alice")) == 10
+
+
+def test_site_norms_cover_every_entry_after_later_builds(store):
+    store.add_items("t", "u", items("a", 4))
+    store.put_entries("t", "u", meta(site_norms=(2.0, 4.0)), [entry("a0"), entry("a1")])
+    store.put_entries("t", "u", meta(site_norms=(8.0, 10.0)), [entry("a2"), entry("a3")])
+    merged = store.dictionary("t", "u", "fp-a")
+    assert merged is not None
+    assert merged.meta.site_norms == (5.0, 7.0)  # two entries each: the mean of the means
+
+
+def test_site_norms_of_a_rebuild_replace_the_old_ones(store):
+    store.add_items("t", "u", items("a", 2))
+    store.put_entries("t", "u", meta(site_norms=(2.0, 4.0)), [entry("a0"), entry("a1")])
+    store.put_entries("t", "u", meta(site_norms=(6.0, 6.0)), [entry("a0"), entry("a1")])
+    rebuilt = store.dictionary("t", "u", "fp-a")
+    assert rebuilt is not None and rebuilt.meta.site_norms == (6.0, 6.0)

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from fints.engine import GenerationRequest, Personalizer
+from fints.errors import InvalidInputError
 from fints.extraction import METHODS, ExtractionConfig, TrainedConfig
 from fints.generation import GenerationOptions
 from fints.history import HistoryItem
@@ -122,3 +123,28 @@ def test_per_item_refinement_gives_each_entry_its_own_vector(
         cy = engine.dictionary("cy")
         assert cy is not None
         assert not torch.allclose(cy.vectors[0], cy.vectors[1])
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [("steps", 0), ("incremental_steps", 0), ("shared_steps", -1), ("pool", -1), ("replay", -2),
+     ("item_lr", 0.0), ("shared_lr", -1.0)],
+)  # fmt: skip
+def test_bad_trained_settings_are_refused_with_their_name(field: str, value: float) -> None:
+    with pytest.raises(InvalidInputError) as err:
+        TrainedConfig(**{field: value})
+    assert field in str(err.value) or err.value.param == field
+
+
+def test_the_benchmark_refuses_the_trained_method_rather_than_run_it_differently(
+    tiny: LoadedModel, tmp_path: Path
+) -> None:
+    from fints.benchmark.banks import BenchContext, benchmark_sites
+    from tests.unit.benchmark_fixtures import fixture_task
+
+    task = fixture_task(max_history=3, max_new_tokens=2)
+    ctx = BenchContext(
+        tiny, HashEncoder(), task, benchmark_sites(tiny.num_layers, (1,)), tmp_path, progress=False
+    )
+    with pytest.raises(InvalidInputError, match="trained_probe"):
+        ctx.bank(next(iter(task.users)), "trained")

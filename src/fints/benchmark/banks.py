@@ -202,6 +202,11 @@ class BenchContext:
 
     def _extract(self, user: str, contrast: Contrast) -> UserBank:
 
+        if contrast not in ("context", "response"):
+            raise InvalidInputError(
+                f"the benchmark extracts contrast vectors only ('context', 'response'), not "
+                f"{contrast!r}: trained vectors are measured by benchmarks/trained_probe.py"
+            )
         history = self.task.users[user].history
         config = ExtractionConfig(
             sites=self.sites,

@@ -19,12 +19,14 @@ from typing import Literal, Protocol
 
 import torch
 
+from fints.backends import TransformersBackend
 from fints.benchmark.banks import BenchContext, Contrast
 from fints.benchmark.labels import Kind, Role, Source
 from fints.benchmark.tasks import Query
 from fints.errors import InvalidInputError
-from fints.generation import Completion, GenerationOptions, generate_batch
+from fints.generation import Completion, GenerationOptions
 from fints.history import HistoryItem
+from fints.modes import SteeringAddition
 from fints.plan import SteeringPlan, plan_steering
 from fints.prompts import build_prompt_ids
 from fints.retrieval import nearest_items
@@ -259,9 +261,9 @@ class SteeredPrompt:
     def generate(
         self, queries: Sequence[Query], ctx: BenchContext, options: GenerationOptions
     ) -> list[Completion]:
-        prompts = self.prompts(queries, ctx)
-        vectors = self.vectors(queries, ctx)
-        return generate_batch(ctx.model, prompts, vectors or None, options)
+        plan = self.plan(queries, ctx)
+        additions = [SteeringAddition.of(plan)] if plan is not None and plan.sites else []
+        return TransformersBackend(ctx.model).decode(self.prompts(queries, ctx), additions, options)
 
 
 MethodFactory = Callable[[MethodSpec], Method]

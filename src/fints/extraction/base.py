@@ -34,8 +34,9 @@ class MethodConfig:
 
     @property
     def pool_size(self) -> int:
-        """How many items of the tenant's other users the method may draw from."""
-        return 64
+        """How many items of the tenant's other users the method may draw from: enough
+        for a seeded draw of ``negative_k`` per item, where the method has one."""
+        return max(64, 4 * getattr(self, "negative_k", 0))
 
     @property
     def pool_includes_user(self) -> bool:

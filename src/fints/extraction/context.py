@@ -32,10 +32,6 @@ class ContextContrastConfig(MethodConfig):
     context_k: int = 3  # the user's own items in the positive prompt
     negative_k: int = 3  # other users' items in the negative prompt
 
-    @property
-    def pool_size(self) -> int:
-        return max(64, 4 * self.negative_k)
-
     def __post_init__(self) -> None:
         if self.context_k < 0 or self.negative_k < 0:
             raise InvalidInputError("context_k and negative_k must be >= 0")

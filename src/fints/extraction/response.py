@@ -32,10 +32,6 @@ class ResponseContrastConfig(MethodConfig):
     rouge_threshold: float = 0.15  # keep pairs whose ROUGE-L is below this
     rejected_max_new_tokens: int = 64
 
-    @property
-    def pool_size(self) -> int:
-        return max(64, 4 * self.negative_k)
-
     def __post_init__(self) -> None:
         if self.negative_k < 0 or self.rejected_max_new_tokens < 1:
             raise InvalidInputError("negative_k must be >= 0 and rejected_max_new_tokens >= 1")

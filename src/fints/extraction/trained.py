@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import torch
 
 from fints.dictionary import UserDictionary
+from fints.errors import InvalidInputError
 from fints.extraction.base import ExtractionJob, MethodConfig, MethodContext, Sides, register
 from fints.history import HistoryItem
 from fints.prompts import build_prompt_ids
@@ -45,7 +46,26 @@ class TrainedConfig(MethodConfig):
     pool: int = 256  # tenant items the shared vector is trained on
 
     def __post_init__(self) -> None:
-        self.training("user")  # validates the numbers
+        at_least = {
+            "steps": 1, "incremental_steps": 1, "shared_steps": 0, "item_steps": 0,
+            "pool": 0, "replay": 0,
+        }  # fmt: skip
+        bad = [name for name, low in at_least.items() if getattr(self, name) < low]
+        if bad:
+            raise InvalidInputError(
+                f"trained method settings {bad} are too small: "
+                + ", ".join(f"{n} >= {at_least[n]}" for n in bad),
+                param=bad[0],
+            )
+        prefix = {"shared": "shared_", "user": "", "incremental": "", "item": "item_"}
+        for stage, name in prefix.items():  # the optimizer settings of every stage
+            try:
+                self.training(stage)
+            except InvalidInputError as exc:
+                raise InvalidInputError(
+                    f"trained method, {stage} stage ({name}lr, {name}l2 ...): {exc}",
+                    param=f"{name}lr",
+                ) from None
 
     @property
     def pool_size(self) -> int:
@@ -68,7 +88,7 @@ class TrainedConfig(MethodConfig):
             "item": (self.item_lr, self.item_l2, None, self.item_steps),
         }[stage]
         return TrainingConfig(
-            steps=max(1, steps),
+            steps=max(1, steps),  # shared and item stages run only when their steps are > 0
             lr=lr,
             l2=l2,
             batch_size=self.batch_size,
@@ -96,11 +116,14 @@ def shared_vector(
     shape = (len(context.sites), context.model.hidden_size)
     if not config.shared_steps or not pool:
         return torch.zeros(shape)
-    key = hashlib.sha256(
-        json.dumps(
-            [context.model.fingerprint, [str(s) for s in context.sites], config.to_dict()]
-        ).encode()
-    ).hexdigest()[:16]
+    made_with = [
+        context.model.fingerprint,
+        context.template.name,
+        [str(s) for s in context.sites],
+        config.training("shared").to_dict(),
+        config.pool,
+    ]
+    key = hashlib.sha256(json.dumps(made_with).encode()).hexdigest()[:16]
     cached = context.shared.get(key)
     if cached is not None and len(pool) <= 2 * cached[1]:
         return cached[0]
