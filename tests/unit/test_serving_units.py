@@ -424,3 +424,11 @@ def test_the_report_lists_every_phase_and_its_errors() -> None:
     assert text.splitlines()[0] == "title line"
     assert "batched, steered" in text and "one-at-a-time, steered" in text
     assert report.errors == 1 and "  batched, steered: HTTP 500 boom" in text
+
+
+def test_an_unknown_extraction_method_fails_before_the_model_loads(tmp_path) -> None:
+    from fints.errors import InvalidInputError
+    from fints.serving.factory import build_personalizer
+
+    with pytest.raises(InvalidInputError, match="unknown extraction method 'nope'"):
+        build_personalizer(model=str(tmp_path / "no-such-model"), method="nope")

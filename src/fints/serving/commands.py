@@ -50,6 +50,9 @@ def serve(
         str | None,
         typer.Option(help="Steering/extraction sites, e.g. '15.attn+mlp'; default: middle layer."),
     ] = None,
+    contrast: Annotated[
+        str, typer.Option(help="Extraction method for new history: context, response or trained.")
+    ] = "context",
     strengths: Annotated[
         str | None, typer.Option(help="Default strengths, e.g. 'attn=0.5,mlp=0.5'.")
     ] = None,
@@ -121,6 +124,7 @@ def serve(
             store=store,
             template=template,
             sites=sites,
+            method=contrast,
             steering=steering,
             unknown_user=policy,
             dtype=dtype,

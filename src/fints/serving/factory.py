@@ -14,10 +14,10 @@ import typer
 
 from fints.engine import Personalizer, UnknownUser
 from fints.errors import FintsError
-from fints.extraction import ExtractionConfig
+from fints.extraction import ExtractionConfig, method_config
 from fints.models import load_model
 from fints.paths import default_store_path
-from fints.sites import check_layers_in_range, parse_sites
+from fints.sites import check_layers_in_range, default_sites, parse_sites
 from fints.steering import SteeringConfig
 from fints.store import Store
 
@@ -76,18 +76,19 @@ def build_personalizer(
     store: Path | None = None,
     template: str = "generic",
     sites: str | None = None,
+    method: str = "context",
     steering: SteeringConfig | None = None,
     unknown_user: UnknownUser = UnknownUser.UNSTEERED,
     dtype: str = "auto",
     device: str = "cpu",
 ) -> Personalizer:
-    """Load the model and open the store; ``steering`` is the server's default."""
+    """Load the model and open the store; ``steering`` is the server's default, ``method``
+    the extraction method (a name in ``fints.extraction.METHODS``) for new history."""
+    method_config(method)  # an unknown method fails before the model loads
     loaded = load_model(model, dtype=dtype, device=device)
-    extraction = None
-    if sites:
-        parsed = parse_sites(sites)
-        check_layers_in_range(parsed, loaded.num_layers)
-        extraction = ExtractionConfig(sites=parsed)
+    parsed = parse_sites(sites) if sites else default_sites(loaded.num_layers)
+    check_layers_in_range(parsed, loaded.num_layers)
+    extraction = ExtractionConfig(sites=parsed, method=method)
     return Personalizer(
         loaded,
         Store(store or default_store_path()),
