@@ -18,6 +18,7 @@ from fints.generation import GenerationOptions
 from fints.models import LoadedModel
 from fints.serving.app import ServerConfig, create_app
 from fints.serving.inprocess import RunningServer
+from fints.sites import parse_sites
 from fints.store import Store
 from tests.unit.benchmark_fixtures import HashEncoder, fixture_task, tiny_llama
 
@@ -53,7 +54,7 @@ class Setup:
         # the server holds exactly the benchmark's dictionaries
         for user in sorted({q.user for q in self.queries}):
             bank = self.ctx.bank(user, "context")
-            whole = bank.dictionary(tuple(sorted(FINTS_SITES)))
+            whole = bank.dictionary(parse_sites(FINTS.sites))
             history = self.task.users[user].history
             self.personalizer.import_dictionary(
                 UserDictionary(
@@ -61,9 +62,6 @@ class Setup:
                 ),
                 user=user,
             )
-
-
-FINTS_SITES = set(make_method(FINTS).steering_config().sites or ())
 
 
 @pytest.fixture(scope="module")

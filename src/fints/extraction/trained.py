@@ -144,7 +144,12 @@ def _user_vector(
     on the latest items), or, with a current dictionary, updated from its mean vector on
     the new items and the latest ``replay`` old ones: a few steps, not a retraining."""
     if job.previous is not None and new:
-        old = [i for i in job.history if i not in new][-config.replay :] if config.replay else []
+        known = set(job.previous.item_ids)
+        old = (
+            [i for i in job.history if i.item_id in known][-config.replay :]
+            if config.replay
+            else []
+        )
         return train_vectors(
             context.model,
             context.sites,
@@ -173,9 +178,9 @@ def trained_vectors(context: MethodContext, config: TrainedConfig, job: Extracti
     vectors = user.expand(len(items), -1, -1).clone()
     previous = job.previous
     if config.item_steps:  # each item's own refinement; old ones keep theirs, moved along
+        moved = user - previous.vectors.mean(dim=0) if previous is not None else None
         for n, item in enumerate(items):
-            if previous is not None and item.item_id in known:
-                moved = user - previous.vectors.mean(dim=0)
+            if previous is not None and moved is not None and item.item_id in known:
                 vectors[n] = previous.vectors[previous.item_ids.index(item.item_id)] + moved
                 continue
             vectors[n] = train_vectors(
