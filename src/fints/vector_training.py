@@ -205,6 +205,7 @@ def train_vectors(
     valid: Sequence[Example] | None = None,
     progress: bool = False,
     path: ForwardPath = "auto",
+    on_step: Callable[[int, torch.Tensor], None] | None = None,
 ) -> TrainedVectors:
     """Train one vector per site (``[len(sites), hidden]``) to minimize the mean per-token
     NLL of the targets of ``examples`` (``(prompt_ids, target_ids)`` pairs).
@@ -213,7 +214,8 @@ def train_vectors(
     L2 penalty. ``valid`` examples are only used to pick the step kept and to stop early.
     ``path``: ``cached`` reruns only the layers from the lowest site up (llama-like
     models), ``full`` runs the whole network each step, ``auto`` picks ``cached`` when
-    it can.
+    it can. ``on_step(step, values)`` sees the vectors after every update (a copy on the
+    CPU; for sweeps that evaluate several stopping points of one run).
     """
     config = config or TrainingConfig()
     sites = tuple(sites)
@@ -228,7 +230,9 @@ def train_vectors(
         raise InvalidInputError(f"init must be finite and {list(shape)}, got {list(anchor.shape)}")
     cached = _use_cache(model, path)
     with _FrozenEval(model.model):
-        return _train(model, sites, examples, anchor, config, valid or (), cached, progress)
+        return _train(
+            model, sites, examples, anchor, config, valid or (), cached, progress, on_step
+        )
 
 
 def _train(
@@ -240,6 +244,7 @@ def _train(
     valid: Sequence[Example],
     cached: bool,
     progress: bool,
+    on_step: Callable[[int, torch.Tensor], None] | None = None,
 ) -> TrainedVectors:
     train = _Objective(model, sites, examples, config, cached, config.seed)
     check = _Objective(model, sites, valid, config, cached, None) if valid else None
@@ -263,6 +268,8 @@ def _train(
         optimizer.step()
         train_losses.append(data.item())
         steps_run = step
+        if on_step is not None:
+            on_step(step, values.detach().float().cpu().clone())
         if check is None:
             best, best_step = values.detach().clone(), step
         else:

@@ -284,3 +284,21 @@ def test_holdout_latest_and_bad_inputs() -> None:
         train_vectors(model, [Site(1, "block")], examples, init=torch.zeros(2, 32))
     with pytest.raises(InvalidInputError):
         train_vectors(model, [Site(1, "block")], [])
+
+
+def test_on_step_sees_every_update_and_the_last_is_kept() -> None:
+    model = tiny("llama")
+    seen: list[tuple[int, torch.Tensor]] = []
+    config = TrainingConfig(steps=4, lr=0.1, l2=0.0, patience=None)
+    result = train_vectors(
+        model, [Site(1, "block")], patterned(4, 7), config=config,
+        on_step=lambda step, values: seen.append((step, values)),
+    )  # fmt: skip
+    assert [step for step, _ in seen] == [1, 2, 3, 4]
+    assert all(not v.requires_grad and v.device.type == "cpu" for _, v in seen)
+    assert not torch.equal(seen[0][1], seen[1][1])  # copies, not one live tensor
+    torch.testing.assert_close(seen[-1][1], result.values)
+    torch.testing.assert_close(seen[1][1], train_vectors(
+        model, [Site(1, "block")], patterned(4, 7), config=TrainingConfig(
+            steps=2, lr=0.1, l2=0.0, patience=None),
+    ).values)  # fmt: skip
