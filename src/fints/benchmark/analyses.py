@@ -20,8 +20,8 @@ from fints.benchmark.labels import (
     Split,
 )
 from fints.benchmark.methods import MethodSpec
-from fints.benchmark.metrics import TextClassifier, paired_bootstrap
-from fints.benchmark.runner import Row, Runner, evaluate
+from fints.benchmark.metrics import TextClassifier
+from fints.benchmark.runner import Row, Runner, compare, evaluate
 from fints.benchmark.tasks import Task
 from fints.sites import parse_sites
 
@@ -125,10 +125,10 @@ def sparsity(
     none = MethodSpec(Label.NONE, role=Role.BASELINE)
     out = []
     for x, task in points:
-        rows = evaluate(runner_for(task), [none, *specs], judge)
+        rows = evaluate(runner_for(task), [none, *specs], judge, nll=False)
         for row in rows[1:]:
             shown = f"{x:.0%}" if isinstance(x, float) else f"{x} items"
-            delta = paired_bootstrap(row.scores.rougeL, rows[0].scores.rougeL)
+            delta = compare(row, rows[0], Metric.ROUGEL).interval()
             out.append(
                 {
                     "history": shown,

@@ -36,10 +36,20 @@ class Metric(StrEnum):
     ROUGE1 = "rouge1"
     ROUGEL = "rougeL"
     JUDGE = "judge"
+    NLL = "nll"  # per-token NLL of the gold output, teacher-forced (nats/token; lower is better)
 
 
 ROUGE: tuple[Metric, ...] = (Metric.ROUGE1, Metric.ROUGEL)
-METRICS: tuple[Metric, ...] = tuple(Metric)
+#: The measures of a row's generated text.
+METRICS: tuple[Metric, ...] = (Metric.ROUGE1, Metric.ROUGEL, Metric.JUDGE)
+#: Every measure two rows are compared on: the text's and the primary one, the NLL.
+COMPARED_METRICS: tuple[Metric, ...] = (*METRICS, Metric.NLL)
+#: The primary metric: paired, decoding-free, the same for every row.
+PRIMARY_METRIC: Final = Metric.NLL
+#: Where a smaller value is the better one.
+LOWER_IS_BETTER: frozenset[Metric] = frozenset({Metric.NLL})
+#: The metrics whose pre-registered comparisons are Holm-corrected, each family on its own.
+HOLM_METRICS: tuple[Metric, ...] = (PRIMARY_METRIC, Metric.ROUGEL)
 
 
 class Split(StrEnum):
@@ -133,6 +143,17 @@ class Label:
     def fints_contrast(contrast: str) -> str:
         return f"fints {contrast} contrast"
 
+
+#: The comparisons fixed before any run, per tested row (at most three each): the row
+#: minus each named row, Holm-corrected together on each of :data:`HOLM_METRICS`. A new
+#: method (e.g. trained vectors) adds its own row here.
+PRE_REGISTERED: dict[str, tuple[str, ...]] = {
+    Label.BEST: (
+        Label.WRONG_USER_DICTIONARY,
+        Label.RANDOM_DIRECTION,
+        Label.icl(REFERENCE_ICL_K),
+    ),
+}
 
 #: The user-vector baselines (``fints.user_vectors``); all but the mean one run only
 #: where a preset asks for extra baselines.

@@ -32,6 +32,7 @@ from fints.prompts import build_prompt_ids
 from fints.retrieval import nearest_items
 from fints.sites import Component, Site, parse_sites
 from fints.steering import Aggregation, SteeringConfig
+from fints.target_nll import target_nll
 from fints.user_vectors import UserVectorMethod
 
 SourceName = Literal["own", "wrong", "random"]  # the values of labels.Source
@@ -167,6 +168,26 @@ class Method(Protocol):
         self, queries: Sequence[Query], ctx: BenchContext, options: GenerationOptions
     ) -> list[Completion]: ...
 
+    def nll(self, queries: Sequence[Query], ctx: BenchContext, batch_size: int) -> list[float]:
+        """Per query: the per-token NLL of its reference (and end of turn), teacher-forced
+        on exactly what :meth:`generate` decodes from."""
+        ...
+
+
+def target_ids(ctx: BenchContext, reference: str) -> list[int]:
+    """The gold output as the model should produce it: its tokens, then end of turn."""
+    tok = ctx.model.tokenizer
+    return [*tok(reference, add_special_tokens=False)["input_ids"], tok.eos_token_id]
+
+
+def added_vectors(additions: Sequence[SteeringAddition]) -> dict[Site, torch.Tensor] | None:
+    """What the additions' hooks add at each site (summed where several name it)."""
+    out: dict[Site, torch.Tensor] = {}
+    for addition in additions:
+        for site, v in addition.vectors.items():
+            out[site] = out[site] + v if site in out else v
+    return out or None
+
 
 class SteeredPrompt:
     """A prompt (optionally with in-context items) plus optional per-row steering.
@@ -258,12 +279,26 @@ class SteeredPrompt:
         plan = self.plan(queries, ctx)
         return plan.vectors() if plan is not None else {}
 
+    def inputs(
+        self, queries: Sequence[Query], ctx: BenchContext
+    ) -> tuple[list[list[int]], list[SteeringAddition]]:
+        """The prompt ids and the steering additions the queries are decoded with (and
+        their targets scored with: one path for both)."""
+        plan = self.plan(queries, ctx)
+        additions = [SteeringAddition.of(plan)] if plan is not None and plan.sites else []
+        return self.prompts(queries, ctx), additions
+
     def generate(
         self, queries: Sequence[Query], ctx: BenchContext, options: GenerationOptions
     ) -> list[Completion]:
-        plan = self.plan(queries, ctx)
-        additions = [SteeringAddition.of(plan)] if plan is not None and plan.sites else []
-        return TransformersBackend(ctx.model).decode(self.prompts(queries, ctx), additions, options)
+        prompts, additions = self.inputs(queries, ctx)
+        return TransformersBackend(ctx.model).decode(prompts, additions, options)
+
+    def nll(self, queries: Sequence[Query], ctx: BenchContext, batch_size: int) -> list[float]:
+        prompts, additions = self.inputs(queries, ctx)
+        targets = [target_ids(ctx, q.reference) for q in queries]
+        vectors = added_vectors(additions)
+        return target_nll(ctx.model, prompts, targets, vectors, batch_size=batch_size).tolist()
 
 
 MethodFactory = Callable[[MethodSpec], Method]

@@ -8,25 +8,25 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from fints.benchmark.labels import (
     COMPARED,
+    COMPARED_METRICS,
     METRICS,
     REFERENCE_ICL_K,
     ROUGE,
     Judge,
     Label,
     Metric,
-    Role,
     target_metrics,
 )
 from fints.benchmark.latency import MethodLatency
-from fints.benchmark.metrics import Difference
+from fints.benchmark.plots import plot_task
+from fints.benchmark.preregistered import PreRegistered, preregistered, preregistered_markdown
 from fints.benchmark.runner import Row, compare
+from fints.benchmark.stats import UserDifference
 
-Pair = tuple[str, str, dict[str, Difference]]  # (row, minus row, difference per metric)
-Comparison = tuple[str, str, dict[str, Difference]]  # (row, its role, best minus row)
+Pair = tuple[str, str, dict[str, UserDifference]]  # (row, minus row, difference per metric)
+Comparison = tuple[str, str, dict[str, UserDifference]]  # (row, its role, best minus row)
 
 # Paired questions, each answered by (row, minus row) differences where both rows ran.
 PROBES: tuple[tuple[str, tuple[tuple[str, str], ...]], ...] = (
@@ -51,13 +51,18 @@ PROBES: tuple[tuple[str, tuple[tuple[str, str], ...]], ...] = (
 )
 
 
-def _differences(a: Row, b: Row, seed: int) -> dict[str, Difference]:
-    """``a`` minus ``b`` on every metric, paired over the same queries."""
-    return {m: compare(a, b, m, seed) for m in METRICS}
+def _differences(a: Row, b: Row, seed: int) -> dict[str, UserDifference]:
+    """``a`` minus ``b`` on every metric both rows have, paired over the same queries."""
+    measured = COMPARED_METRICS if a.has_nll and b.has_nll else METRICS
+    return {m: compare(a, b, m, seed) for m in measured}
 
 
-def _difference_cells(diffs: dict[str, Difference]) -> str:
-    return " | ".join(str(diffs[m]) for m in METRICS)
+def _difference_cells(diffs: dict[str, UserDifference]) -> str:
+    return " | ".join(str(diffs[m]) if m in diffs else "n/a" for m in COMPARED_METRICS)
+
+
+def _difference_header(judge: str) -> str:
+    return f"ΔROUGE-1 | ΔROUGE-L | Δ{judge} | ΔNLL |\n|---|---|---|---|---|---|"
 
 
 @dataclass
@@ -84,6 +89,9 @@ class TaskReport:
     _comparisons: dict[int, list[Comparison]] = field(
         default_factory=dict, init=False, repr=False, compare=False
     )
+    _preregistered: dict[int, list[PreRegistered]] = field(
+        default_factory=dict, init=False, repr=False, compare=False
+    )
 
     def row(self, label: str) -> Row | None:
         return next((r for r in self.rows if r.label == label), None)
@@ -102,6 +110,19 @@ class TaskReport:
                 if best is not None and other is not best and other.role in COMPARED
             ]
         return self._comparisons[seed]
+
+    def preregistered(self, seed: int = 0) -> list[PreRegistered]:
+        """The pre-registered comparisons that ran, Holm-corrected (kept per seed)."""
+        if seed not in self._preregistered:
+
+            def difference(label: str, other: str, metric: str) -> UserDifference | None:
+                a, b = self.row(label), self.row(other)
+                assert a is not None and b is not None
+                return _differences(a, b, seed).get(metric)
+
+            labels = [r.label for r in self.rows]
+            self._preregistered[seed] = preregistered(labels, difference)
+        return self._preregistered[seed]
 
     def probes(self, seed: int = 0) -> list[tuple[str, list[Pair]]]:
         """Each question of :data:`PROBES` with the differences of its pairs that ran."""
@@ -134,12 +155,8 @@ class TaskReport:
         return f"FAIL: CI not above zero against {len(lost)} comparison(s): " + ", ".join(lost)
 
 
-#: Bar colours of the methods plot; other roles (baselines) are blue.
-ROLE_COLORS: dict[str, str] = {
-    Role.FINTS: "tab:red",
-    Role.CONTROL: "tab:gray",
-    Role.VARIANT: "tab:orange",
-}
+#: How every difference is summarized (stats.user_bootstrap).
+INTERVALS = "mean over users [95% user-bootstrap CI] p=sign-flip over users MDE=80% power"
 
 
 def _fmt(x: float, digits: int = 4) -> str:
@@ -158,20 +175,19 @@ def task_markdown(report: TaskReport) -> str:
     none = report.row(Label.NONE)
     lines += [
         "",
-        f"| method | role | ROUGE-1 | ROUGE-L | {report.judge_name} | ΔR-1 vs none [95% CI] | "
-        "ΔR-L vs none [95% CI] | words | length gap | casing gap | s/query | tok/s |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        f"| method | role | NLL | ROUGE-1 | ROUGE-L | {report.judge_name} | ΔNLL vs none [95% CI] "
+        "| ΔR-1 vs none [95% CI] | ΔR-L vs none [95% CI] | words | length gap | casing gap "
+        "| s/query | tok/s |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for row in report.rows:
         s = row.summary()
-        d1, dl = (
-            str(compare(row, none, m)) if none is not None and row is not none else ""
-            for m in ROUGE
-        )
+        against = _differences(row, none, 0) if none is not None and row is not none else {}
+        dn, d1, dl = (against[m].interval() if m in against else "" for m in (Metric.NLL, *ROUGE))
         r1, rl, judge = (s[m] for m in METRICS)
         lines.append(
-            f"| {row.label} | {row.role} | {_fmt(r1)} | {_fmt(rl)} | "
-            f"{_fmt(judge, 3)} | {d1} | {dl} | {_fmt(row.style.words, 1)} | "
+            f"| {row.label} | {row.role} | {_fmt(s.get(Metric.NLL, math.nan))} | {_fmt(r1)} | "
+            f"{_fmt(rl)} | {_fmt(judge, 3)} | {dn} | {d1} | {dl} | {_fmt(row.style.words, 1)} | "
             f"{_fmt(row.style.length_gap, 2)} | {_fmt(row.style.casing_gap, 2)} | "
             f"{_fmt(row.seconds_per_query, 2)} | {_fmt(row.tokens_per_second, 1)} |"
         )
@@ -179,22 +195,21 @@ def task_markdown(report: TaskReport) -> str:
     if comps:
         lines += [
             "",
-            f"Best Fints minus each baseline / control (paired bootstrap, 95% CI, "
-            f"{report.test_queries} queries):",
+            f"Best Fints minus each baseline / control ({INTERVALS}; "
+            f"{report.test_queries} queries, {report.users} users):",
             "",
-            f"| against | role | ΔROUGE-1 | ΔROUGE-L | Δ{report.judge_name} |",
-            "|---|---|---|---|---|",
+            f"| against | role | {_difference_header(report.judge_name)}",
         ]
         for label, role, diffs in comps:
             lines.append(f"| {label} | {role} | {_difference_cells(diffs)} |")
         lines += ["", f"Verdict: {report.verdict()}"]
+    lines += preregistered_markdown(report.preregistered())
     for question, answers in report.probes():
         lines += [
             "",
-            f"{question} (paired bootstrap, 95% CI)",
+            f"{question} ({INTERVALS})",
             "",
-            f"| row | minus | ΔROUGE-1 | ΔROUGE-L | Δ{report.judge_name} |",
-            "|---|---|---|---|---|",
+            f"| row | minus | {_difference_header(report.judge_name)}",
         ]
         for label, other, diffs in answers:
             lines.append(f"| {label} | {other} | {_difference_cells(diffs)} |")
@@ -259,62 +274,20 @@ def task_markdown(report: TaskReport) -> str:
     return "\n".join(lines) + "\n"
 
 
-def plot_task(report: TaskReport, folder: Path) -> list[Path]:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    paths = []
-    rows = report.rows
-    fig, axes = plt.subplots(1, 3, figsize=(15, max(3.0, 0.35 * len(rows) + 1)))
-    for ax, metric in zip(axes, METRICS, strict=True):
-        values, lows, highs = [], [], []
-        for row in rows:
-            data = row.judge_hits if metric == Metric.JUDGE else row.scores.get(metric)
-            values.append(float(np.mean(data)))
-            rng = np.random.default_rng(0)
-            boots = data[rng.integers(0, len(data), (1000, len(data)))].mean(axis=1)
-            low, high = np.percentile(boots, [2.5, 97.5])
-            lows.append(values[-1] - low)
-            highs.append(high - values[-1])
-        colors = [ROLE_COLORS.get(r.role, "tab:blue") for r in rows]
-        y = np.arange(len(rows))
-        ax.barh(y, values, xerr=[lows, highs], color=colors, capsize=2)
-        first = metric == METRICS[0]  # the row labels once, on the left
-        ax.set_yticks(y, [r.label for r in rows] if first else [""] * len(rows))
-        ax.invert_yaxis()
-        ax.set_title(report.judge_name if metric == Metric.JUDGE else metric)
-    fig.suptitle(f"{report.name}: test queries (95% bootstrap CI)")
-    fig.tight_layout()
-    path = folder / f"{report.name}_methods.png"
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    paths.append(path)
-    if report.sparsity:
-        fig, ax = plt.subplots(figsize=(6, 4))
-        for label in sorted({s["label"] for s in report.sparsity}):
-            pts = [s for s in report.sparsity if s["label"] == label]
-            ax.plot([p["x"] for p in pts], [p[Metric.ROUGEL] for p in pts], marker="o", label=label)
-        ax.set_xlabel("history kept (share or items)")
-        ax.set_ylabel("ROUGE-L")
-        ax.set_xscale("log")
-        ax.legend(fontsize=7)
-        ax.set_title(f"{report.name}: data sparsity")
-        fig.tight_layout()
-        path = folder / f"{report.name}_sparsity.png"
-        fig.savefig(path, dpi=100)
-        plt.close(fig)
-        paths.append(path)
-    return paths
-
-
 def _per_query(row: Row) -> dict[str, list[float]]:
     """Per-query scores (test order), so later comparisons need no generation cache."""
     rounded: dict[str, list[float]] = {
         m: [round(float(x), 4) for x in row.scores.get(m)] for m in ROUGE
     }
-    return {**rounded, Metric.JUDGE: [float(x) for x in row.judge_hits]}
+    out = {**rounded, Metric.JUDGE: [float(x) for x in row.judge_hits]}
+    if row.has_nll:
+        out[Metric.NLL] = [round(float(x), 5) for x in row.nll]
+    return out
+
+
+def _query_users(report: TaskReport) -> list[str]:
+    """The user of each test query (test order), for intervals that resample users."""
+    return next((r.users for r in report.rows if r.users), [])
 
 
 def write_report(
@@ -329,8 +302,14 @@ def write_report(
         lines.append(f"- {key}: `{value}`" if key == "command" else f"- {key}: {value}")
     lines.append("")
     lines.append(
-        "ROUGE-1 / ROUGE-L are F-measures (rouge-score, Porter stemmer on); intervals are "
-        "95% paired-bootstrap intervals (2000 resamples) of the mean per-query difference. "
+        "NLL (the primary metric) is the per-token negative log-likelihood of each query's "
+        "gold output plus end of turn (nats/token), teacher-forced after the row's own prompt "
+        "with its own steering vectors. ROUGE-1 / ROUGE-L are F-measures (rouge-score, Porter "
+        "stemmer on). Differences are paired per query and summarized over users: the mean "
+        "of the users' mean differences, its 95% interval from 2000 bootstrap resamples of "
+        "the users, a two-sided sign-flip p-value over users and the minimum detectable "
+        "effect MDE = (z_0.975 + z_0.8) x SE, SE = std of the users' mean differences / "
+        "sqrt(users) (5% two-sided, 80% power). "
         "Latency is wall time per query at the run's batch size; tokens/s is generated tokens "
         "per second of wall time."
     )
@@ -358,6 +337,7 @@ def write_report(
                     label: {m: str(d) for m, d in diffs.items()}
                     for label, _, diffs in r.comparisons()
                 },
+                "preregistered": [p.to_dict() for p in r.preregistered()],
                 "probes": {
                     question: [
                         {"row": label, "minus": other, **{m: str(d) for m, d in diffs.items()}}
@@ -366,6 +346,7 @@ def write_report(
                     for question, answers in r.probes()
                 },
                 "per_query": {row.label: _per_query(row) for row in r.rows},
+                "users": _query_users(r),
                 "selection_log": r.selection_log,
                 "selection_kept": r.selection_kept,
                 "sparsity": r.sparsity,

@@ -1,8 +1,10 @@
-"""Running methods on a task: cached generations and scoring.
+"""Running methods on a task: cached generations, cached target NLLs and scoring.
 
 Finished generations are appended to a JSON Lines file per (model fingerprint and
 dtype, task key, method key, generation options), one line per query, so an
-interrupted run resumes where it stopped.
+interrupted run resumes where it stopped. Each query's per-token NLL of its gold
+output (teacher-forced on the prompt and steering the row generates with) is cached
+the same way, per (model, task, method, :data:`NLL_TARGET`).
 """
 
 from __future__ import annotations
@@ -20,18 +22,15 @@ from tqdm.auto import tqdm
 from fints.benchmark.banks import BenchContext
 from fints.benchmark.labels import Metric, Split
 from fints.benchmark.methods import Method, MethodSpec, make_method
-from fints.benchmark.metrics import (
-    Difference,
-    RougeScores,
-    StyleStats,
-    TextClassifier,
-    paired_bootstrap,
-    rouge,
-    style_stats,
-)
+from fints.benchmark.metrics import RougeScores, StyleStats, TextClassifier, rouge, style_stats
+from fints.benchmark.stats import UserDifference, user_bootstrap
 from fints.benchmark.tasks import Query, Task
 from fints.errors import InvalidInputError
 from fints.generation import GenerationOptions
+
+#: What the cached NLLs score (part of their file name): a new definition must not
+#: reuse old values.
+NLL_TARGET = "reference+eos"
 
 
 @dataclass(frozen=True)
@@ -59,13 +58,47 @@ class Runner:
         self.ctx, self.options, self.batch_size, self.progress = ctx, options, batch_size, progress
         self.cache_root = cache_root
         self.generated = 0  # rows generated (not from cache) by this runner
+        self.scored = 0  # target NLLs computed (not from cache) by this runner
+
+    def _folder(self, kind: str) -> Path:
+        model = self.ctx.model
+        weights = f"{model.fingerprint[:16]}-{str(model.dtype).removeprefix('torch.')}"
+        return self.cache_root / kind / weights / self.ctx.task.key()
 
     def cache_file(self, method: Method) -> Path:
         opts = hashlib.sha256(json.dumps(asdict(self.options), sort_keys=True).encode())
-        model = self.ctx.model
-        weights = f"{model.fingerprint[:16]}-{str(model.dtype).removeprefix('torch.')}"
-        folder = self.cache_root / "generations" / weights / self.ctx.task.key()
-        return folder / f"{method.key()}-{opts.hexdigest()[:8]}.jsonl"
+        return self._folder("generations") / f"{method.key()}-{opts.hexdigest()[:8]}.jsonl"
+
+    def nll_cache_file(self, method: Method) -> Path:
+        """The NLLs do not depend on the generation options."""
+        target = hashlib.sha256(NLL_TARGET.encode()).hexdigest()[:8]
+        return self._folder("nll") / f"{method.key()}-{target}.jsonl"
+
+    def nll(self, method: Method, queries: Sequence[Query]) -> np.ndarray:
+        """Each query's per-token NLL of its gold output under ``method`` (cached)."""
+        path = self.nll_cache_file(method)
+        done: dict[str, float] = {}
+        if path.is_file():
+            for line in path.read_text(encoding="utf-8").splitlines():
+                try:
+                    row = json.loads(line)
+                    done[str(row["qid"])] = float(row["nll"])
+                except (json.JSONDecodeError, TypeError, KeyError, ValueError):
+                    continue  # a line cut short by an interruption
+        todo = [q for q in queries if q.qid not in done]
+        if todo:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            todo.sort(key=lambda q: len(q.input) + len(q.reference))
+            with path.open("a", encoding="utf-8") as handle:
+                for start in range(0, len(todo), self.batch_size):
+                    batch = todo[start : start + self.batch_size]
+                    values = method.nll(batch, self.ctx, self.batch_size)
+                    for query, value in zip(batch, values, strict=True):
+                        done[query.qid] = value
+                        handle.write(json.dumps({"qid": query.qid, "nll": value}) + "\n")
+                    handle.flush()
+                    self.scored += len(batch)
+        return np.asarray([done[q.qid] for q in queries], dtype=float)
 
     def _read_cache(self, path: Path) -> dict[str, Output]:
         done: dict[str, Output] = {}
@@ -127,9 +160,26 @@ class Row:
     seconds_per_query: float
     tokens_per_second: float
     texts: list[str] = field(repr=False, default_factory=list)
+    users: list[str] = field(repr=False, default_factory=list)  # per query (empty: unknown)
+    nll: np.ndarray = field(repr=False, default_factory=lambda: np.empty(0))  # per query
+
+    @property
+    def has_nll(self) -> bool:
+        return self.nll.size > 0
+
+    def values(self, metric: str) -> np.ndarray:
+        """Per-query values of ``metric`` (a :class:`Metric`)."""
+        if metric == Metric.JUDGE:
+            return self.judge_hits
+        if metric == Metric.NLL:
+            if not self.has_nll:
+                raise InvalidInputError(f"row {self.label!r} has no target NLL")
+            return self.nll
+        return self.scores.get(metric)
 
     def summary(self) -> dict[str, float]:
-        return {**self.scores.mean(), Metric.JUDGE: float(self.judge_hits.mean())}
+        means = {**self.scores.mean(), Metric.JUDGE: float(self.judge_hits.mean())}
+        return {**means, Metric.NLL: float(self.nll.mean())} if self.has_nll else means
 
 
 def build_judge(task: Task, seed: int = 0) -> TextClassifier:
@@ -165,13 +215,17 @@ def score(
         seconds_per_query=seconds / max(len(outputs), 1),
         tokens_per_second=tokens / seconds if seconds > 0 else 0.0,
         texts=texts,
+        users=users,
     )
 
 
-def compare(a: Row, b: Row, metric: str, seed: int = 0) -> Difference:
-    if metric == Metric.JUDGE:
-        return paired_bootstrap(a.judge_hits, b.judge_hits, seed=seed)
-    return paired_bootstrap(a.scores.get(metric), b.scores.get(metric), seed=seed)
+def compare(a: Row, b: Row, metric: str, seed: int = 0) -> UserDifference:
+    """``a - b`` on ``metric``, paired per query, resampling users
+    (:func:`~fints.benchmark.stats.user_bootstrap`)."""
+    if a.users and b.users and a.users != b.users:
+        raise InvalidInputError(f"rows {a.label!r} and {b.label!r} are not over the same queries")
+    users = a.users or b.users or None
+    return user_bootstrap(a.values(metric), b.values(metric), users, seed=seed)
 
 
 def deduplicated(specs: Sequence[MethodSpec]) -> list[MethodSpec]:
@@ -183,13 +237,23 @@ def deduplicated(specs: Sequence[MethodSpec]) -> list[MethodSpec]:
 
 
 def evaluate(
-    runner: Runner, specs: Sequence[MethodSpec], judge: TextClassifier, split: str = Split.TEST
+    runner: Runner,
+    specs: Sequence[MethodSpec],
+    judge: TextClassifier,
+    split: str = Split.TEST,
+    *,
+    nll: bool = True,
 ) -> list[Row]:
+    """Every spec's row on ``split``: its generations scored and (with ``nll``) the
+    per-token NLL of each query's gold output."""
     queries = runner.ctx.task.queries(split)
     rows = []
     for spec in tqdm(
         specs, desc=f"{runner.ctx.task.name} methods", unit="method", disable=not runner.progress
     ):
         method = make_method(spec)
-        rows.append(score(method, runner.run(method, queries), queries, runner.ctx.task, judge))
+        row = score(method, runner.run(method, queries), queries, runner.ctx.task, judge)
+        if nll:
+            row.nll = runner.nll(method, queries)
+        rows.append(row)
     return rows

@@ -1,29 +1,35 @@
 """One table across recorded runs: how the validated Fints fared against every comparison.
 
-Each run folder's ``results.json`` keeps every row's per-query scores, so the
-paired intervals here are recomputed with the run report's own bootstrap
-(2000 resamples, seed 0) rather than parsed from its text. Runs recorded before
-per-query scores were kept are listed as left out.
+Each run folder's ``results.json`` keeps every row's per-query scores (and, since they
+were recorded, each query's user and the per-token NLL of its gold output), so the
+paired differences here are recomputed with the run report's own statistics
+(:func:`~fints.benchmark.stats.user_bootstrap`: 2000 resamples of the users, seed 0;
+sign-flip p over users; minimum detectable effect) rather than parsed from its text.
+Runs recorded before users were kept resample queries (each query its own user). Runs
+recorded before per-query scores were kept are listed as left out.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 from fints.benchmark.labels import (
     COMPARED,
-    METRICS,
+    COMPARED_METRICS,
+    PRIMARY_METRIC,
     Label,
     Metric,
     Role,
     judge_name,
     target_metrics,
 )
-from fints.benchmark.metrics import Difference, paired_bootstrap
+from fints.benchmark.preregistered import PreRegistered, preregistered
+from fints.benchmark.stats import UserDifference, format_p, user_bootstrap
 from fints.errors import InvalidInputError
 
 
@@ -33,7 +39,7 @@ class Comparison:
 
     label: str
     role: str  # one of COMPARED
-    diffs: dict[str, Difference]
+    diffs: dict[str, UserDifference]  # per metric both rows recorded
 
     def beaten(self, metrics: Sequence[str]) -> bool:
         return all(self.diffs[m].above_zero for m in metrics)
@@ -47,8 +53,10 @@ class RunSummary:
     task: str
     model: str
     queries: int
+    users: int  # the users the intervals resample (the queries where users were not kept)
     chosen: str
     comparisons: tuple[Comparison, ...]
+    preregistered: tuple[PreRegistered, ...] = ()
 
     @property
     def judge_name(self) -> str:
@@ -99,15 +107,13 @@ def summarize_run(folder: Path, seed: int = 0) -> tuple[list[RunSummary], list[s
         if not scores or Label.BEST not in scores:
             skipped.append(f"{where}: recorded before per-query scores were kept")
             continue
+        queries = len(scores[Label.BEST][Metric.ROUGEL])
+        users = task.get("users") or None
+        if users is not None and len(users) != queries:
+            raise InvalidInputError(f"{where}: {len(users)} users for {queries} queries")
+        difference = partial(_recorded_difference, scores, users, seed)
         comparisons = tuple(
-            Comparison(
-                label,
-                row["role"],
-                {
-                    m: paired_bootstrap(scores[Label.BEST][m], scores[label][m], seed=seed)
-                    for m in METRICS
-                },
-            )
+            Comparison(label, row["role"], _measured(difference, label))
             for label, row in rows.items()
             if row.get("role") in COMPARED and label in scores
         )
@@ -116,12 +122,37 @@ def summarize_run(folder: Path, seed: int = 0) -> tuple[list[RunSummary], list[s
                 run=folder.name,
                 task=task.get("name", "?"),
                 model=_model_name(header),
-                queries=len(scores[Label.BEST][Metric.ROUGEL]),
+                queries=queries,
+                users=len(set(users)) if users is not None else queries,
                 chosen=task.get("chosen", ""),
                 comparisons=comparisons,
+                preregistered=tuple(preregistered(list(scores), difference)),
             )
         )
     return summaries, skipped
+
+
+def _recorded_difference(
+    scores: dict[str, dict[str, list[float]]],
+    users: list[str] | None,
+    seed: int,
+    label: str,
+    other: str,
+    metric: str,
+) -> UserDifference | None:
+    """``label`` minus ``other`` on ``metric`` from the recorded per-query scores."""
+    a, b = scores.get(label, {}), scores.get(other, {})
+    if metric not in a or metric not in b:
+        return None  # e.g. the NLL of a run recorded before it was measured
+    return user_bootstrap(a[metric], b[metric], users, seed=seed)
+
+
+def _measured(
+    difference: Callable[[str, str, str], UserDifference | None], label: str
+) -> dict[str, UserDifference]:
+    """The validated Fints minus ``label`` on every metric both recorded."""
+    diffs = {m: difference(Label.BEST, label, m) for m in COMPARED_METRICS}
+    return {m: d for m, d in diffs.items() if d is not None}
 
 
 def summarize_runs(paths: Iterable[Path]) -> tuple[list[RunSummary], list[str]]:
@@ -152,18 +183,29 @@ def run_folders(paths: Iterable[Path]) -> list[Path]:
 
 
 def _cell(comparison: Comparison | None, metric: str, note: str = "") -> str:
-    if comparison is None:
+    if comparison is None or metric not in comparison.diffs:
         return "-"
     return f"{comparison.diffs[metric]} ({comparison.label}{note})"
+
+
+def _preregistered_cell(s: RunSummary) -> str:
+    """Each pre-registered comparison's primary difference and Holm-adjusted p."""
+    cells = [
+        f"{p.minus}: {p.diffs[PRIMARY_METRIC].interval()} "
+        f"p(Holm)={format_p(p.holm[PRIMARY_METRIC])}"
+        for p in s.preregistered
+        if PRIMARY_METRIC in p.diffs
+    ]
+    return "; ".join(cells) or "-"
 
 
 def summary_markdown(summaries: Sequence[RunSummary], skipped: Sequence[str] = ()) -> str:
     """The cross-run table: the validated Fints against none and its hardest rivals."""
     lines = [
-        "| run | task | model | test queries | chosen on validation | ΔR-L vs none "
-        "| ΔR-L vs hardest other baseline | ΔR-L vs hardest control "
-        "| Δjudge vs hardest control (judge) | beaten |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| run | task | model | test queries (users) | chosen on validation | ΔNLL vs none "
+        "| ΔR-L vs none | ΔR-L vs hardest other baseline | ΔR-L vs hardest control "
+        "| Δjudge vs hardest control (judge) | pre-registered ΔNLL | beaten |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for s in summaries:
         none = s.versus(Label.NONE)
@@ -173,20 +215,27 @@ def summary_markdown(summaries: Sequence[RunSummary], skipped: Sequence[str] = (
                     f"| {s.run}",
                     s.task,
                     s.model,
-                    str(s.queries),
+                    f"{s.queries} ({s.users})",
                     s.chosen,
+                    str(none.diffs[Metric.NLL]) if none and Metric.NLL in none.diffs else "-",
                     str(none.diffs[Metric.ROUGEL]) if none else "-",
                     _cell(s.hardest(Role.BASELINE, Metric.ROUGEL), Metric.ROUGEL),
                     _cell(s.hardest(Role.CONTROL, Metric.ROUGEL), Metric.ROUGEL),
                     _cell(s.hardest(Role.CONTROL, Metric.JUDGE), Metric.JUDGE, f"; {s.judge_name}"),
+                    _preregistered_cell(s),
                     f"{s.beaten}/{len(s.comparisons)} |",
                 ]
             )
         )
     lines += [
         "",
-        "Differences are the validated Fints minus the named row, mean [95% paired-bootstrap "
-        "interval]. *Hardest*: the row Fints trails most (or leads least) on that measure. "
+        "Differences are the validated Fints minus the named row, paired per query and "
+        "summarized over users: mean of the users' mean differences [95% interval from "
+        "bootstrap resamples of the users], sign-flip p over users, minimum detectable "
+        "effect (5% two-sided, 80% power). NLL: per-token NLL of the gold output (nats/token, "
+        "lower is better). *Pre-registered*: the primary metric's difference against each "
+        "comparison fixed before the runs, with Holm's correction. *Hardest*: the row Fints "
+        "trails most (or leads least) on that measure. "
         "*Beaten*: comparisons where every target measure's interval is above zero "
         "(ROUGE-1 and ROUGE-L; on persona also the mood rate).",
     ]
