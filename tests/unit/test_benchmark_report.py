@@ -12,13 +12,25 @@ import pytest
 
 from fints.benchmark.analyses import diagnostics
 from fints.benchmark.banks import BenchContext, benchmark_sites
-from fints.benchmark.labels import COMPARED, ROUGE, Judge, Label, Metric, Role, Split, judge_name
+from fints.benchmark.labels import (
+    COMPARED,
+    HOLM_METRICS,
+    PRE_REGISTERED,
+    ROUGE,
+    Judge,
+    Label,
+    Metric,
+    Role,
+    Split,
+    judge_name,
+)
 from fints.benchmark.methods import MethodSpec
 from fints.benchmark.metrics import RougeScores, StyleStats
 from fints.benchmark.report import PROBES, TaskReport, task_markdown, write_report
 from fints.benchmark.rows import methods_for_test
 from fints.benchmark.runner import Row, Runner, build_judge, evaluate
 from fints.benchmark.search import SearchSpace, default_fints
+from fints.benchmark.stats import holm, per_user_means
 from fints.generation import GenerationOptions
 from tests.unit.benchmark_fixtures import HashEncoder, fixture_task, tiny_llama
 
@@ -221,3 +233,56 @@ def test_the_probes_are_in_both_outputs(written: Path) -> None:
     assert CONTEXT in text and CENTERED in text
     summary = results_json(written)
     assert [p["minus"] for p in summary["probes"][CONTEXT]][-1] == Label.wrong_user_icl(3)
+
+
+# -- the NLL and the pre-registered comparisons ------------------------------------------
+
+
+def test_the_markdown_shows_each_rows_nll_and_the_pre_registered_p_values(
+    report: TaskReport,
+) -> None:
+    text = task_markdown(report)
+    assert "| method | role | NLL | ROUGE-1 | ROUGE-L |" in text
+    assert "ΔNLL vs none [95% CI]" in text
+    none = report.row(Label.NONE)
+    assert none is not None and none.has_nll
+    assert f"| {Label.NONE} | {Role.BASELINE} | {none.nll.mean():.4f} |" in text
+    assert "Pre-registered comparisons (primary metric: NLL" in text
+    assert "| p | p(Holm) |" in text
+    for other in PRE_REGISTERED[Label.BEST]:
+        assert f"| {Label.BEST} | {other} | " in text
+    assert "MDE=" in text  # beside every comparison
+
+
+def test_the_pre_registered_family_is_holm_corrected(report: TaskReport) -> None:
+    items = report.preregistered()
+    assert [i.minus for i in items] == list(PRE_REGISTERED[Label.BEST])
+    for metric in HOLM_METRICS:
+        raw = {i.minus: i.diffs[metric].p for i in items}
+        assert {i.minus: i.holm[metric] for i in items} == pytest.approx(holm(raw))
+    best, wrong = report.row(Label.BEST), report.row(Label.WRONG_USER_DICTIONARY)
+    assert best is not None and wrong is not None
+    nll = items[0].diffs[Metric.NLL]
+    assert nll.n_users == report.users
+    assert nll.mean == pytest.approx(float(per_user_means(best.nll - wrong.nll, best.users).mean()))
+
+
+def test_results_json_keeps_the_nll_the_users_and_the_pre_registered_family(
+    report: TaskReport, written: Path
+) -> None:
+    summary = results_json(written)
+    best = report.row(Label.BEST)
+    assert best is not None
+    assert summary["per_query"][Label.BEST][Metric.NLL] == pytest.approx(
+        best.nll.tolist(), abs=1e-5
+    )
+    assert summary["users"] == best.users
+    assert summary["rows"][Label.BEST][Metric.NLL] == pytest.approx(float(best.nll.mean()))
+    assert [p["minus"] for p in summary["preregistered"]] == list(PRE_REGISTERED[Label.BEST])
+    assert "p=" in summary["best_minus"][Label.NONE][Metric.NLL]
+
+
+def test_rows_without_an_nll_leave_its_cells_empty() -> None:
+    text = task_markdown(known(ATTRIBUTION))
+    assert f"| {Label.NONE} | {Role.BASELINE} | n/a |" in text
+    assert "n/a | n/a | n/a | n/a" in text  # the pre-registered NLL of rows without one
