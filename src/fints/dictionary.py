@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -25,6 +26,8 @@ from fints.steering import SteeringVector
 FORMAT_VERSION = 1
 TENSORS_FILE = "vectors.safetensors"
 META_FILE = "dictionary.json"
+#: Exported files are readable by their owner only.
+PRIVATE_MODE = 0o600
 
 
 def now_iso() -> str:
@@ -69,7 +72,9 @@ class DictionaryMeta:
             fields["sites"] = parse_sites(fields["sites"])
             fields["site_norms"] = tuple(float(x) for x in fields.get("site_norms", ()))
             return cls(**fields)
-        except (KeyError, TypeError) as exc:
+        except KeyError as exc:
+            raise InvalidInputError(f"dictionary metadata is missing field {exc}") from None
+        except (TypeError, ValueError, AttributeError) as exc:
             raise InvalidInputError(f"dictionary metadata is malformed: {exc}") from None
 
     def same_space(self, other: DictionaryMeta) -> bool:
@@ -156,13 +161,17 @@ class UserDictionary:
         )
 
     def save(self, folder: str | Path, *, include_texts: bool = True) -> Path:
+        """Write both files readable by their owner only (mode 0600): they hold what the
+        user wrote (the texts) and what was learned from it (the vectors)."""
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
+        tensors_path = folder / TENSORS_FILE
         save_file(
             {"keys": self.keys.contiguous(), "vectors": self.vectors.contiguous()},
-            str(folder / TENSORS_FILE),
+            str(tensors_path),
             metadata={"format": "fints-dictionary", "version": str(FORMAT_VERSION)},
         )
+        os.chmod(tensors_path, PRIVATE_MODE)
         payload = {
             "format_version": FORMAT_VERSION,
             "user": self.user,
@@ -170,7 +179,11 @@ class UserDictionary:
             "item_ids": self.item_ids,
             "items": [i.to_json() for i in self.items] if include_texts else [],
         }
-        (folder / META_FILE).write_text(json.dumps(payload, indent=2, ensure_ascii=False))
+        meta_path = folder / META_FILE
+        fd = os.open(meta_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, PRIVATE_MODE)
+        os.fchmod(fd, PRIVATE_MODE)  # also when the file was there before, with another mode
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            handle.write(json.dumps(payload, indent=2, ensure_ascii=False))
         return folder
 
     @classmethod
@@ -181,20 +194,75 @@ class UserDictionary:
             if not path.is_file():
                 raise InvalidInputError(f"not a fints dictionary folder: {str(path)!r} is missing")
         try:
-            payload = json.loads(meta_path.read_text())
+            payload = json.loads(meta_path.read_text(encoding="utf-8"))
             tensors = load_file(str(tensors_path))
         except (json.JSONDecodeError, OSError, Exception) as exc:
             raise InvalidInputError(f"cannot read dictionary in {str(folder)!r}: {exc}") from None
+        try:
+            return cls._from_payload(payload, tensors, str(meta_path), str(tensors_path))
+        except InvalidInputError as exc:
+            raise InvalidInputError(f"malformed dictionary in {str(folder)!r}: {exc}") from None
+
+    @classmethod
+    def _from_payload(
+        cls, payload: Any, tensors: dict[str, torch.Tensor], meta_file: str, tensors_file: str
+    ) -> UserDictionary:
+        """The dictionary described by a parsed ``dictionary.json`` and its tensors; a missing
+        or mistyped field is an :class:`InvalidInputError` naming it."""
+        if not isinstance(payload, dict):
+            raise InvalidInputError(f"{meta_file} must hold a JSON object")
         if payload.get("format_version") != FORMAT_VERSION:
             raise InvalidInputError(
                 f"unsupported dictionary format version {payload.get('format_version')!r}"
             )
-        items = [HistoryItem(i["input"], i["output"], i["id"]) for i in payload.get("items", [])]
+        user = _field(payload, "user", str, meta_file)
+        meta = _field(payload, "meta", dict, meta_file)
+        item_ids = _field(payload, "item_ids", list, meta_file)
+        records = payload.get("items", [])
+        if not isinstance(records, list):
+            raise InvalidInputError(f"{meta_file}: 'items' must be a list")
+        if not all(isinstance(x, str) for x in item_ids):
+            raise InvalidInputError(f"{meta_file}: 'item_ids' must be a list of strings")
+        items = []
+        for n, record in enumerate(records):
+            where = f"{meta_file}: items[{n}]"
+            if not isinstance(record, dict):
+                raise InvalidInputError(f"{where} must be a JSON object")
+            items.append(
+                HistoryItem(
+                    _field(record, "input", str, where),
+                    _field(record, "output", str, where),
+                    _field(record, "id", str, where),
+                )
+            )
+        missing = [name for name in ("keys", "vectors") if name not in tensors]
+        if missing:
+            raise InvalidInputError(f"{tensors_file} has no tensor(s) {missing}")
+        try:
+            parsed_meta = DictionaryMeta.from_json(meta)
+        except (InvalidInputError, ValueError) as exc:
+            raise InvalidInputError(f"{meta_file}: 'meta': {exc}") from None
         return cls(
-            user=str(payload["user"]),
-            meta=DictionaryMeta.from_json(payload["meta"]),
-            item_ids=[str(x) for x in payload["item_ids"]],
+            user=user,
+            meta=parsed_meta,
+            item_ids=list(item_ids),
             keys=tensors["keys"].to(torch.float32),
             vectors=tensors["vectors"].to(torch.float32),
             items=items,
         )
+
+
+def _field(record: dict[str, Any], name: str, kind: type, where: str) -> Any:
+    """``record[name]``, which must be there and be of ``kind``."""
+    if name not in record:
+        raise InvalidInputError(f"{where}: missing field {name!r}")
+    value = record[name]
+    if not isinstance(value, kind) or isinstance(value, bool):
+        raise InvalidInputError(
+            f"{where}: field {name!r} must be a {_JSON_KIND.get(kind, kind.__name__)}, "
+            f"got {type(value).__name__}"
+        )
+    return value
+
+
+_JSON_KIND: dict[type, str] = {str: "string", dict: "JSON object", list: "list"}

@@ -33,12 +33,27 @@ class HistoryItem:
                 raise InvalidInputError(
                     f"history item {name!r} has {len(value)} characters (limit {MAX_ITEM_CHARS})"
                 )
+            check_text(f"history item {name!r}", value)
+        if isinstance(self.item_id, str):
+            check_text("history item id", self.item_id)
         if not self.item_id:
             digest = hashlib.sha256(f"{self.input}\x00{self.output}".encode()).hexdigest()
             object.__setattr__(self, "item_id", digest[:16])
 
     def to_json(self) -> dict[str, str]:
         return {"id": self.item_id, "input": self.input, "output": self.output}
+
+
+def check_text(what: str, text: str) -> None:
+    """Refuse text that is not valid Unicode: a lone UTF-16 surrogate (``\\ud800``, which
+    JSON can carry) cannot be stored or tokenized."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise InvalidInputError(
+            f"{what} has a lone UTF-16 surrogate ({text[exc.start : exc.end]!r} at "
+            f"character {exc.start}); text must be valid Unicode"
+        ) from None
 
 
 def item_from_record(

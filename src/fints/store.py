@@ -21,7 +21,7 @@ import torch
 
 from fints.dictionary import DictionaryEntry, DictionaryMeta, UserDictionary, check_finite, now_iso
 from fints.errors import DictionaryMismatchError, InvalidInputError, UnknownUserError
-from fints.history import HistoryItem, check_unique_ids
+from fints.history import HistoryItem, check_text, check_unique_ids
 
 DEFAULT_TENANT = "default"
 
@@ -76,9 +76,11 @@ def _tensor(blob: bytes, shape: tuple[int, ...]) -> torch.Tensor:
 
 def check_name(kind: str, value: str) -> str:
     if not isinstance(value, str) or not value.strip():
-        raise InvalidInputError(f"{kind} name must be a non-empty string, got {value!r}")
+        shown = value[:40] if isinstance(value, str) else value
+        raise InvalidInputError(f"{kind} name must be a non-empty string, got {shown!r}")
     if len(value) > 256 or any(ord(c) < 32 for c in value):
         raise InvalidInputError(f"{kind} name {value[:40]!r} is too long or has control characters")
+    check_text(f"{kind} name", value)
     return value
 
 
@@ -144,7 +146,9 @@ class Store:
         return int(rows[0][0]) if rows else None
 
     def add_items(self, tenant: str, user: str, items: Sequence[HistoryItem]) -> list[str]:
-        """Append history items atomically; a duplicate id rejects the whole batch."""
+        """Append history items atomically. Idempotent: an item the user already has with
+        the same id and the same texts is left as it is (a retried write succeeds); the same
+        id with other texts rejects the whole batch."""
         check_name("tenant", tenant)
         check_name("user", user)
         if not items:
@@ -157,19 +161,29 @@ class Store:
     def _insert_items(
         self, db: sqlite3.Connection, tenant: str, user: str, items: Sequence[HistoryItem]
     ) -> None:
-        self._touch(db, tenant, user)
         existing = {
-            r[0]
+            r[0]: (r[1], r[2])
             for r in db.execute(
-                f"SELECT item_id FROM items WHERE tenant = ? AND user = ? AND item_id IN "
-                f"({','.join('?' * len(items))})",
+                f"SELECT item_id, input, output FROM items WHERE tenant = ? AND user = ? "
+                f"AND item_id IN ({','.join('?' * len(items))})",
                 (tenant, user, *[i.item_id for i in items]),
             )
         }
-        if existing:
+        conflicts = sorted(
+            i.item_id
+            for i in items
+            if existing.get(i.item_id, (i.input, i.output)) != (i.input, i.output)
+        )
+        if conflicts:
+            shown = [c if len(c) <= 40 else c[:40] + "..." for c in conflicts[:5]]
             raise InvalidInputError(
-                f"user {user!r} already has item(s) {sorted(existing)[:5]}; nothing was added"
+                f"user {user!r} already has item(s) {shown} with other texts; nothing was "
+                "added (an item id can be written again only with the same input and output)"
             )
+        items = [i for i in items if i.item_id not in existing]  # the rest are stored already
+        if not items:
+            return
+        self._touch(db, tenant, user)
         (seq,) = db.execute(
             "SELECT COALESCE(MAX(seq), -1) + 1 FROM items WHERE tenant = ? AND user = ?",
             (tenant, user),

@@ -92,6 +92,12 @@ def test_bad_input_gets_a_clear_error_and_changes_nothing(store_path, tmp_path):
     assert code == 1 and "missing field(s) ['output']" in out and ":3: not valid JSON" in out
     assert users(store_path)["cap"] == lines  # the good first line was not stored either
     code, out = run("add", "cap", str(good), "--store", store_path, "--no-build")
+    assert code == 0  # the same items again: a retry, stored once
+    assert users(store_path)["cap"] == lines
+    first = json.loads(good.read_text().splitlines()[0])
+    edited = tmp_path / "edited.jsonl"
+    edited.write_text(json.dumps({**first, "output": first["output"] + " (edited)"}) + "\n")
+    code, out = run("add", "cap", str(edited), "--store", store_path, "--no-build")
     assert code == 1 and "already has item" in out
     assert users(store_path)["cap"] == lines
     code, out = run("add", "cap", str(tmp_path / "missing.jsonl"), "--store", store_path)

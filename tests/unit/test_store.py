@@ -53,12 +53,14 @@ def test_add_and_read_items_in_order(store):
     assert [i.item_id for i in store.items("t", "alice")] == ["a0", "a1", "a2", "b0", "b1"]
 
 
-def test_duplicate_id_rejects_the_whole_batch(store):
+def test_a_known_id_with_other_texts_rejects_the_whole_batch(store):
     store.add_items("t", "alice", items("a"))
-    before = store.items("t", "alice")
-    with pytest.raises(InvalidInputError, match="already has item"):
-        store.add_items("t", "alice", [HistoryItem("new", "new", "n1"), *items("a", 1)])
+    before, version = store.items("t", "alice"), store.version("t", "alice")
+    changed = HistoryItem("a input 0", "another output", "a0")
+    with pytest.raises(InvalidInputError, match=r"already has item.*a0.*other texts"):
+        store.add_items("t", "alice", [HistoryItem("new", "new", "n1"), changed])
     assert store.items("t", "alice") == before
+    assert store.version("t", "alice") == version
 
 
 def test_tenants_keep_separate_items(store):
