@@ -160,3 +160,28 @@ def test_cli_prints_and_writes_the_table(tmp_path):
 def test_cli_reports_a_missing_folder(tmp_path):
     result = CliRunner().invoke(app, ["bench-summary", str(tmp_path / "nope")])
     assert result.exit_code == 1 and "no such folder" in result.output
+
+
+def test_recorded_users_and_nll_are_used(tmp_path):
+    folder = write_run(tmp_path / "run", "headlines")
+    data = json.loads((folder / "results.json").read_text())
+    task = data["tasks"][0]
+    users = [f"u{i // 6}" for i in range(60)]  # ten users, six queries each
+    task["users"] = users
+    rng = np.random.default_rng(1)
+    nll = rng.uniform(2, 4, 60)
+    for label, scores in task["per_query"].items():
+        shift = -0.1 if label == Label.BEST else 0.0
+        scores["nll"] = (nll + shift).tolist()
+    (folder / "results.json").write_text(json.dumps(data))
+    (summary,), _ = summarize_run(folder)
+    assert (summary.queries, summary.users) == (60, 10)
+    none = summary.versus(Label.NONE).diffs
+    assert none[Metric.NLL].mean == pytest.approx(-0.1)
+    assert none[Metric.NLL].n_users == 10 and none[Metric.ROUGEL].n_users == 10
+    assert none[Metric.NLL].p == pytest.approx(2 / 2**10)  # every user better: only +/-all
+    # the pre-registered family present in this run: the random direction and ICL k=3
+    assert [p.minus for p in summary.preregistered] == [Label.RANDOM_DIRECTION, Label.icl(3)]
+    line = summary_markdown([summary]).splitlines()[2]
+    assert "| 60 (10) |" in line
+    assert f"{Label.RANDOM_DIRECTION}: -0.1000 [-0.1000, -0.1000] p(Holm)=0.0039" in line

@@ -89,6 +89,13 @@ class Runner:
         if todo:
             path.parent.mkdir(parents=True, exist_ok=True)
             todo.sort(key=lambda q: len(q.input) + len(q.reference))
+            bar = tqdm(
+                total=len(todo),
+                desc=f"{self.ctx.task.name}: {method.label} (NLL)",
+                unit="q",
+                disable=not self.progress,
+                leave=False,
+            )
             with path.open("a", encoding="utf-8") as handle:
                 for start in range(0, len(todo), self.batch_size):
                     batch = todo[start : start + self.batch_size]
@@ -98,6 +105,8 @@ class Runner:
                         handle.write(json.dumps({"qid": query.qid, "nll": value}) + "\n")
                     handle.flush()
                     self.scored += len(batch)
+                    bar.update(len(batch))
+            bar.close()
         return np.asarray([done[q.qid] for q in queries], dtype=float)
 
     def _read_cache(self, path: Path) -> dict[str, Output]:
