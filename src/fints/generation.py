@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator, Sequence
 from contextlib import AbstractContextManager, ExitStack, contextmanager, nullcontext
 from dataclasses import dataclass, field
@@ -15,6 +16,12 @@ from fints.models import LoadedModel
 from fints.prompts import pad_batch
 from fints.stopping import StopSequences, cut_at_stop
 
+#: The smallest positive sampling temperature: below it the scaled logits overflow to inf
+#: and the probabilities become NaN (0 means greedy decoding).
+MIN_TEMPERATURE = 1e-3
+#: The seeds torch accepts (``torch.manual_seed``).
+MIN_SEED, MAX_SEED = -(2**63), 2**64 - 1
+
 
 @dataclass(frozen=True)
 class GenerationOptions:
@@ -27,8 +34,29 @@ class GenerationOptions:
     def __post_init__(self) -> None:
         if not 1 <= self.max_new_tokens <= 4096:
             raise InvalidInputError(f"max_new_tokens must be in 1..4096, got {self.max_new_tokens}")
-        if self.temperature < 0 or not 0 < self.top_p <= 1:
-            raise InvalidInputError("temperature must be >= 0 and top_p in (0, 1]")
+        if not _is_number(self.temperature) or not (
+            self.temperature == 0 or MIN_TEMPERATURE <= self.temperature < math.inf
+        ):
+            raise InvalidInputError(
+                f"temperature must be 0 (greedy) or a finite number >= {MIN_TEMPERATURE:g}, "
+                f"got {self.temperature!r}",
+                param="temperature",
+            )
+        if not _is_number(self.top_p) or not 0 < self.top_p <= 1:
+            raise InvalidInputError(f"top_p must be in (0, 1], got {self.top_p!r}", param="top_p")
+        if self.seed is not None and (
+            isinstance(self.seed, bool)
+            or not isinstance(self.seed, int)
+            or not MIN_SEED <= self.seed <= MAX_SEED
+        ):
+            raise InvalidInputError(
+                f"seed must be an integer in [-2**63, 2**64 - 1], got {self.seed!r}",
+                param="seed",
+            )
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
 
 
 @dataclass(frozen=True)

@@ -156,8 +156,12 @@ def test_history_is_usable_by_the_next_request(server: RunningServer) -> None:
     assert response.status_code == 200, response.text
     assert response.headers["x-fints-steered"] == "true"
     assert response.json()["fints"]["retrieved"] == ["t1"]
-    duplicate = call(server, "POST", "/v1/users/carol/interactions", KEY_A, {"items": [item]})
-    assert duplicate.status_code == 400 and "already has" in duplicate.json()["error"]["message"]
+    retried = call(server, "POST", "/v1/users/carol/interactions", KEY_A, {"items": [item]})
+    assert retried.status_code == 200 and retried.json()["ids"] == ["t1"]  # idempotent
+    edited = {**item, "output": "Coffee now."}
+    conflict = call(server, "POST", "/v1/users/carol/interactions", KEY_A, {"items": [edited]})
+    assert conflict.status_code == 400 and "already has" in conflict.json()["error"]["message"]
+    assert call(server, "GET", "/v1/users/carol/interactions").json() == listed
 
 
 # -- streaming, the openai client -----------------------------------------------------------
@@ -442,14 +446,14 @@ BAD_REQUESTS: list[tuple[str, str, Any, int, str | None]] = [
         "/v1/users/erin/interactions",
         {"items": [{"input": "", "output": "x"}]},
         400,
-        "items[0]",
+        "items[0].input",
     ),
     (
         "POST",
         "/v1/users/erin/interactions",
         {"items": [{"input": "a" * 20_001, "output": "x"}]},
         400,
-        "items[0]",
+        "items[0].input",
     ),
     ("POST", "/v1/users/erin/interactions", {"items": []}, 400, "items"),
     (

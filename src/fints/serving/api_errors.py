@@ -17,6 +17,7 @@ from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from fints.errors import DictionaryMismatchError, FintsError, InvalidInputError, UnknownUserError
+from fints.serving.api_spec import PATTERN_HELP
 
 log = logging.getLogger("fints.serving")
 
@@ -43,6 +44,7 @@ class ApiError(Exception):
         code: str | None = None,
         headers: dict[str, str] | None = None,
     ) -> None:
+        message, param = _printable(message), None if param is None else _printable(param)
         super().__init__(message)
         self.status = status
         self.message = message
@@ -60,6 +62,12 @@ class ApiError(Exception):
                 "code": self.code,
             }
         }
+
+
+def _printable(text: str) -> str:
+    """``text`` encodable as UTF-8 (a lone surrogate written as ``\\ud800``), so that no
+    error body can fail to encode."""
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 def error_response(error: ApiError) -> JSONResponse:
@@ -82,10 +90,15 @@ def api_error_for(exc: BaseException) -> ApiError:
     return ApiError(500, f"internal server error ({type(exc).__name__})", type="server_error")
 
 
+_SOURCES = ("body", "path", "query", "header", "cookie")
+
+
 def _param(loc: tuple[Any, ...]) -> str | None:
-    """``("body", "items", 0, "x")`` -> ``"items[0].x"``."""
+    """``("body", "items", 0, "x")`` -> ``"items[0].x"``; ``("path", "user")`` -> ``"user"``."""
+    if loc and loc[0] in _SOURCES:
+        loc = loc[1:]
     text = ""
-    for part in (p for p in loc if p != "body"):
+    for part in loc:
         text += f"[{part}]" if isinstance(part, int) else (f".{part}" if text else str(part))
     return text or None
 
@@ -110,8 +123,14 @@ def validation_error(exc: RequestValidationError) -> ApiError:
         )
     if kind == "missing":
         return ApiError(400, f"missing required parameter: {param}", param=param, code="missing")
+    ctx = dict(first.get("ctx") or {})
+    message = str(first.get("msg"))
+    if kind == "invalid_unicode":  # found by a body's own check: it names the field
+        param = str(ctx.get("param") or param)
+    elif kind == "string_pattern_mismatch" and ctx.get("pattern") in PATTERN_HELP:
+        message = f"must be {PATTERN_HELP[ctx['pattern']]}"
     more = f" (and {len(errors) - 1} more problem(s))" if len(errors) > 1 else ""
-    return ApiError(400, f"{param}: {first.get('msg')}{more}", param=param, code="invalid_value")
+    return ApiError(400, f"{param}: {message}{more}", param=param, code="invalid_value")
 
 
 def _http_error(exc: StarletteHTTPException) -> ApiError:

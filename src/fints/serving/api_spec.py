@@ -9,13 +9,89 @@ saying whether and how the request was steered.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic_core import PydanticCustomError
+
+from fints.generation import MAX_SEED, MIN_SEED, MIN_TEMPERATURE
+from fints.history import MAX_ITEM_CHARS
+
+#: Python's whitespace (what ``str.strip`` removes) less the control characters, spelled
+#: out so that the pattern means the same in JSON Schema, pydantic and Python.
+_SPACE = r"\x20\x85\xa0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000"
+#: A user name as :func:`fints.store.check_name` accepts it: no control characters and
+#: something besides whitespace (at most :data:`MAX_NAME_CHARS` characters).
+NAME_PATTERN = rf"^[^\x00-\x1f]*[^\x00-\x1f{_SPACE}][^\x00-\x1f]*$"
+MAX_NAME_CHARS = 256
+#: Text with something besides whitespace in it (history items).
+NONBLANK_PATTERN = rf"[^\t-\r\x1c-\x1f{_SPACE}]"
+#: What each pattern means, for error messages.
+PATTERN_HELP = {
+    NAME_PATTERN: "a name with something besides whitespace and no control characters",
+    NONBLANK_PATTERN: "text with something besides whitespace",
+}
+
+UserName = Annotated[str, Field(pattern=NAME_PATTERN, min_length=1, max_length=MAX_NAME_CHARS)]
+ItemText = Annotated[str, Field(pattern=NONBLANK_PATTERN, max_length=MAX_ITEM_CHARS)]
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    """Unknown fields are refused, and so are values of the wrong JSON type (``"8"`` for
+    an integer, ``"yes"`` for a boolean), as the OpenAI API does."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+
+def _unencodable(text: str) -> bool:
+    """True for text that is not valid Unicode (a lone UTF-16 surrogate such as ``\\ud800``,
+    which JSON can carry and UTF-8 cannot)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    return False
+
+
+def _printable(path: str) -> str:
+    return path.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def invalid_text_at(value: Any, path: str = "") -> str | None:
+    """The path (``messages[0].content``) of the first string in ``value`` (keys included)
+    that is not valid Unicode, or None."""
+    if isinstance(value, str):
+        return (path or "body") if _unencodable(value) else None
+    if isinstance(value, dict):
+        for key, item in value.items():
+            where = f"{path}.{key}" if path else str(key)
+            if isinstance(key, str) and _unencodable(key):
+                return _printable(where)
+            found = invalid_text_at(item, where)
+            if found is not None:
+                return found
+    elif isinstance(value, list):
+        for n, item in enumerate(value):
+            found = invalid_text_at(item, f"{path}[{n}]")
+            if found is not None:
+                return found
+    return None
+
+
+class _Body(_Strict):
+    """A request body: every string in it (keys too) must be valid Unicode."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _valid_unicode(cls, data: Any) -> Any:
+        where = invalid_text_at(data)
+        if where is not None:
+            raise PydanticCustomError(
+                "invalid_unicode",
+                "contains a lone UTF-16 surrogate (e.g. \\ud800): text must be valid Unicode",
+                {"param": _printable(where)},
+            )
+        return data
 
 
 # -- requests ------------------------------------------------------------------------------
@@ -56,15 +132,23 @@ class StreamOptions(_Strict):
     include_usage: bool = False
 
 
-class _GenerationRequestBody(_Strict):
+class _GenerationRequestBody(_Body):
     """Fields shared by chat and text completions."""
 
     model: str
-    user: str | None = None
+    user: UserName | None = None
     max_tokens: int | None = None
-    temperature: float | None = Field(default=None, ge=0, le=2)
+    #: 0 is greedy; a positive temperature below MIN_TEMPERATURE overflows the logits
+    temperature: float | None = Field(
+        default=None,
+        ge=0,
+        le=2,
+        json_schema_extra={
+            "not": {"type": "number", "exclusiveMinimum": 0, "exclusiveMaximum": MIN_TEMPERATURE}
+        },
+    )
     top_p: float | None = Field(default=None, gt=0, le=1)
-    seed: int | None = None
+    seed: int | None = Field(default=None, ge=MIN_SEED, le=MAX_SEED)
     stream: bool = False
     stream_options: StreamOptions | None = None
     stop: str | list[str] | None = None
@@ -91,16 +175,29 @@ class CompletionRequest(_GenerationRequestBody):
 
 
 class InteractionItem(_Strict):
-    input: str
-    output: str
+    input: ItemText
+    output: ItemText
     id: str | None = None
 
 
-class AddInteractionsRequest(_Strict):
+class AddInteractionsRequest(_Body):
     items: list[InteractionItem] = Field(min_length=1)
 
 
 # -- responses -----------------------------------------------------------------------------
+
+
+class ErrorDetail(BaseModel):
+    message: str
+    type: str  # invalid_request_error, authentication_error, not_found_error, ...
+    param: str | None = None  # the offending parameter, e.g. "messages[0].content"
+    code: str | None = None
+
+
+class ErrorResponse(BaseModel):
+    """Every error the server answers, in the OpenAI format."""
+
+    error: ErrorDetail
 
 
 class FintsInfo(BaseModel):

@@ -13,11 +13,14 @@ import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.responses import Response
+from pydantic import BaseModel
 
 from fints.engine import Personalizer
+from fints.serving import api_spec
 from fints.serving.api_errors import install_error_handlers
 from fints.serving.batcher import Batcher
 from fints.serving.metrics import ServingMetrics
@@ -54,7 +57,49 @@ def create_app(personalizer: Personalizer, config: ServerConfig | None = None) -
     install_error_handlers(app)
     _count_requests(app, metrics)
     app.include_router(router)
+    _document_statuses(app)
     return app
+
+
+def _document_statuses(app: FastAPI) -> None:
+    """The OpenAPI document without FastAPI's automatic 422: a request that does not match
+    the schema is answered 400 (as the OpenAI API does), which each route lists."""
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            schema = FastAPI.openapi(app)
+            for operations in schema.get("paths", {}).values():
+                for operation in operations.values():
+                    operation.get("responses", {}).pop("422", None)
+            components = schema.get("components", {}).get("schemas", {})
+            for unused in ("HTTPValidationError", "ValidationError"):
+                components.pop(unused, None)
+            for name, component in components.items():
+                model = getattr(api_spec, name, None)
+                if isinstance(model, type) and issubclass(model, BaseModel):
+                    _exact_bounds(component, model.model_json_schema())
+            app.openapi_schema = schema
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
+
+
+def _exact_bounds(documented: Any, exact: Any) -> None:
+    """Integer bounds as pydantic wrote them: FastAPI's document holds them as floats, and
+    2**64 - 1 as a float is 2**64 (walks both schemas where their shapes agree)."""
+    if isinstance(documented, dict) and isinstance(exact, dict):
+        for key, value in documented.items():
+            if key in exact:
+                if key in _BOUNDS and isinstance(exact[key], int):
+                    documented[key] = exact[key]
+                else:
+                    _exact_bounds(value, exact[key])
+    elif isinstance(documented, list) and isinstance(exact, list) and len(documented) == len(exact):
+        for mine, theirs in zip(documented, exact, strict=True):
+            _exact_bounds(mine, theirs)
+
+
+_BOUNDS = ("minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum")
 
 
 @asynccontextmanager

@@ -23,10 +23,12 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from typing import Any, TypeVar
+
+import torch
 
 from fints.engine import GenerationRequest, GenerationResult, Personalizer, PreparedBatch
 from fints.generation import GenerationOptions, eos_token_ids
@@ -271,22 +273,32 @@ class Batcher:
                 return None, []
             jobs = kept
             prepared = p.prepare([j.request for j in jobs])
-        too_long = {
-            i for i, ids in enumerate(prepared.prompts) if len(ids) > self.max_prompt_tokens
-        }
-        for i in sorted(too_long):
-            self._fail(
-                jobs[i],
-                ApiError(
+        refused: dict[int, ApiError] = {}
+        for i, ids in enumerate(prepared.prompts):
+            if len(ids) > self.max_prompt_tokens:
+                refused[i] = ApiError(
                     400,
-                    f"the prompt is {len(prepared.prompts[i])} tokens long; this server "
+                    f"the prompt is {len(ids)} tokens long; this server "
                     f"accepts at most {self.max_prompt_tokens}",
                     param="messages" if not jobs[i].request.raw_prompt else "prompt",
                     code="context_length_exceeded",
+                )
+        for i, sites in nonfinite_rows(prepared).items():
+            refused.setdefault(
+                i,
+                ApiError(
+                    400,
+                    f"this request's steering vectors overflow (NaN or inf at {sites}): its "
+                    "strengths are too large for its user's vectors; lower fints.strengths "
+                    "or use relative strengths",
+                    param="fints.strengths",
+                    code="steering_overflow",
                 ),
             )
-        if too_long:
-            rows = [i for i in range(len(jobs)) if i not in too_long]
+        for i in sorted(refused):
+            self._fail(jobs[i], refused[i])
+        if refused:
+            rows = [i for i in range(len(jobs)) if i not in refused]
             if not rows:
                 return None, []
             prepared = prepared.select(rows)
@@ -321,6 +333,23 @@ class Batcher:
         for job, result in zip(jobs, results, strict=True):
             m.generations.labels(steered=str(result.steered).lower()).inc()
             job.emit(Done(result, size))
+
+
+def nonfinite_rows(prepared: PreparedBatch) -> dict[int, list[str]]:
+    """Rows whose per-row vectors (a mode's ``vectors``: ``{site: [batch, hidden]}``) hold
+    NaN or inf, with those sites. The hooks refuse such a vector for the whole batch, so
+    the worker takes these rows out first and fails them alone."""
+    bad: dict[int, list[str]] = {}
+    for addition in prepared.additions:
+        vectors = getattr(addition, "vectors", None)
+        if not isinstance(vectors, Mapping):
+            continue
+        for site, values in vectors.items():
+            if isinstance(values, torch.Tensor) and values.dim() == 2:
+                finite = torch.isfinite(values).all(dim=-1)
+                for row in (~finite).nonzero().flatten().tolist():
+                    bad.setdefault(int(row), []).append(str(site))
+    return bad
 
 
 def _delta_sink(job: GenerationJob) -> Callable[[str], None]:

@@ -57,11 +57,22 @@ class Limits:
         return 32 * self.max_prompt_tokens
 
 
+#: How much of a client's string an error message quotes.
+MAX_ECHO_CHARS = 100
+
+
+def echo(text: str, limit: int = MAX_ECHO_CHARS) -> str:
+    """``text`` quoted for an error message, cut to ``limit`` characters."""
+    if len(text) <= limit:
+        return repr(text)
+    return f"{text[:limit]!r}... ({len(text)} characters)"
+
+
 def check_model(name: str, served: Sequence[str]) -> None:
     if name not in served:
         raise ApiError(
             404,
-            f"The model {name!r} does not exist on this server; it serves {list(served)}. "
+            f"The model {echo(name)} does not exist on this server; it serves {list(served)}. "
             "See GET /v1/models.",
             type="not_found_error",
             param="model",
@@ -145,7 +156,7 @@ def generation_options(
             seed=body.seed,
         )
     except InvalidInputError as exc:
-        raise ApiError(400, str(exc)) from None
+        raise ApiError(400, str(exc), param=exc.param, code="invalid_value") from None
 
 
 def steering_config(

@@ -9,9 +9,12 @@ from __future__ import annotations
 
 import asyncio
 import time
+from typing import Annotated, Any
+from urllib.parse import unquote_to_bytes
 
-from fastapi import APIRouter, Depends, Header, Request
+from fastapi import APIRouter, Depends, Header, Path, Request
 from fastapi.responses import JSONResponse, Response
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from starlette.concurrency import run_in_threadpool
 
 from fints.engine import GenerationRequest, GenerationResult, UnknownUser
@@ -19,11 +22,16 @@ from fints.generation import GenerationOptions
 from fints.history import HistoryItem
 from fints.serving.api_errors import ApiError, api_error_for
 from fints.serving.api_spec import (
+    MAX_NAME_CHARS,
+    NAME_PATTERN,
     AddInteractionsRequest,
     AddInteractionsResponse,
+    ChatCompletion,
     ChatCompletionRequest,
+    Completion,
     CompletionRequest,
     DeletedUser,
+    ErrorResponse,
     InteractionList,
     ModelCard,
     ModelList,
@@ -49,6 +57,26 @@ router = APIRouter()
 
 _GenerationBody = ChatCompletionRequest | CompletionRequest
 
+_WHY = {
+    400: "Invalid request: a malformed body or parameter (the error's param names it)",
+    401: "No API key, or an invalid one",
+    403: "The API key belongs to another tenant than x-fints-tenant names",
+    404: "Unknown model, or unknown user",
+    409: "The user's dictionary does not fit the served model",
+    500: "Internal server error",
+    503: "Overloaded (the queue is full) or shutting down; retry later",
+}
+
+
+def errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    """The OpenAPI ``responses`` of a route's errors, each in the OpenAI error format."""
+    return {s: {"model": ErrorResponse, "description": _WHY[s]} for s in (*statuses, 500)}
+
+
+_AUTH = (401, 403)
+_GENERATION = errors(400, *_AUTH, 404, 409, 503)
+_STREAM = {"text/event-stream": {"schema": {"type": "string"}}}
+
 
 def tenant_of(
     request: Request,
@@ -59,10 +87,40 @@ def tenant_of(
     return server_of(request).tenants.resolve(authorization, x_fints_tenant)
 
 
+def user_in_path(
+    request: Request,
+    user: Annotated[
+        str,
+        Path(
+            description="the user's name: no control characters, not only whitespace",
+            pattern=NAME_PATTERN,
+            max_length=MAX_NAME_CHARS,
+        ),
+    ],
+) -> str:
+    """The ``{user}`` of the path, refused unless its percent-decoded bytes are UTF-8 (so
+    that two different raw names never both become ``\ufffd``)."""
+    raw = request.scope.get("raw_path")
+    if isinstance(raw, bytes):
+        try:
+            unquote_to_bytes(raw).decode("utf-8")
+        except UnicodeDecodeError:
+            raise ApiError(
+                400,
+                "the user name in the path is not valid UTF-8 once percent-decoded",
+                param="user",
+                code="invalid_user",
+            ) from None
+    return check_user(user)
+
+
 # -- service --------------------------------------------------------------------------------
 
 
-@router.get("/health")
+@router.get(
+    "/health",
+    responses={503: {"description": "The model worker is not running (same body, status)"}},
+)
 async def health(request: Request) -> JSONResponse:
     server = server_of(request)
     ok = server.batcher.running
@@ -78,19 +136,29 @@ async def health(request: Request) -> JSONResponse:
     )
 
 
-@router.get("/metrics")
+@router.get(
+    "/metrics",
+    response_class=Response,
+    responses={
+        200: {
+            "description": "Prometheus metrics in the text exposition format",
+            "content": {CONTENT_TYPE_LATEST.split(";")[0]: {"schema": {"type": "string"}}},
+        },
+        500: errors()[500],
+    },
+)
 async def prometheus(request: Request) -> Response:
     body, content_type = server_of(request).metrics.render()
     return Response(body, media_type=content_type)
 
 
-@router.get("/v1/models")
+@router.get("/v1/models", responses=errors(*_AUTH))
 async def models(request: Request, _tenant: str = Depends(tenant_of)) -> ModelList:
     server = server_of(request)
     return ModelList(data=[ModelCard(id=m, created=server.created) for m in server.served])
 
 
-@router.get("/v1/models/{model:path}")
+@router.get("/v1/models/{model:path}", responses=errors(*_AUTH, 404))
 async def model(model: str, request: Request, _tenant: str = Depends(tenant_of)) -> ModelCard:
     server = server_of(request)
     check_model(model, server.served)
@@ -182,7 +250,11 @@ async def _respond(
     return json_response(shape, head, result, size)
 
 
-@router.post("/v1/chat/completions", response_model=None)
+@router.post(
+    "/v1/chat/completions",
+    response_model=None,
+    responses={200: {"model": ChatCompletion, "content": _STREAM}, **_GENERATION},
+)
 async def chat(
     body: ChatCompletionRequest, request: Request, tenant: str = Depends(tenant_of)
 ) -> Response:
@@ -194,7 +266,11 @@ async def chat(
     return await _respond(server.batcher, body, job_request, options, CHAT)
 
 
-@router.post("/v1/completions", response_model=None)
+@router.post(
+    "/v1/completions",
+    response_model=None,
+    responses={200: {"model": Completion, "content": _STREAM}, **_GENERATION},
+)
 async def completions(
     body: CompletionRequest, request: Request, tenant: str = Depends(tenant_of)
 ) -> Response:
@@ -208,12 +284,14 @@ async def completions(
 # -- history --------------------------------------------------------------------------------
 
 
-@router.post("/v1/users/{user}/interactions")
+@router.post("/v1/users/{user}/interactions", responses=errors(400, *_AUTH, 409, 503))
 async def add_interactions(
-    user: str, body: AddInteractionsRequest, request: Request, tenant: str = Depends(tenant_of)
+    body: AddInteractionsRequest,
+    request: Request,
+    user: str = Depends(user_in_path),
+    tenant: str = Depends(tenant_of),
 ) -> AddInteractionsResponse:
     server = server_of(request)
-    check_user(user)
     items = history_items(body.items, server.config.limits)
     extract = server.config.extract_on_write
 
@@ -232,12 +310,11 @@ async def add_interactions(
     return AddInteractionsResponse(user=user, added=len(ids), ids=ids, extracted=extract)
 
 
-@router.get("/v1/users/{user}/interactions")
+@router.get("/v1/users/{user}/interactions", responses=errors(400, *_AUTH, 404))
 async def list_interactions(
-    user: str, request: Request, tenant: str = Depends(tenant_of)
+    request: Request, user: str = Depends(user_in_path), tenant: str = Depends(tenant_of)
 ) -> InteractionList:
     p = server_of(request).personalizer
-    check_user(user)
 
     def read() -> tuple[list[HistoryItem], set[str]]:
         items = p.store.items(tenant, user)
@@ -259,10 +336,11 @@ async def list_interactions(
     )
 
 
-@router.delete("/v1/users/{user}")
-async def delete_user(user: str, request: Request, tenant: str = Depends(tenant_of)) -> DeletedUser:
+@router.delete("/v1/users/{user}", responses=errors(400, *_AUTH, 404, 503))
+async def delete_user(
+    request: Request, user: str = Depends(user_in_path), tenant: str = Depends(tenant_of)
+) -> DeletedUser:
     server = server_of(request)
-    check_user(user)
     try:
         await server.batcher.run_exclusive(
             lambda: server.personalizer.delete_user(user, tenant=tenant)
