@@ -24,7 +24,7 @@ from fints.models import LoadedModel
 from fints.serving.api_errors import ApiError
 from fints.serving.api_spec import NAME_PATTERN, NONBLANK_PATTERN
 from fints.serving.app import ServerConfig, create_app
-from fints.serving.batcher import Batcher, Failed, nonfinite_rows
+from fints.serving.batcher import Batcher, Done, Failed, nonfinite_rows
 from fints.serving.inprocess import RunningServer
 from fints.serving.metrics import ServingMetrics
 from fints.serving.payloads import Limits
@@ -170,11 +170,14 @@ def test_the_poisoned_row_is_real(setup: Setup) -> None:
         p.decode(prepared, GenerationOptions(max_new_tokens=3))
 
 
-def run_jobs(setup: Setup, rows: list[tuple[GenerationRequest, bool]]) -> tuple[list[Any], float]:
+def run_jobs(
+    setup: Setup,
+    rows: list[tuple[GenerationRequest, bool]],
+    options: GenerationOptions = GenerationOptions(max_new_tokens=4),
+) -> tuple[list[Any], float]:
     """Submit every (request, stream?) at once, so that they share one batch; return each
     row's first answer (a result, or its error) and fints_generation_errors_total."""
     metrics = ServingMetrics()
-    options = GenerationOptions(max_new_tokens=4)
 
     async def main() -> list[Any]:
         batcher = Batcher(setup.personalizer, metrics, max_wait_ms=50, max_batch_size=8)
@@ -183,9 +186,12 @@ def run_jobs(setup: Setup, rows: list[tuple[GenerationRequest, bool]]) -> tuple[
             jobs = [batcher.submit(r, options, stream=stream) for r, stream in rows]
             answers: list[Any] = []
             for job in jobs:
-                if job.stream:
+                if job.stream:  # the last event: Done, or Failed (before or after Started)
                     event = await job.next_event()
-                    answers.append(event.error if isinstance(event, Failed) else event)
+                    while not isinstance(event, Done | Failed):
+                        event = await job.next_event()
+                    failed = isinstance(event, Failed)
+                    answers.append(event.error if failed else (event.result, event.batch_size))
                     continue
                 try:
                     answers.append(await job.result())
@@ -223,6 +229,49 @@ def test_a_poisoned_row_fails_alone_and_never_changes_another_rows_result(setup:
         assert isinstance(refused, ApiError) and refused.status == 400, refused
         assert refused.code == "steering_overflow" and refused.param == "fints.strengths"
     assert errors == 2  # counted in fints_generation_errors_total
+
+
+#: finite vectors (1e38) whose activations overflow inside the model: NaN logits
+STRONG = {"strengths": {"attn": 100.0, "mlp": 100.0}, "relative": False}
+
+
+def test_a_row_whose_logits_overflow_is_real(setup: Setup) -> None:
+    """Guards the test below: mallory's finite vectors at strength 100 make NaN logits, and
+    sampling then fails the whole batch unless the worker contains the row."""
+    rows = [
+        GenerationRequest("alice", QUERY, tenant="A"),
+        GenerationRequest("mallory", QUERY, tenant="A", steering=SteeringConfig.from_dict(STRONG)),
+    ]
+    prepared = setup.personalizer.prepare(rows)
+    assert nonfinite_rows(prepared) == {}  # the vectors themselves are finite
+    with pytest.raises(RuntimeError, match="probability tensor contains"):
+        setup.personalizer.decode(
+            prepared, GenerationOptions(max_new_tokens=3, temperature=0.7, seed=1)
+        )
+
+
+@pytest.mark.parametrize("temperature", [0.0, 0.7])
+def test_a_row_whose_logits_overflow_fails_alone(setup: Setup, temperature: float) -> None:
+    options = GenerationOptions(max_new_tokens=4, temperature=temperature, seed=1)
+    alice = GenerationRequest("alice", QUERY, tenant="A")
+    bob = GenerationRequest(None, "a question from nobody", tenant="A")
+    calm = GenerationRequest("mallory", QUERY, tenant="A", steering=SteeringConfig(enabled=False))
+    wild = GenerationRequest(
+        "mallory", QUERY, tenant="A", steering=SteeringConfig.from_dict(STRONG)
+    )
+    control, _ = run_jobs(setup, [(alice, False), (calm, False), (bob, False)], options)
+    answers, errors = run_jobs(setup, [(alice, False), (wild, True), (bob, False)], options)
+    for n in (0, 2):  # alice's and bob's rows decode as beside a well-behaved row
+        result, expected = answers[n][0], control[n][0]
+        assert (result.text, result.completion_tokens) == (
+            expected.text,
+            expected.completion_tokens,
+        )
+        assert result.text
+    refused = answers[1]  # the streamed row started (its vectors were finite), then failed
+    assert isinstance(refused, ApiError) and refused.code == "steering_overflow", refused
+    assert "NaN or inf while decoding" in refused.message
+    assert errors == 1
 
 
 def test_a_poisoned_request_over_http_is_a_400_and_is_counted(client: httpx.Client) -> None:

@@ -23,15 +23,16 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from typing import Any, TypeVar
 
 import torch
+from transformers import LogitsProcessor
 
 from fints.engine import GenerationRequest, GenerationResult, Personalizer, PreparedBatch
-from fints.generation import GenerationOptions, eos_token_ids
+from fints.generation import Decoration, GenerationOptions, eos_token_ids
 from fints.serving.api_errors import ApiError
 from fints.serving.metrics import ServingMetrics
 from fints.serving.streaming import RowStreamer
@@ -284,17 +285,7 @@ class Batcher:
                     code="context_length_exceeded",
                 )
         for i, sites in nonfinite_rows(prepared).items():
-            refused.setdefault(
-                i,
-                ApiError(
-                    400,
-                    f"this request's steering vectors overflow (NaN or inf at {sites}): its "
-                    "strengths are too large for its user's vectors; lower fints.strengths "
-                    "or use relative strengths",
-                    param="fints.strengths",
-                    code="steering_overflow",
-                ),
-            )
+            refused.setdefault(i, _overflow(f"its steering vectors are NaN or inf at {sites}"))
         for i in sorted(refused):
             self._fail(jobs[i], refused[i])
         if refused:
@@ -322,6 +313,8 @@ class Batcher:
         if any(j.stream for j in jobs):
             sinks = [_delta_sink(j) if j.stream else None for j in jobs]
             streamer = RowStreamer(self.personalizer.model.tokenizer, self._eos, sinks)
+        guard = FiniteGuard(len(jobs), self._eos)
+        prepared = replace(prepared, additions=[*prepared.additions, guard])
         began = time.perf_counter()
         results = self.personalizer.decode(prepared, options, streamer=streamer)
         elapsed = time.perf_counter() - began
@@ -330,9 +323,85 @@ class Batcher:
         m.tokens_per_second.observe(tokens / max(elapsed, 1e-9))
         m.completion_tokens.inc(tokens)
         m.prompt_tokens.inc(sum(r.prompt_tokens for r in results))
-        for job, result in zip(jobs, results, strict=True):
+        for job, result, broken in zip(jobs, results, guard.broken_rows(), strict=True):
+            if broken:  # ended by the guard: its text is not the model's
+                self._fail(job, _overflow("its logits became NaN or inf while decoding"))
+                continue
             m.generations.labels(steered=str(result.steered).lower()).inc()
             job.emit(Done(result, size))
+
+
+def _overflow(what: str) -> ApiError:
+    return ApiError(
+        400,
+        f"this request overflows: {what}; its steering strengths are too large for its "
+        "user's vectors (lower fints.strengths, or use relative strengths)",
+        param="fints.strengths",
+        code="steering_overflow",
+    )
+
+
+#: A larger logit is an overflow, not a model's output: divided by the smallest temperature
+#: (:data:`~fints.generation.MIN_TEMPERATURE`) it would leave the float32 range.
+MAX_SCORE = 1e30
+
+
+class _FiniteScores(LogitsProcessor):
+    """Ends a row whose scores hold NaN or +inf (or no finite token at all) by allowing it
+    only an end-of-sequence token, and records it. Sampling refuses a NaN probability for
+    the whole batch, so one overflowing row would otherwise fail every row decoded with it;
+    the scores of every other row are left exactly as they are.
+
+    Scores beyond :data:`MAX_SCORE` count as overflowed too: the temperature divides them
+    later (this runs before the sampling warpers) and they would become inf there."""
+
+    def __init__(self, batch: int, eos_ids: set[int]) -> None:
+        self.broken = torch.zeros(batch, dtype=torch.bool)
+        self._eos = sorted(eos_ids)
+        self._prompt_length: int | None = None
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        if self._prompt_length is None:
+            self._prompt_length = input_ids.shape[1]
+        bad = torch.isnan(scores).any(-1) | (scores > MAX_SCORE).any(-1)
+        bad |= (scores < -MAX_SCORE).all(-1)  # no token left that can be sampled
+        if not bool(bad.any()):
+            return scores
+        record = bad
+        if self._eos:  # a row that ended already (decoded on as padding) is not broken
+            generated = input_ids[:, self._prompt_length :]
+            ended = torch.isin(generated, torch.tensor(self._eos, device=generated.device))
+            record = bad & ~ended.any(-1)
+        self.broken |= record.cpu()
+        allowed = torch.full_like(scores[0], float("-inf"))
+        allowed[self._eos[0] if self._eos else 0] = 0.0
+        return torch.where(bad.unsqueeze(-1), allowed, scores)  # type: ignore[return-value]
+
+
+@dataclass
+class FiniteGuard:
+    """An addition to every batch the worker decodes: :class:`_FiniteScores` as a logits
+    processor; afterwards :meth:`broken_rows` says which rows it had to end."""
+
+    rows: int
+    eos_ids: set[int]
+    processor: _FiniteScores | None = None
+
+    def __post_init__(self) -> None:
+        self.processor = self.processor or _FiniteScores(self.rows, self.eos_ids)
+
+    def select(self, rows: Sequence[int]) -> FiniteGuard:
+        return FiniteGuard(len(rows), self.eos_ids)
+
+    def decoration(self, model: Any) -> Decoration:
+        return Decoration(logits_processors=(self.processor,))
+
+    def annotate(self, results: Sequence[Any]) -> None:
+        return None
+
+    def broken_rows(self) -> list[bool]:
+        assert self.processor is not None
+        return [bool(b) for b in self.processor.broken.tolist()]
 
 
 def nonfinite_rows(prepared: PreparedBatch) -> dict[int, list[str]]:
