@@ -31,6 +31,7 @@ import json
 import shlex
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -39,8 +40,11 @@ import numpy as np
 import torch
 
 from fints.benchmark.tasks import SplitConfig, file_sha256, headline_records, read_jsonl, time_split
+from fints.encoders import SentenceTransformerEncoder
+from fints.history import HistoryItem
 from fints.models import LoadedModel, load_model
 from fints.prompts import TEMPLATES, build_prompt_ids
+from fints.retrieval import nearest_items
 from fints.sites import Site, parse_sites
 from fints.target_nll import Example, target_nll
 from fints.vector_training import (
@@ -53,7 +57,7 @@ from fints.vector_training import (
 
 DATA = Path("/work/shared/data/news_headlines.jsonl")
 OUT = Path("benchmarks/results/trained-probe")
-PRE_REGISTERED = ("wrong-user delta", "shared", "none")
+PRE_REGISTERED = ("wrong-user delta", "shared", "icl k=3 (own)")
 
 
 @dataclass
@@ -62,6 +66,9 @@ class Author:
     train: list[Example]  # history minus its latest quarter
     valid: list[Example]  # the latest quarter of the history (early stopping)
     test: list[Example]
+    history: list[HistoryItem]  # the whole history, oldest first (ICL rows retrieve from it)
+    queries: list[str]  # the test inputs, in the order of ``test``
+    references: list[str]  # the gold test outputs
 
 
 def load_authors(model: LoadedModel, args: argparse.Namespace) -> list[Author]:
@@ -86,7 +93,12 @@ def load_authors(model: LoadedModel, args: argparse.Namespace) -> list[Author]:
         history = [encode(i.input, i.output) for i in user.history]
         train, valid = holdout_latest(history, args.valid_fraction)
         test = [encode(q.input, q.reference) for q in user.test]
-        authors.append(Author(name, train, valid, test))
+        authors.append(
+            Author(
+                name, train, valid, test, list(user.history),
+                [q.input for q in user.test], [q.reference for q in user.test],
+            )
+        )  # fmt: skip
     return authors
 
 
@@ -147,7 +159,7 @@ def configs(args: argparse.Namespace) -> dict[str, TrainingConfig]:
             steps=args.steps,
             lr=args.lr,
             l2=args.l2,
-            patience=3,
+            patience=args.patience or None,
             valid_fraction=args.valid_fraction,
         ),
         "zero": TrainingConfig(steps=12, lr=0.1, l2=0.0, patience=3),
@@ -155,8 +167,14 @@ def configs(args: argparse.Namespace) -> dict[str, TrainingConfig]:
 
 
 def train_all(
-    model: LoadedModel, authors: list[Author], sites: tuple[Site, ...], args: argparse.Namespace
+    model: LoadedModel,
+    authors: list[Author],
+    evaluated: list[Author],
+    sites: tuple[Site, ...],
+    args: argparse.Namespace,
 ) -> tuple[TrainedVectors, dict[str, TrainedVectors], dict[str, TrainedVectors]]:
+    """The shared vector (on every author's history) and, for the ``evaluated`` authors,
+    their deltas (and, with ``--zero``, vectors trained from zero)."""
     cfg = configs(args)
     root = args.cache
     key = cache_key(model, args, [str(s) for s in sites], cfg["shared"].to_dict())
@@ -178,68 +196,122 @@ def train_all(
         flush=True,
     )
     deltas, zeros = {}, {}
-    dkey = cache_key(model, args, key, cfg["delta"].to_dict())
+    dkey = cache_key(model, args, key, cfg["delta"].to_dict(), "last" if not args.patience else "")
     zkey = cache_key(model, args, [str(s) for s in sites], cfg["zero"].to_dict())
-    for n, a in enumerate(authors):
+    for n, a in enumerate(evaluated):
         tag = hashlib.sha256(a.name.encode()).hexdigest()[:10]
         deltas[a.name] = cached_training(
             root / f"delta-{dkey}-{tag}.pt",
             lambda a=a: train_vectors(
-                model, sites, a.train, init=shared.values, config=cfg["delta"], valid=a.valid
+                model,
+                sites,
+                a.train,
+                init=shared.values,
+                config=cfg["delta"],
+                # without early stopping the last update is kept, not the best on valid
+                valid=a.valid if args.patience else None,
             ),
         )
-        zeros[a.name] = cached_training(
-            root / f"zero-{zkey}-{tag}.pt",
-            lambda a=a: train_vectors(model, sites, a.train, config=cfg["zero"], valid=a.valid),
-        )
+        if args.zero:
+            zeros[a.name] = cached_training(
+                root / f"zero-{zkey}-{tag}.pt",
+                lambda a=a: train_vectors(model, sites, a.train, config=cfg["zero"], valid=a.valid),
+            )
         d = deltas[a.name]
         print(
-            f"[{n + 1}/{len(authors)}] {a.name}: delta step {d.best_step}/{d.steps_run} "
-            f"norm {(d.values - shared.values).norm():.2f}; zero step "
-            f"{zeros[a.name].best_step} norm {zeros[a.name].values.norm():.1f}; "
-            f"{time.perf_counter() - start:.0f}s",
+            f"[{n + 1}/{len(evaluated)}] {a.name}: delta step {d.best_step}/{d.steps_run} "
+            f"norm {(d.values - shared.values).norm():.2f}; {time.perf_counter() - start:.0f}s",
             flush=True,
         )
     return shared, deltas, zeros
 
 
-def row_vectors(
+Row = tuple[list[list[int]], list[torch.Tensor | None]]  # per author: prompts, vector
+
+
+def split_authors(
+    authors: list[Author], n_dev: int, seed: int = 0
+) -> tuple[list[Author], list[Author]]:
+    """(dev, eval): ``n_dev`` authors (seeded) on whose test headlines settings are chosen
+    (``trained_sweep.py``), and the rest, on which they are measured."""
+    order = np.random.default_rng(seed).permutation(len(authors))
+    dev = sorted((authors[i] for i in order[:n_dev]), key=lambda a: a.name)
+    rest = sorted((authors[i] for i in order[n_dev:]), key=lambda a: a.name)
+    return dev, rest
+
+
+def wrong_users(names: list[str], seed: int) -> dict[str, str]:
+    """A derangement: each author's "wrong user" (another author, the same for every row)."""
+    order = list(np.random.default_rng(seed).permutation(len(names)))
+    return {names[order[i]]: names[order[(i + 1) % len(names)]] for i in range(len(names))}
+
+
+def icl_prompts(
+    model: LoadedModel, authors: list[Author], source: dict[str, str], k: int
+) -> dict[str, list[list[int]]]:
+    """Per author, each test prompt with the ``k`` history items of ``source[author]``
+    nearest to the query (MiniLM keys), as the product's ICL retrieves them."""
+    encoder = SentenceTransformerEncoder()
+    by_name = {a.name: a for a in authors}
+    keys = {a.name: encoder.encode([i.input for i in a.history]) for a in authors}
+    out = {}
+    for a in authors:
+        b = by_name[source[a.name]]
+        query_keys = encoder.encode(a.queries)
+        out[a.name] = [
+            build_prompt_ids(
+                model.tokenizer,
+                TEMPLATES["headline"],
+                q,
+                nearest_items(keys[b.name], b.history, key, k),
+            )
+            for q, key in zip(a.queries, query_keys, strict=True)
+        ]
+    return out
+
+
+def probe_rows(
+    model: LoadedModel,
     authors: list[Author],
     shared: TrainedVectors,
     deltas: dict[str, TrainedVectors],
     zeros: dict[str, TrainedVectors],
     seed: int,
-) -> dict[str, list[torch.Tensor | None]]:
-    """Per row, the ``[sites, hidden]`` vector used for each author (None: unsteered)."""
+    icl_k: int,
+) -> dict[str, dict[str, Row]]:
+    """Per row and author: the test prompts and the ``[sites, hidden]`` vector (None:
+    unsteered)."""
     names = [a.name for a in authors]
     delta = {n: deltas[n].values - shared.values for n in names}
-    rng = np.random.default_rng(seed)
-    order = list(rng.permutation(len(names)))
-    wrong = {names[order[i]]: names[order[(i + 1) % len(names)]] for i in range(len(names))}
+    wrong = wrong_users(names, seed)
+    bare = {a.name: [p for p, _ in a.test] for a in authors}
+    own_icl = icl_prompts(model, authors, {n: n for n in names}, icl_k)
+    wrong_icl = icl_prompts(model, authors, wrong, icl_k)
     g = torch.Generator().manual_seed(seed)
-    rows: dict[str, list[torch.Tensor | None]] = {
-        k: []
-        for k in (
-            "none",
-            "shared",
-            "own",
-            "wrong-user delta",
-            "random delta",
-            "own from zero",
-            "shared + mean other deltas",
-        )
-    }
+    rows: dict[str, dict[str, Row]] = {}
+
+    def add(
+        label: str, name: str, prompts: Sequence[Sequence[int]], vector: torch.Tensor | None
+    ) -> None:
+        rows.setdefault(label, {})[name] = ([list(p) for p in prompts], [vector] * len(prompts))
+
     for n in names:
         direction = torch.randn(delta[n].shape, generator=g)
         scale = delta[n].norm(dim=1, keepdim=True) / direction.norm(dim=1, keepdim=True)
         others = torch.stack([delta[m] for m in names if m != n]).mean(0)
-        rows["none"].append(None)
-        rows["shared"].append(shared.values)
-        rows["own"].append(shared.values + delta[n])
-        rows["wrong-user delta"].append(shared.values + delta[wrong[n]])
-        rows["random delta"].append(shared.values + direction * scale)
-        rows["own from zero"].append(zeros[n].values)
-        rows["shared + mean other deltas"].append(shared.values + others)
+        own = shared.values + delta[n]
+        add("none", n, bare[n], None)
+        add("shared", n, bare[n], shared.values)
+        add("own", n, bare[n], own)
+        add("wrong-user delta", n, bare[n], shared.values + delta[wrong[n]])
+        add("random delta", n, bare[n], shared.values + direction * scale)
+        add(f"icl k={icl_k} (own)", n, own_icl[n], None)
+        add(f"icl k={icl_k} (wrong user)", n, wrong_icl[n], None)
+        add(f"own + icl k={icl_k}", n, own_icl[n], own)
+        add(f"shared + icl k={icl_k}", n, own_icl[n], shared.values)
+        if zeros:
+            add("own from zero", n, bare[n], zeros[n].values)
+        add("shared + mean other deltas", n, bare[n], shared.values + others)
     return rows
 
 
@@ -247,21 +319,20 @@ def evaluate(
     model: LoadedModel,
     authors: list[Author],
     sites: tuple[Site, ...],
-    rows: dict[str, list[torch.Tensor | None]],
+    rows: dict[str, dict[str, Row]],
 ) -> dict[str, np.ndarray]:
-    """Per row, ``[authors, test queries]`` NLLs."""
-    prompts = [p for a in authors for p, _ in a.test]
+    """Per row, ``[authors, test queries]`` NLLs of the gold headlines."""
     targets = [t for a in authors for _, t in a.test]
-    counts = [len(a.test) for a in authors]
     out = {}
     for label, per_author in rows.items():
+        prompts = [p for a in authors for p in per_author[a.name][0]]
+        vecs = [v for a in authors for v in per_author[a.name][1]]
         vectors = None
-        if per_author[0] is not None:
-            present = [v for v in per_author if v is not None]
-            # [queries, sites, hidden]
-            stacked = torch.cat(
-                [v.unsqueeze(0).expand(c, -1, -1) for v, c in zip(present, counts, strict=True)]
-            )
+        if any(v is not None for v in vecs):
+            zero = torch.zeros(len(sites), model.hidden_size)
+            stacked = torch.stack(
+                [zero if v is None else v for v in vecs]
+            )  # [queries, sites, hidden]
             vectors = {s: stacked[:, i] for i, s in enumerate(sites)}
         nll = target_nll(model, prompts, targets, vectors, batch_size=8).numpy()
         out[label] = nll.reshape(len(authors), -1)
@@ -281,8 +352,11 @@ def cluster_stats(diff: np.ndarray, seed: int, draws: int = 10000) -> dict[str, 
     else:
         signs = rng.choice([1.0, -1.0], size=(2**16, len(per_user)))
     flipped = np.abs((signs * per_user).mean(axis=1))
+    # minimum detectable effect: two-sided 5 %, 80 % power, (1.96 + 0.84) standard errors
+    mde = 2.80 * float(per_user.std(ddof=1)) / np.sqrt(len(per_user))
     return {
         "mean": float(per_user.mean()),
+        "mde": mde,
         "lo": float(np.percentile(boot, 2.5)),
         "hi": float(np.percentile(boot, 97.5)),
         "p": float((flipped >= observed - 1e-12).mean()),
@@ -337,13 +411,13 @@ def markdown(result: dict[str, Any]) -> str:
         "Own minus each row (negative = own is better); 95% bootstrap interval resampling "
         "users; p: sign-flip test over users; Holm over the three pre-registered rows.",
         "",
-        "| own minus | diff | 95% CI | users own better | p | p (Holm) |",
-        "|---|---|---|---|---|---|",
+        "| own minus | diff | 95% CI | MDE | users own better | p | p (Holm) |",
+        "|---|---|---|---|---|---|---|",
     ]
     for k, c in result["own_minus"].items():
         holm_p = f"{c['p_holm']:.4f}" if "p_holm" in c else "-"
         lines.append(
-            f"| {k} | {c['mean']:+.4f} | [{c['lo']:+.4f}, {c['hi']:+.4f}] | "
+            f"| {k} | {c['mean']:+.4f} | [{c['lo']:+.4f}, {c['hi']:+.4f}] | {c['mde']:.4f} | "
             f"{c['users_better']}/{result['users']} | {c['p']:.4f} | {holm_p} |"
         )
     lines += ["", "Training:", "", *[f"- {line}" for line in result["training"]], ""]
@@ -365,6 +439,12 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--lr", type=float, default=0.05)
     parser.add_argument("--l2", type=float, default=1e-3)
+    parser.add_argument("--patience", type=int, default=3, help="0: no early stopping")
+    parser.add_argument(
+        "--dev", type=int, default=0, help="authors left out (settings chosen on them)"
+    )
+    parser.add_argument("--icl-k", type=int, default=3)
+    parser.add_argument("--zero", action="store_true", help="also vectors trained from zero")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--cost-only", action="store_true")
     args = parser.parse_args()
@@ -378,8 +458,10 @@ def main() -> None:
         print(json.dumps(ratio, indent=2))
         return
     start = time.perf_counter()
-    shared, deltas, zeros = train_all(model, authors, sites, args)
-    scores = evaluate(model, authors, sites, row_vectors(authors, shared, deltas, zeros, 0))
+    _, evaluated = split_authors(authors, args.dev)
+    shared, deltas, zeros = train_all(model, authors, evaluated, sites, args)
+    rows = probe_rows(model, evaluated, shared, deltas, zeros, 0, args.icl_k)
+    scores = evaluate(model, evaluated, sites, rows)
     delta_norms = [float((d.values - shared.values).norm()) for d in deltas.values()]
     training = [
         f"shared: {shared.config.to_dict()}, best step {shared.best_step} of "
@@ -387,9 +469,15 @@ def main() -> None:
         f"delta: {configs(args)['delta'].to_dict()}; best steps "
         f"{sorted(d.best_step for d in deltas.values())}; delta norm median "
         f"{np.median(delta_norms):.2f} (range {min(delta_norms):.2f}-{max(delta_norms):.2f})",
-        f"own from zero: {configs(args)['zero'].to_dict()}; best steps "
-        f"{sorted(z.best_step for z in zeros.values())}; norm median "
-        f"{np.median([float(z.values.norm()) for z in zeros.values()]):.1f}",
+        *(
+            [
+                f"own from zero: {configs(args)['zero'].to_dict()}; best steps "
+                f"{sorted(z.best_step for z in zeros.values())}; norm median "
+                f"{np.median([float(z.values.norm()) for z in zeros.values()]):.1f}"
+            ]
+            if zeros
+            else []
+        ),
         f"wall time {time.perf_counter() - start:.0f}s on {args.threads} thread(s) "
         "(cached vectors are not retrained)",
     ]

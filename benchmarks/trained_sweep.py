@@ -23,11 +23,21 @@ import argparse
 import hashlib
 import json
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
-from trained_probe import DATA, Author, cache_key, cached_training, cluster_stats, load_authors
+from trained_probe import (
+    DATA,
+    Author,
+    cache_key,
+    cached_training,
+    cluster_stats,
+    load_authors,
+    split_authors,
+)
 
 from fints.models import LoadedModel, load_model
 from fints.sites import Site, parse_sites
@@ -37,13 +47,13 @@ from fints.vector_training import TrainedVectors, TrainingConfig, train_vectors
 OUT = Path("benchmarks/results/trained-sweep")
 
 
-def split_authors(
-    authors: list[Author], n_dev: int, seed: int
-) -> tuple[list[Author], list[Author]]:
-    order = np.random.default_rng(seed).permutation(len(authors))
-    dev = sorted((authors[i] for i in order[:n_dev]), key=lambda a: a.name)
-    rest = sorted((authors[i] for i in order[n_dev:]), key=lambda a: a.name)
-    return dev, rest
+@dataclass(frozen=True)
+class Trajectory:
+    """Vectors after every update (``[steps + 1, sites, hidden]``, step 0 = init) and
+    the validation loss after each (on the author's latest history items)."""
+
+    values: torch.Tensor
+    valid: list[float]
 
 
 def trajectory(
@@ -53,11 +63,10 @@ def trajectory(
     init: torch.Tensor,
     config: TrainingConfig,
     path: Path,
-) -> dict[str, torch.Tensor | list[float]]:
-    """Vectors after every update (``[steps + 1, sites, hidden]``, step 0 = init) and
-    the validation loss after each (on the author's latest history items)."""
+) -> Trajectory:
     if path.is_file():
-        return torch.load(path)
+        cached = torch.load(path)
+        return Trajectory(cached["values"], list(cached["valid"]))
     snaps = [init.clone()]
     result = train_vectors(
         model,
@@ -68,9 +77,9 @@ def trajectory(
         valid=author.valid,
         on_step=lambda _step, values: snaps.append(values),
     )
-    data = {"values": torch.stack(snaps), "valid": list(result.valid_losses)}
+    data = Trajectory(torch.stack(snaps), list(result.valid_losses))
     path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save(data, path.with_suffix(".tmp"))
+    torch.save({"values": data.values, "valid": data.valid}, path.with_suffix(".tmp"))
     path.with_suffix(".tmp").rename(path)
     return data
 
@@ -91,17 +100,17 @@ def nll_rows(
     model: LoadedModel,
     authors: list[Author],
     sites: tuple[Site, ...],
-    per_author: list[torch.Tensor | None],
+    per_author: list[torch.Tensor] | None,
 ) -> np.ndarray:
     prompts = [p for a in authors for p, _ in a.test]
     targets = [t for a in authors for _, t in a.test]
     vectors = None
-    if per_author[0] is not None:
+    if per_author is not None:
         stacked = torch.cat(
             [
                 v.unsqueeze(0).expand(len(a.test), -1, -1)
                 for v, a in zip(per_author, authors, strict=True)
-            ]  # type: ignore[union-attr]
+            ]
         )
         vectors = {s: stacked[:, i] for i, s in enumerate(sites)}
     nll = target_nll(model, prompts, targets, vectors, batch_size=8).numpy()
@@ -156,16 +165,17 @@ def main() -> None:
     )
     names = [a.name for a in dev]
     wrong = {names[i]: names[(i + 1) % len(names)] for i in range(len(names))}
-    none = nll_rows(model, dev, sites, [None] * len(dev))
+    none = nll_rows(model, dev, sites, None)
     base = nll_rows(model, dev, sites, [shared.values] * len(dev))
-    results: dict[str, object] = {
+    settings: dict[str, Any] = {}
+    results: dict[str, Any] = {
         "shared_minus_none": cluster_stats(base - none, seed=0),
         "shared": {
             "best_step": shared.best_step,
             "steps_run": shared.steps_run,
             "norm": float(shared.values.norm()),
         },
-        "settings": {},
+        "settings": settings,
     }
     print(f"none {none.mean():.4f} shared {base.mean():.4f}", flush=True)
     points = [int(p) for p in args.points.split(",")]
@@ -186,12 +196,12 @@ def main() -> None:
         stops: dict[str, dict[str, int]] = {f"step {p}": {a: p for a in names} for p in points}
         for patience in (3, 5, 10):
             stops[f"early (patience {patience})"] = {
-                a: early_stop(trajs[a]["valid"], patience) for a in names
-            }  # type: ignore[arg-type]
-        out = {}
+                a: early_stop(trajs[a].valid, patience) for a in names
+            }
+        out: dict[str, dict[str, Any]] = {}
         for label, at in stops.items():
-            own = [trajs[a]["values"][at[a]] for a in names]  # type: ignore[index]
-            wrong_v = [trajs[wrong[a]]["values"][at[wrong[a]]] for a in names]  # type: ignore[index]
+            own = [trajs[a].values[at[a]] for a in names]
+            wrong_v = [trajs[wrong[a]].values[at[wrong[a]]] for a in names]
             s_own = nll_rows(model, dev, sites, own)
             s_wrong = nll_rows(model, dev, sites, wrong_v)
             norms = [float((v - shared.values).norm()) for v in own]
@@ -209,7 +219,7 @@ def main() -> None:
                 f"{s['mean']:+.4f} [{s['lo']:+.4f},{s['hi']:+.4f}] | norm {np.median(norms):.2f}",
                 flush=True,
             )
-        results["settings"][f"lr={lr} l2={l2}"] = out  # type: ignore[index]
+        settings[f"lr={lr} l2={l2}"] = out
         args.out.mkdir(parents=True, exist_ok=True)
         (args.out / f"sweep-{args.sites}.json").write_text(json.dumps(results, indent=2) + "\n")
 
