@@ -21,9 +21,10 @@ from fints.encoders import KeyEncoder, SentenceTransformerEncoder
 from fints.errors import InvalidInputError, UnknownUserError
 from fints.extraction import ExtractionConfig, ExtractionResult, Extractor
 from fints.generation import GenerationOptions
+from fints.guidance.preferences import Preferences
 from fints.history import HistoryItem
 from fints.models import LoadedModel
-from fints.modes import MODES, Addition, BatchRows, SteeringMode
+from fints.modes import MODES, Addition, BatchRows, GenerationMode, SteeringMode
 from fints.prompts import PromptTemplate, build_prompt_ids, encode_prompt, get_template
 from fints.retrieval import nearest_items
 from fints.sites import check_layers_in_range, default_sites
@@ -41,7 +42,8 @@ class UnknownUser(StrEnum):
 
 @dataclass(frozen=True)
 class GenerationRequest:
-    """One query of one user. ``steering`` overrides the engine's defaults for this row."""
+    """One query of one user. ``steering`` overrides the engine's defaults for this row;
+    ``preferences`` asks for classifier guidance (the ``guidance`` mode)."""
 
     user: str | None
     query: str
@@ -49,6 +51,7 @@ class GenerationRequest:
     steering: SteeringConfig | None = None
     raw_prompt: bool = False  # the query is the whole prompt text (no chat template)
     stop: tuple[str, ...] = ()  # decoding ends at the first of these; the text is cut before it
+    preferences: Preferences | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.query, str) or not self.query.strip():
@@ -115,7 +118,7 @@ class Personalizer:
         steering: SteeringConfig | None = None,
         extraction: ExtractionConfig | None = None,
         unknown_user: UnknownUser | str = UnknownUser.UNSTEERED,
-        modes: Sequence[str] = (SteeringMode.name,),
+        modes: Sequence[str | GenerationMode] = (SteeringMode.name,),
         backend: str = "transformers",
     ) -> None:
         self.model = model
@@ -132,13 +135,14 @@ class Personalizer:
                 f"unknown_user must be one of {[u.value for u in UnknownUser]}, "
                 f"got {unknown_user!r}"
             ) from None
-        unknown = [m for m in modes if m not in MODES] + [b for b in [backend] if b not in BACKENDS]
+        names = [m for m in modes if isinstance(m, str)]
+        unknown = [m for m in names if m not in MODES] + [b for b in [backend] if b not in BACKENDS]
         if unknown:
             raise InvalidInputError(
                 f"unknown generation mode or backend {unknown}: modes {sorted(MODES)}, "
                 f"backends {sorted(BACKENDS)}"
             )
-        self.modes = [MODES[m]() for m in modes]
+        self.modes = [MODES[m]() if isinstance(m, str) else m for m in modes]
         self.backend = BACKENDS[backend](model)
         self._cache: dict[tuple[str, str], tuple[int, UserDictionary | None]] = {}
         # per tenant: extraction methods' tenant-level state (e.g. a trained shared vector)
@@ -281,7 +285,7 @@ class Personalizer:
             for n, i in enumerate(needs_key):
                 keys[i] = encoded[n]
 
-        rows = BatchRows(steered, keys, configs)
+        rows = BatchRows(steered, keys, configs, [r.preferences for r in requests], self.model)
         additions = [a for a in (mode.prepare(rows) for mode in self.modes) if a is not None]
         for addition in additions:
             addition.annotate(results)

@@ -25,6 +25,7 @@ from fints.sites import Site
 
 if TYPE_CHECKING:
     from fints.dictionary import UserDictionary
+    from fints.guidance.preferences import Preferences
     from fints.models import LoadedModel
     from fints.steering import SteeringConfig
 
@@ -45,11 +46,14 @@ class Addition(Protocol):
 
 @dataclass(frozen=True)
 class BatchRows:
-    """What modes see of a batch: per row, the user's dictionary, the query key, settings."""
+    """What modes see of a batch: per row, the user's dictionary, the query key, settings,
+    guidance preferences (empty: none for any row); and the generator."""
 
     dictionaries: Sequence[UserDictionary | None]
     keys: Sequence[torch.Tensor | None]
     configs: Sequence[SteeringConfig]
+    preferences: Sequence[Preferences | None] = ()
+    model: LoadedModel | None = None
 
 
 class GenerationMode(Protocol):
@@ -102,5 +106,15 @@ class SteeringMode:
         return SteeringAddition.of(plan) if plan.sites else None
 
 
-#: Generation modes by name. Next: "classifier" (CLIPer), "lora" (PEFT adapters).
-MODES: dict[str, Callable[[], GenerationMode]] = {SteeringMode.name: SteeringMode}
+def _guidance_mode() -> GenerationMode:
+    """Classifier-guided decoding (CLIPer), classifiers from ``$FINTS_HOME/classifiers``."""
+    from fints.guidance.mode import GuidanceMode
+
+    return GuidanceMode()
+
+
+#: Generation modes by name. Next: "lora" (PEFT adapters).
+MODES: dict[str, Callable[[], GenerationMode]] = {
+    SteeringMode.name: SteeringMode,
+    "guidance": _guidance_mode,
+}

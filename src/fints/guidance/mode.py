@@ -1,0 +1,90 @@
+"""Classifier guidance as a generation mode (``fints.modes.MODES["guidance"]``): each
+row's :class:`~fints.guidance.preferences.Preferences` become one
+:class:`~fints.guidance.processor.GuidanceProcessor` for the whole batch."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import torch
+
+from fints.errors import InvalidInputError
+from fints.generation import Decoration
+from fints.guidance.library import ClassifierLibrary
+from fints.guidance.preferences import Preferences
+from fints.guidance.processor import GuidanceProcessor, GuidanceSpec
+
+if TYPE_CHECKING:
+    from fints.guidance.classifier import GuidanceClassifier
+    from fints.models import LoadedModel
+    from fints.modes import BatchRows
+
+
+@dataclass(frozen=True)
+class GuidanceAddition:
+    """The batch's classifiers and per-row weights, and per row what was asked."""
+
+    spec: GuidanceSpec
+    described: tuple[str, ...]  # per row; empty: not guided
+
+    def select(self, rows: Sequence[int]) -> GuidanceAddition:
+        return GuidanceAddition(self.spec.select(rows), tuple(self.described[i] for i in rows))
+
+    def decoration(self, model: LoadedModel) -> Decoration:
+        return Decoration(logits_processors=(GuidanceProcessor(self.spec),))
+
+    def annotate(self, results: Sequence[Any]) -> None:
+        for result, text in zip(results, self.described, strict=True):
+            if text:
+                result.note = f"{result.note}; {text}" if result.note else text
+
+
+def guidance_spec(
+    preferences: Sequence[Preferences | None],
+    classifiers: Sequence[GuidanceClassifier],
+) -> GuidanceSpec:
+    """Per classifier a ``[rows, classes]`` weight matrix; per row its ``top_k`` (0: full).
+    A class a classifier does not know is refused, naming the known ones."""
+    by_name = {c.name: n for n, c in enumerate(classifiers)}
+    weights = [torch.zeros(len(preferences), len(c.classes)) for c in classifiers]
+    top_k = torch.zeros(len(preferences), dtype=torch.long)
+    for row, prefs in enumerate(preferences):
+        if prefs is None:
+            continue
+        top_k[row] = prefs.top_k if prefs.method == "topk" else 0
+        for dim, classes in prefs.weights.items():
+            clf = classifiers[by_name[dim]]
+            for name, weight in classes.items():
+                if name not in clf.classes:
+                    raise InvalidInputError(
+                        f"unknown class {name!r} for preference {dim!r}: expected some of "
+                        f"{list(clf.classes)}",
+                        param="preferences",
+                    )
+                weights[by_name[dim]][row, clf.classes.index(name)] = weight
+    return GuidanceSpec(tuple(classifiers), tuple(weights), top_k)
+
+
+class GuidanceMode:
+    """Looks up each asked-for classifier in ``library`` (default: ``$FINTS_HOME/
+    classifiers``) and checks it reads the generator's tokenizer."""
+
+    name: ClassVar[str] = "guidance"
+
+    def __init__(self, library: ClassifierLibrary | None = None) -> None:
+        self.library = library or ClassifierLibrary()
+
+    def prepare(self, rows: BatchRows) -> GuidanceAddition | None:
+        preferences = list(rows.preferences) or [None] * len(rows.configs)
+        if not any(p is not None and p.active for p in preferences):
+            return None
+        names = sorted({d for p in preferences if p is not None for d in p.weights})
+        classifiers = [self.library.get(n) for n in names]
+        if rows.model is not None:
+            for clf in classifiers:
+                clf.check_tokenizer(rows.model.tokenizer)
+        spec = guidance_spec(preferences, classifiers)
+        described = tuple(p.describe() if p is not None and p.active else "" for p in preferences)
+        return GuidanceAddition(spec, described)
