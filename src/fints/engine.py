@@ -24,7 +24,7 @@ from fints.generation import GenerationOptions
 from fints.guidance.preferences import Preferences
 from fints.history import HistoryItem
 from fints.models import LoadedModel
-from fints.modes import MODES, Addition, BatchRows, GenerationMode, SteeringMode
+from fints.modes import MODES, Addition, BatchRows, GenerationMode, RowOwner, SteeringMode
 from fints.prompts import PromptTemplate, build_prompt_ids, encode_prompt, get_template
 from fints.retrieval import nearest_items
 from fints.sites import check_layers_in_range, default_sites
@@ -52,6 +52,7 @@ class GenerationRequest:
     raw_prompt: bool = False  # the query is the whole prompt text (no chat template)
     stop: tuple[str, ...] = ()  # decoding ends at the first of these; the text is cut before it
     preferences: Preferences | None = None
+    adapter: bool | None = None  # the user's LoRA adapter: None if any, True required, False off
 
     def __post_init__(self) -> None:
         if not isinstance(self.query, str) or not self.query.strip():
@@ -70,6 +71,7 @@ class GenerationResult:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     finish_reason: str = "stop"
+    adapter: str | None = None  # whose LoRA adapter the row went through (lora mode)
 
 
 @dataclass
@@ -118,7 +120,7 @@ class Personalizer:
         steering: SteeringConfig | None = None,
         extraction: ExtractionConfig | None = None,
         unknown_user: UnknownUser | str = UnknownUser.UNSTEERED,
-        modes: Sequence[str | GenerationMode] = (SteeringMode.name,),
+        modes: Sequence[str | GenerationMode] = (SteeringMode.name, "lora"),
         backend: str = "transformers",
     ) -> None:
         self.model = model
@@ -285,7 +287,11 @@ class Personalizer:
             for n, i in enumerate(needs_key):
                 keys[i] = encoded[n]
 
-        rows = BatchRows(steered, keys, configs, [r.preferences for r in requests], self.model)
+        owners = [
+            RowOwner(r.tenant, r.user, r.adapter) if r.user is not None else None for r in requests
+        ]
+        preferences = [r.preferences for r in requests]
+        rows = BatchRows(steered, keys, configs, preferences, self.model, owners, self.store)
         additions = [a for a in (mode.prepare(rows) for mode in self.modes) if a is not None]
         for addition in additions:
             addition.annotate(results)

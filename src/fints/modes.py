@@ -28,6 +28,7 @@ if TYPE_CHECKING:
     from fints.guidance.preferences import Preferences
     from fints.models import LoadedModel
     from fints.steering import SteeringConfig
+    from fints.store import Store
 
 
 class Addition(Protocol):
@@ -54,6 +55,18 @@ class BatchRows:
     configs: Sequence[SteeringConfig]
     preferences: Sequence[Preferences | None] = ()
     model: LoadedModel | None = None
+    owners: Sequence[RowOwner | None] = ()  # per row, whose request (empty: not known)
+    store: Store | None = None
+
+
+@dataclass(frozen=True)
+class RowOwner:
+    """Whose request a row is, and whether to use their LoRA adapter (``lora`` mode):
+    None if they have one, True required (an error if not), False never."""
+
+    tenant: str
+    user: str
+    adapter: bool | None = None
 
 
 class GenerationMode(Protocol):
@@ -106,6 +119,13 @@ class SteeringMode:
         return SteeringAddition.of(plan) if plan.sites else None
 
 
+def _lora_mode() -> GenerationMode:
+    """Per-user LoRA adapters (PEFT, mixed batches), stored beside the users' data."""
+    from fints.adapters.mode import LoraMode
+
+    return LoraMode()
+
+
 def _guidance_mode() -> GenerationMode:
     """Classifier-guided decoding (CLIPer), classifiers from ``$FINTS_HOME/classifiers``."""
     from fints.guidance.mode import GuidanceMode
@@ -113,8 +133,9 @@ def _guidance_mode() -> GenerationMode:
     return GuidanceMode()
 
 
-#: Generation modes by name. Next: "lora" (PEFT adapters).
+#: Generation modes by name.
 MODES: dict[str, Callable[[], GenerationMode]] = {
     SteeringMode.name: SteeringMode,
     "guidance": _guidance_mode,
+    "lora": _lora_mode,
 }

@@ -7,8 +7,10 @@ to a tenant, and ``secure_delete`` overwrites what a deleted user leaves behind.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import random
+import shutil
 import sqlite3
 import threading
 from collections.abc import Iterator, Sequence
@@ -72,6 +74,10 @@ def _blob(tensor: torch.Tensor) -> bytes:
 
 def _tensor(blob: bytes, shape: tuple[int, ...]) -> torch.Tensor:
     return torch.from_numpy(np.frombuffer(blob, dtype=np.float32).copy()).reshape(shape)
+
+
+def _digest(name: str) -> str:
+    return hashlib.sha256(name.encode("utf-8", "surrogatepass")).hexdigest()[:32]
 
 
 def check_name(kind: str, value: str) -> str:
@@ -247,12 +253,20 @@ class Store:
         if not self.has_user(tenant, user):
             raise UnknownUserError(f"unknown user {user!r} in tenant {tenant!r}")
 
+    def files_dir(self, tenant: str, user: str | None = None) -> Path:
+        """The folder beside the database for a tenant's (or one user's) files, e.g. LoRA
+        adapters; named by digests, since names may hold any character."""
+        root = self.path.with_name(self.path.name + ".files") / _digest(tenant)
+        return root if user is None else root / "users" / _digest(user)
+
     def delete_user(self, tenant: str, user: str) -> None:
-        """Forget a user: items, keys, vectors and metadata; the freed pages are zeroed."""
+        """Forget a user: items, keys, vectors, metadata and their files (e.g. LoRA
+        adapters); the freed pages are zeroed."""
         self._require_user(tenant, user)
         with self.transaction() as db:
             for table in ("entries", "dictionaries", "items", "users"):
                 db.execute(f"DELETE FROM {table} WHERE tenant = ? AND user = ?", (tenant, user))
+        shutil.rmtree(self.files_dir(tenant, user), ignore_errors=True)
         with self._lock:
             # Copy the zeroed pages back into the main file and empty the WAL.
             self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
