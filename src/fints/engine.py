@@ -8,7 +8,7 @@ each row steered with its own user's retrieved and aggregated vectors.
 from __future__ import annotations
 
 import threading
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
@@ -22,7 +22,7 @@ from fints.errors import InvalidInputError, UnknownUserError
 from fints.extraction import ExtractionConfig, ExtractionResult, Extractor
 from fints.generation import GenerationOptions
 from fints.guidance.preferences import Preferences
-from fints.history import HistoryItem
+from fints.history import ITEM_PROMPT_TOKENS, HistoryItem, clip_item
 from fints.models import LoadedModel
 from fints.modes import MODES, Addition, BatchRows, GenerationMode, RowOwner, SteeringMode
 from fints.prompts import PromptTemplate, build_prompt_ids, encode_prompt, get_template
@@ -120,10 +120,18 @@ class Personalizer:
         steering: SteeringConfig | None = None,
         extraction: ExtractionConfig | None = None,
         unknown_user: UnknownUser | str = UnknownUser.UNSTEERED,
-        modes: Sequence[str | GenerationMode] = (SteeringMode.name, "lora"),
+        modes: Sequence[str | GenerationMode] = (SteeringMode.name, "lora", "guidance"),
         backend: str = "transformers",
+        item_prompt_tokens: int | None = ITEM_PROMPT_TOKENS,
     ) -> None:
+        if item_prompt_tokens is not None and item_prompt_tokens < 1:
+            raise InvalidInputError(
+                f"item_prompt_tokens must be >= 1 or None, got {item_prompt_tokens!r}",
+                param="item_prompt_tokens",
+            )
         self.model = model
+        #: the most tokens of an item's input, and of its output, in any prompt (None: all)
+        self.item_prompt_tokens = item_prompt_tokens
         self.store = store
         self.encoder = encoder or SentenceTransformerEncoder()
         self.template = get_template(template)
@@ -172,31 +180,54 @@ class Personalizer:
         self, user: str, *, tenant: str = DEFAULT_TENANT, progress: bool = True
     ) -> ExtractionResult | None:
         """Extract entries for every item of ``user`` that has none for this model yet."""
+        results = list(self.build_steps(user, tenant=tenant, progress=progress))
+        return results[0] if results else None
+
+    def build_steps(
+        self,
+        user: str,
+        *,
+        tenant: str = DEFAULT_TENANT,
+        chunk_items: int | None = None,
+        progress: bool = False,
+    ) -> Iterator[ExtractionResult]:
+        """:meth:`build` in steps of at most ``chunk_items`` pending items (None: one step),
+        each stored before the next starts: a caller may do other work between steps (the
+        server decodes). Methods that refit the whole user run in one step."""
         pending = self.store.items_without_entries(tenant, user, self.model.fingerprint)
         if not self.store.has_user(tenant, user):
             raise UnknownUserError(f"unknown user {user!r} in tenant {tenant!r}")
         if not pending:
-            return None
+            return
         settings = self.extraction.settings
-        history = self.store.items(tenant, user)
-        pool = self.store.sample_items(
-            tenant,
-            settings.pool_size,
-            self.extraction.seed,
-            exclude_user=None if settings.pool_includes_user else user,
+        step = len(pending) if chunk_items is None or settings.rebuilds_all else chunk_items
+        history = self._clipped(self.store.items(tenant, user))
+        pool = self._clipped(
+            self.store.sample_items(
+                tenant,
+                settings.pool_size,
+                self.extraction.seed,
+                exclude_user=None if settings.pool_includes_user else user,
+            )
         )
         extractor = Extractor(self.model, self.encoder, self.template, self.extraction)
-        result = extractor.extract(
-            history if settings.rebuilds_all else pending,
-            history,
-            pool,
-            progress=progress,
-            previous=self._current(user, tenant) if settings.rebuilds_all else None,
-            shared=self._method_state.setdefault(tenant, {}),
-        )
-        if result.entries:
-            self.store.put_entries(tenant, user, result.meta, result.entries)
-        return result
+        for start in range(0, len(pending), max(1, step)):
+            chunk = self._clipped(pending[start : start + step])
+            result = extractor.extract(
+                history if settings.rebuilds_all else chunk,
+                history,
+                pool,
+                progress=progress,
+                previous=self._current(user, tenant) if settings.rebuilds_all else None,
+                shared=self._method_state.setdefault(tenant, {}),
+            )
+            if result.entries:
+                self.store.put_entries(tenant, user, result.meta, result.entries)
+            yield result
+
+    def _clipped(self, items: Sequence[HistoryItem]) -> list[HistoryItem]:
+        """Items as prompts see them: each text cut to :attr:`item_prompt_tokens` tokens."""
+        return [clip_item(self.model.tokenizer, i, self.item_prompt_tokens) for i in items]
 
     def _current(self, user: str, tenant: str) -> UserDictionary | None:
         """The user's dictionary, if made the way this engine extracts."""
@@ -299,7 +330,10 @@ class Personalizer:
             encode_prompt(self.model.tokenizer, r.query)
             if r.raw_prompt
             else build_prompt_ids(
-                self.model.tokenizer, self.template, r.query, icl_context(d, keys[i], configs[i])
+                self.model.tokenizer,
+                self.template,
+                r.query,
+                self._clipped(icl_context(d, keys[i], configs[i])),
             )
             for i, (r, d) in enumerate(zip(requests, with_icl, strict=True))
         ]

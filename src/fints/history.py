@@ -12,6 +12,9 @@ from typing import Any
 from fints.errors import InvalidInputError
 
 MAX_ITEM_CHARS = 20_000
+#: The most tokens of an item's input, and of its output, that go into any prompt (extraction
+#: and in-context examples): one long item costs what a short one does.
+ITEM_PROMPT_TOKENS = 256
 
 
 @dataclass(frozen=True)
@@ -42,6 +45,31 @@ class HistoryItem:
 
     def to_json(self) -> dict[str, str]:
         return {"id": self.item_id, "input": self.input, "output": self.output}
+
+
+def clip_text(tokenizer: Any, text: str, max_tokens: int) -> str:
+    """``text`` cut to its first ``max_tokens`` tokens (whole, when it has no more)."""
+    if len(text.encode("utf-8")) <= max_tokens:  # no tokenizer makes more tokens than bytes
+        return text
+    ids = list(tokenizer(text, add_special_tokens=False)["input_ids"])
+    if len(ids) <= max_tokens:
+        return text
+    clipped = str(tokenizer.decode(ids[:max_tokens])).rstrip("\ufffd")  # no half character
+    return clipped if clipped.strip() else text[:max_tokens]
+
+
+def clip_item(tokenizer: Any, item: HistoryItem, max_tokens: int | None) -> HistoryItem:
+    """``item`` with its input and output cut to ``max_tokens`` tokens each (None: as it is);
+    the id stays, so entries and citations still name the stored item."""
+    if max_tokens is None:
+        return item
+    texts = (
+        clip_text(tokenizer, item.input, max_tokens),
+        clip_text(tokenizer, item.output, max_tokens),
+    )
+    if texts == (item.input, item.output):
+        return item
+    return HistoryItem(*texts, item.item_id)
 
 
 def check_text(what: str, text: str) -> None:

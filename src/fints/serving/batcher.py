@@ -8,10 +8,13 @@ single worker thread that owns the model. The worker groups them by
 :meth:`Personalizer.prepare` + :meth:`Personalizer.decode` (what
 :meth:`Personalizer.generate` does), every row steered with its own user's vectors.
 
-Writes (adding history with extraction, forgetting a user) go through the same
-queue and the same thread, so extraction and generation never share the model
-at once, and a write acknowledged to a client is visible to every request
-enqueued after it.
+Writes (adding history with extraction, forgetting a user) run on the same
+thread, one after another in arrival order, so extraction and generation never
+share the model at once, and a write acknowledged to a client is visible to every
+request sent after the acknowledgement. A write is a sequence of bounded steps
+(storing the items, then extracting a few items at a time); between two steps the
+worker decodes a batch of whatever generation requests wait, so decoding keeps
+its share while a long write runs (generation first, then one write step).
 
 Streaming: a :class:`~fints.serving.streaming.RowStreamer` hands every streaming
 row its own text deltas, which reach the request through the row's asyncio queue.
@@ -23,19 +26,29 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections import deque
+from collections.abc import Callable, Generator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from typing import Any, TypeVar
 
-import torch
-from transformers import LogitsProcessor
-
 from fints.engine import GenerationRequest, GenerationResult, Personalizer, PreparedBatch
-from fints.generation import Decoration, GenerationOptions, eos_token_ids
+from fints.generation import GenerationOptions, eos_token_ids
 from fints.serving.api_errors import ApiError
+from fints.serving.guards import FiniteGuard, nonfinite_rows, overflow
 from fints.serving.metrics import ServingMetrics
 from fints.serving.streaming import RowStreamer
+
+__all__ = [
+    "Batcher",
+    "Delta",
+    "Done",
+    "Failed",
+    "GenerationJob",
+    "Started",
+    "WriteSteps",
+    "nonfinite_rows",
+]
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -102,17 +115,38 @@ class GenerationJob:
                 return event.result, event.batch_size
 
 
+#: A write in steps: each ``next()`` runs one bounded piece on the model thread; the
+#: generator's return value is the write's result.
+WriteSteps = Generator[None, None, T]
+
+
 @dataclass
 class WriteJob:
-    fn: Callable[[], Any]
+    steps: WriteSteps[Any]
     future: asyncio.Future[Any]
+    enqueued_at: float = field(default_factory=time.perf_counter)
+
+
+def one_step(fn: Callable[[], T]) -> WriteSteps[T]:
+    """A write of one step: ``fn``."""
+    return fn()
+    yield  # a generator: the body runs on the model thread at the first next()
+
+
+def _advance(steps: WriteSteps[Any]) -> tuple[bool, Any]:
+    """One step of a write: ``(done, result)``. (A StopIteration cannot cross a future.)"""
+    try:
+        next(steps)
+    except StopIteration as stop:
+        return True, stop.value
+    return False, None
 
 
 # -- the batcher ------------------------------------------------------------------------
 
 
 class Batcher:
-    """The queue, the collector task and the one worker thread that owns the model."""
+    """The queues, the collector task and the one worker thread that owns the model."""
 
     def __init__(
         self,
@@ -133,7 +167,10 @@ class Batcher:
         self.max_queue = max_queue
         self.max_prompt_tokens = max_prompt_tokens
         self._eos = eos_token_ids(personalizer.model)
-        self._queue: asyncio.Queue[GenerationJob | WriteJob] | None = None
+        self._jobs: deque[GenerationJob] = deque()  # generation requests, in arrival order
+        self._writes: deque[WriteJob] = deque()  # writes waiting for the current one
+        self._write: WriteJob | None = None  # the write in progress (between its steps)
+        self._wake: asyncio.Event | None = None
         self._executor: ThreadPoolExecutor | None = None
         self._task: asyncio.Task[None] | None = None
 
@@ -142,7 +179,7 @@ class Batcher:
     async def start(self) -> None:
         if self._task is not None:
             raise RuntimeError("the batcher is already running")
-        self._queue = asyncio.Queue()
+        self._wake = asyncio.Event()
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fints-model")
         self._task = asyncio.create_task(self._collect(), name="fints-batcher")
 
@@ -152,14 +189,15 @@ class Batcher:
         self._task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await self._task
-        assert self._queue is not None and self._executor is not None
+        assert self._executor is not None
         gone = ApiError(503, "the server is shutting down", type="server_error")
-        while not self._queue.empty():
-            job = self._queue.get_nowait()
-            if isinstance(job, GenerationJob):
-                job.emit(Failed(gone))
-            elif not job.future.done():
-                job.future.set_exception(gone)
+        while self._jobs:
+            self._jobs.popleft().emit(Failed(gone))
+        writes = [*([self._write] if self._write else []), *self._writes]
+        self._write, self._writes = None, deque()
+        for write in writes:
+            if not write.future.done():
+                write.future.set_exception(gone)
         await asyncio.get_running_loop().run_in_executor(None, self._executor.shutdown, True)
         self._task = None
 
@@ -169,7 +207,8 @@ class Batcher:
 
     @property
     def depth(self) -> int:
-        return self._queue.qsize() if self._queue is not None else 0
+        """Requests and writes waiting (a write in progress counts until it is answered)."""
+        return len(self._jobs) + len(self._writes) + (self._write is not None)
 
     # -- submitting --
 
@@ -177,62 +216,91 @@ class Batcher:
         self, request: GenerationRequest, options: GenerationOptions, *, stream: bool
     ) -> GenerationJob:
         job = GenerationJob(request, options, stream, asyncio.get_running_loop())
-        self._put(job)
+        self._admit()
+        self._jobs.append(job)
+        self._woken()
         return job
 
     async def run_exclusive(self, fn: Callable[[], T]) -> T:
-        """Run ``fn`` on the model thread, in queue order, with the model to itself."""
+        """Run ``fn`` on the model thread, after the writes before it, as one step."""
+        return await self.run_steps(one_step(fn))
+
+    async def run_steps(self, steps: WriteSteps[T]) -> T:
+        """Run a write of several steps on the model thread, after the writes before it;
+        the worker decodes waiting requests between two steps. Returns its result."""
         future: asyncio.Future[T] = asyncio.get_running_loop().create_future()
-        self._put(WriteJob(fn, future))
+        self._admit()
+        self._writes.append(WriteJob(steps, future))
+        self._woken()
         return await future
 
-    def _put(self, job: GenerationJob | WriteJob) -> None:
-        if self._queue is None or not self.running:
+    def _admit(self) -> None:
+        if self._wake is None or not self.running:
             raise ApiError(503, "the model worker is not running", type="server_error")
-        if self._queue.qsize() >= self.max_queue:
+        if self.depth >= self.max_queue:
             raise ApiError(
                 503,
-                f"the server is overloaded ({self.max_queue} requests waiting); retry later",
+                f"the server is overloaded ({self.max_queue} requests waiting, the limit "
+                "max_queue); retry later",
                 type="overloaded_error",
+                param="max_queue",
                 code="queue_full",
+                headers={"retry-after": "1"},
             )
-        self._queue.put_nowait(job)
-        self.metrics.queue_depth.set(self._queue.qsize())
+
+    def _woken(self) -> None:
+        assert self._wake is not None
+        self.metrics.queue_depth.set(self.depth)
+        self._wake.set()
 
     # -- the collector task --
 
     async def _collect(self) -> None:
-        assert self._queue is not None
+        """Generation first: a batch of the waiting requests, then one step of the current
+        write, and again; so a long write delays a request by one step at most."""
+        assert self._wake is not None
         loop = asyncio.get_running_loop()
-        carry: GenerationJob | WriteJob | None = None
         while True:
-            job = carry if carry is not None else await self._queue.get()
-            carry = None
-            if isinstance(job, WriteJob):
-                await self._run_write(loop, job)
+            if not self._jobs and self._write is None and not self._writes:
+                self._wake.clear()
+                await self._wake.wait()
                 continue
-            batch = [job]
-            if self.max_wait and self._queue.qsize() < self.max_batch_size - 1:
-                await asyncio.sleep(self.max_wait)  # a few ms for others to join
-            while len(batch) < self.max_batch_size and not self._queue.empty():
-                more = self._queue.get_nowait()
-                if isinstance(more, WriteJob):
-                    carry = more  # a write is a barrier: it runs after this batch
-                    break
-                batch.append(more)
-            self.metrics.queue_depth.set(self._queue.qsize())
-            await loop.run_in_executor(self._executor, self._run_batch, batch)
+            if self._jobs:
+                batch = await self._next_batch()
+                self.metrics.queue_depth.set(self.depth)
+                await loop.run_in_executor(self._executor, self._run_batch, batch)
+            if self._write is None and self._writes:
+                self._write = self._writes.popleft()
+            if self._write is not None:
+                await self._step_write(loop, self._write)
 
-    async def _run_write(self, loop: asyncio.AbstractEventLoop, job: WriteJob) -> None:
+    async def _next_batch(self) -> list[GenerationJob]:
+        if self.max_wait and len(self._jobs) < self.max_batch_size:
+            await asyncio.sleep(self.max_wait)  # a few ms for others to join
+        batch: list[GenerationJob] = []
+        while self._jobs and len(batch) < self.max_batch_size:
+            batch.append(self._jobs.popleft())
+        return batch
+
+    async def _step_write(self, loop: asyncio.AbstractEventLoop, job: WriteJob) -> None:
+        """One step of ``job``; answers it when it ends (returns or raises)."""
+        began = time.perf_counter()
         try:
-            value = await loop.run_in_executor(self._executor, job.fn)
+            done, value = await loop.run_in_executor(self._executor, _advance, job.steps)
         except Exception as exc:
+            self._write = None
             self.metrics.write_errors.inc()
             if not job.future.done():
                 job.future.set_exception(exc)
-        else:
+            return
+        finally:
+            self.metrics.write_step_seconds.observe(time.perf_counter() - began)
+        if done:
+            self._write = None
+            self.metrics.write_seconds.observe(time.perf_counter() - job.enqueued_at)
             if not job.future.done():
                 job.future.set_result(value)
+        self.metrics.queue_depth.set(self.depth)
 
     # -- the worker thread --
 
@@ -285,7 +353,7 @@ class Batcher:
                     code="context_length_exceeded",
                 )
         for i, sites in nonfinite_rows(prepared).items():
-            refused.setdefault(i, _overflow(f"its steering vectors are NaN or inf at {sites}"))
+            refused.setdefault(i, overflow(f"its steering vectors are NaN or inf at {sites}"))
         for i in sorted(refused):
             self._fail(jobs[i], refused[i])
         if refused:
@@ -325,100 +393,10 @@ class Batcher:
         m.prompt_tokens.inc(sum(r.prompt_tokens for r in results))
         for job, result, broken in zip(jobs, results, guard.broken_rows(), strict=True):
             if broken:  # ended by the guard: its text is not the model's
-                self._fail(job, _overflow("its logits became NaN or inf while decoding"))
+                self._fail(job, overflow("its logits became NaN or inf while decoding"))
                 continue
             m.generations.labels(steered=str(result.steered).lower()).inc()
             job.emit(Done(result, size))
-
-
-def _overflow(what: str) -> ApiError:
-    return ApiError(
-        400,
-        f"this request overflows: {what}; its steering strengths are too large for its "
-        "user's vectors (lower fints.strengths, or use relative strengths)",
-        param="fints.strengths",
-        code="steering_overflow",
-    )
-
-
-#: A larger logit is an overflow, not a model's output: divided by the smallest temperature
-#: (:data:`~fints.generation.MIN_TEMPERATURE`) it would leave the float32 range.
-MAX_SCORE = 1e30
-
-
-class _FiniteScores(LogitsProcessor):
-    """Ends a row whose scores hold NaN or +inf (or no finite token at all) by allowing it
-    only an end-of-sequence token, and records it. Sampling refuses a NaN probability for
-    the whole batch, so one overflowing row would otherwise fail every row decoded with it;
-    the scores of every other row are left exactly as they are.
-
-    Scores beyond :data:`MAX_SCORE` count as overflowed too: the temperature divides them
-    later (this runs before the sampling warpers) and they would become inf there."""
-
-    def __init__(self, batch: int, eos_ids: set[int]) -> None:
-        self.broken = torch.zeros(batch, dtype=torch.bool)
-        self._eos = sorted(eos_ids)
-        self._prompt_length: int | None = None
-
-    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
-        if self._prompt_length is None:
-            self._prompt_length = input_ids.shape[1]
-        bad = torch.isnan(scores).any(-1) | (scores > MAX_SCORE).any(-1)
-        bad |= (scores < -MAX_SCORE).all(-1)  # no token left that can be sampled
-        if not bool(bad.any()):
-            return scores
-        record = bad
-        if self._eos:  # a row that ended already (decoded on as padding) is not broken
-            generated = input_ids[:, self._prompt_length :]
-            ended = torch.isin(generated, torch.tensor(self._eos, device=generated.device))
-            record = bad & ~ended.any(-1)
-        self.broken |= record.cpu()
-        allowed = torch.full_like(scores[0], float("-inf"))
-        allowed[self._eos[0] if self._eos else 0] = 0.0
-        return torch.where(bad.unsqueeze(-1), allowed, scores)  # type: ignore[return-value]
-
-
-@dataclass
-class FiniteGuard:
-    """An addition to every batch the worker decodes: :class:`_FiniteScores` as a logits
-    processor; afterwards :meth:`broken_rows` says which rows it had to end."""
-
-    rows: int
-    eos_ids: set[int]
-    processor: _FiniteScores | None = None
-
-    def __post_init__(self) -> None:
-        self.processor = self.processor or _FiniteScores(self.rows, self.eos_ids)
-
-    def select(self, rows: Sequence[int]) -> FiniteGuard:
-        return FiniteGuard(len(rows), self.eos_ids)
-
-    def decoration(self, model: Any) -> Decoration:
-        return Decoration(logits_processors=(self.processor,))
-
-    def annotate(self, results: Sequence[Any]) -> None:
-        return None
-
-    def broken_rows(self) -> list[bool]:
-        assert self.processor is not None
-        return [bool(b) for b in self.processor.broken.tolist()]
-
-
-def nonfinite_rows(prepared: PreparedBatch) -> dict[int, list[str]]:
-    """Rows whose per-row vectors (a mode's ``vectors``: ``{site: [batch, hidden]}``) hold
-    NaN or inf, with those sites. The hooks refuse such a vector for the whole batch, so
-    the worker takes these rows out first and fails them alone."""
-    bad: dict[int, list[str]] = {}
-    for addition in prepared.additions:
-        vectors = getattr(addition, "vectors", None)
-        if not isinstance(vectors, Mapping):
-            continue
-        for site, values in vectors.items():
-            if isinstance(values, torch.Tensor) and values.dim() == 2:
-                finite = torch.isfinite(values).all(dim=-1)
-                for row in (~finite).nonzero().flatten().tolist():
-                    bad.setdefault(int(row), []).append(str(site))
-    return bad
 
 
 def _delta_sink(job: GenerationJob) -> Callable[[str], None]:

@@ -15,6 +15,7 @@ import typer
 from fints.engine import Personalizer, UnknownUser
 from fints.errors import FintsError
 from fints.extraction import ExtractionConfig, method_config
+from fints.history import ITEM_PROMPT_TOKENS
 from fints.models import load_model
 from fints.paths import default_store_path
 from fints.sites import check_layers_in_range, default_sites, parse_sites
@@ -81,6 +82,7 @@ def build_personalizer(
     unknown_user: UnknownUser = UnknownUser.UNSTEERED,
     dtype: str = "auto",
     device: str = "cpu",
+    item_prompt_tokens: int | None = ITEM_PROMPT_TOKENS,
 ) -> Personalizer:
     """Load the model and open the store; ``steering`` is the server's default, ``method``
     the extraction method (a name in ``fints.extraction.METHODS``) for new history."""
@@ -96,6 +98,7 @@ def build_personalizer(
         steering=steering,
         extraction=extraction,
         unknown_user=unknown_user,
+        item_prompt_tokens=item_prompt_tokens,
     )
 
 

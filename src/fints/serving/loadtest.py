@@ -27,10 +27,12 @@ import typer
 
 from fints.engine import Personalizer
 from fints.errors import FintsError
+from fints.history import ITEM_PROMPT_TOKENS
 from fints.serving.app import ServerConfig, create_app
 from fints.serving.factory import build_personalizer, command_failed, set_threads
 from fints.serving.inprocess import RunningServer
 from fints.serving.loadreport import LoadReport, Phase, PhaseResult, merge_phases
+from fints.serving.stalltest import stall_command
 
 TOPICS = [
     "cats",
@@ -342,11 +344,28 @@ def loadtest(
     threads: Annotated[
         int | None, typer.Option(help="CPU threads for torch (default: torch's choice).")
     ] = None,
+    write_stall: Annotated[
+        bool,
+        typer.Option(
+            help="Instead: write latency and decode stall of one 20,000-character item added "
+            "while another tenant sends 1-token chats."
+        ),
+    ] = False,
+    item_prompt_tokens: Annotated[
+        int, typer.Option(help="--write-stall: tokens per item text in a prompt (0: all).")
+    ] = ITEM_PROMPT_TOKENS,
+    extract_chunk_items: Annotated[
+        int, typer.Option(help="--write-stall: items extracted per write step (0: all at once).")
+    ] = 1,
 ) -> None:
     """A bounded load benchmark: latency, throughput, batching and steering cost."""
     logging.basicConfig(level="WARNING")
     logging.getLogger("fints.serving").setLevel(logging.ERROR)  # in-process servers: quiet
     set_threads(threads)
+    if write_stall:
+        raise typer.Exit(
+            stall_command(item_prompt_tokens, extract_chunk_items, model=model, dtype=dtype)
+        )
     try:
         spec = LoadSpec(
             clients=clients,

@@ -94,11 +94,24 @@ class ServingMetrics:
         )
         self.extraction_seconds = Histogram(
             "fints_extraction_seconds",
-            "Per write: storing and extracting history items",
+            "Per step of a write: extracting a chunk of history items",
             buckets=_LATENCY_BUCKETS,
             registry=r,
         )
         self.users_deleted = Counter("fints_users_deleted", "Users forgotten", registry=r)
+        self.write_seconds = Histogram(
+            "fints_write_seconds",
+            "Per write: from its arrival to its answer (waiting, steps and the batches decoded "
+            "between them)",
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.write_step_seconds = Histogram(
+            "fints_write_step_seconds",
+            "Per step of a write: how long it held the model (what a request may wait behind)",
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
 
     def render(self) -> tuple[bytes, str]:
         return generate_latest(self.registry), CONTENT_TYPE_LATEST

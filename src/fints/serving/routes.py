@@ -37,7 +37,7 @@ from fints.serving.api_spec import (
     ModelList,
     StoredInteraction,
 )
-from fints.serving.batcher import Batcher, Failed, GenerationJob, Started
+from fints.serving.batcher import Batcher, Failed, GenerationJob, Started, WriteSteps
 from fints.serving.payloads import (
     chat_prompt,
     check_common,
@@ -46,6 +46,7 @@ from fints.serving.payloads import (
     completion_prompt,
     generation_options,
     generation_request,
+    guidance_preferences,
     history_items,
     steering_config,
     stop_sequences,
@@ -182,6 +183,7 @@ async def _request_for(
     p = server.personalizer
     stops = stop_sequences(body.stop)
     steering = steering_config(p.steering, body.fints, p.model.num_layers)
+    preferences = guidance_preferences(body.fints, p.modes, p.model.tokenizer)
     if body.user is not None:
         check_user(body.user)
         if server.config.unknown_user is UnknownUser.ERROR and not await run_in_threadpool(
@@ -203,6 +205,7 @@ async def _request_for(
         stops=stops,
         limits=server.config.limits,
         param=param,
+        preferences=preferences,
     )
 
 
@@ -295,15 +298,22 @@ async def add_interactions(
     items = history_items(body.items, server.config.limits)
     extract = server.config.extract_on_write
 
-    def write() -> list[str]:
-        began = time.perf_counter()
-        try:
-            return server.personalizer.add_history(user, items, tenant=tenant, build=extract)
-        finally:
-            server.metrics.extraction_seconds.observe(time.perf_counter() - began)
+    p, chunk = server.personalizer, server.config.extract_chunk_items
+
+    def write() -> WriteSteps[list[str]]:
+        """Store the items (one transaction), then extract ``chunk`` items per step."""
+        ids = p.store.add_items(tenant, user, items)
+        if extract:
+            yield
+            began = time.perf_counter()
+            for _ in p.build_steps(user, tenant=tenant, chunk_items=chunk):
+                server.metrics.extraction_seconds.observe(time.perf_counter() - began)
+                yield
+                began = time.perf_counter()
+        return ids
 
     try:
-        ids = await server.batcher.run_exclusive(write)
+        ids = await server.batcher.run_steps(write())
     except Exception as exc:
         raise api_error_for(exc) from None
     server.metrics.interactions_added.inc(len(ids))

@@ -32,9 +32,15 @@ class ServerConfig:
     # a request naming a user without history: serve it unsteered, or answer 404 (ERROR)
     unknown_user: UnknownUser = UnknownUser.UNSTEERED
     extract_on_write: bool = True  # extract vectors when history is added (off: store only)
+    # items extracted per step of a write; the worker decodes waiting requests between steps
+    extract_chunk_items: int | None = 1  # None: a write extracts all its items in one step
     api_keys: Mapping[str, str] | None = None  # key -> tenant; None: single-tenant, no auth
 
     def __post_init__(self) -> None:
+        if self.extract_chunk_items is not None and self.extract_chunk_items < 1:
+            raise InvalidInputError(
+                f"extract_chunk_items must be >= 1, got {self.extract_chunk_items}"
+            )
         try:
             object.__setattr__(self, "unknown_user", UnknownUser(self.unknown_user))
         except ValueError:
