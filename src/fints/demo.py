@@ -69,6 +69,7 @@ def run_demo(
     model_name: str | None = None,
     *,
     max_new_tokens: int = 40,
+    repetition_penalty: float = 1.2,
     console: Console | None = None,
 ) -> list[dict[str, str]]:
     """Run the demo; returns the rows it printed (for tests)."""
@@ -90,7 +91,10 @@ def run_demo(
         for user, items in histories.items():
             store.add_items("default", user, items)
         _train(engine, histories, console)
-        options = GenerationOptions(max_new_tokens=max_new_tokens)
+        # greedy, with a mild repetition penalty: a 135M model loops without one
+        options = GenerationOptions(
+            max_new_tokens=max_new_tokens, repetition_penalty=repetition_penalty
+        )
         rows: list[dict[str, str]] = []
         for query in queries:
             requests = [

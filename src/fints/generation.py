@@ -30,6 +30,9 @@ class GenerationOptions:
     top_p: float = 1.0
     seed: int | None = None
     ignore_eos: bool = False  # always decode max_new_tokens (for benchmarks)
+    #: > 1 makes tokens already in the row (prompt or answer) less likely (CTRL's
+    #: penalty, transformers' ``repetition_penalty``); 1: off. Small models loop without.
+    repetition_penalty: float = 1.0
 
     def __post_init__(self) -> None:
         if not 1 <= self.max_new_tokens <= 4096:
@@ -44,6 +47,11 @@ class GenerationOptions:
             )
         if not _is_number(self.top_p) or not 0 < self.top_p <= 1:
             raise InvalidInputError(f"top_p must be in (0, 1], got {self.top_p!r}", param="top_p")
+        if not _is_number(self.repetition_penalty) or not 1 <= self.repetition_penalty <= 10:
+            raise InvalidInputError(
+                f"repetition_penalty must be in [1, 10] (1: off), got {self.repetition_penalty!r}",
+                param="repetition_penalty",
+            )
         if self.seed is not None and (
             isinstance(self.seed, bool)
             or not isinstance(self.seed, int)
@@ -101,6 +109,8 @@ def generate_batch(
     decoding: dict[str, Any] = {"do_sample": False}
     if options.temperature > 0:
         decoding = {"do_sample": True, "temperature": options.temperature, "top_p": options.top_p}
+    if options.repetition_penalty != 1:
+        decoding["repetition_penalty"] = options.repetition_penalty
     if options.ignore_eos:
         decoding["min_new_tokens"] = options.max_new_tokens
     eos = eos_token_ids(model)

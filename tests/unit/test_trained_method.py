@@ -148,3 +148,21 @@ def test_the_benchmark_refuses_the_trained_method_rather_than_run_it_differently
     )
     with pytest.raises(InvalidInputError, match="trained_probe"):
         ctx.bank(next(iter(task.users)), "trained")
+
+
+def test_trained_targets_end_with_the_end_of_turn_token_only_when_the_output_fits(
+    tiny: LoadedModel,
+) -> None:
+    from fints.encoders import KeyEncoder
+    from fints.extraction.base import MethodContext
+    from fints.extraction.trained import _examples
+    from fints.prompts import TEMPLATES
+
+    encoder: KeyEncoder = HashEncoder()
+    context = MethodContext(tiny, encoder, TEMPLATES["generic"], SITES, 4, 40, 0)
+    eos = tiny.tokenizer.eos_token_id
+    short, long = history("ann", 1)[0], HistoryItem("q", "one two three " * 20)
+    (_, short_target), (_, long_target) = _examples(context, [short, long])
+    assert short_target[-1] == eos and eos not in short_target[:-1]
+    assert len(long_target) == 40 and eos not in long_target  # cut: no false end
+    assert context.target_ids(short.output) == short_target[:-1]  # contrast methods: no end

@@ -161,9 +161,15 @@ class MethodContext:
     #: caller owns it and clears it when the tenant's data changes under it.
     shared: MutableMapping[str, Any] = field(default_factory=dict)
 
-    def target_ids(self, text: str) -> list[int]:
-        ids = self.model.tokenizer(text, add_special_tokens=False)["input_ids"]
-        return list(ids)[: self.max_target_tokens]
+    def target_ids(self, text: str, *, end: bool = False) -> list[int]:
+        """``text``'s tokens, at most ``max_target_tokens``; with ``end``, followed by the
+        end-of-turn token when the whole text fits (a vector trained on these targets
+        learns where an answer stops, not only how it goes on)."""
+        tok = self.model.tokenizer
+        ids = list(tok(text, add_special_tokens=False)["input_ids"])
+        if end and tok.eos_token_id is not None and len(ids) < self.max_target_tokens:
+            return [*ids, tok.eos_token_id]
+        return ids[: self.max_target_tokens]
 
     def negative_context(
         self, item: HistoryItem, pool: Sequence[HistoryItem], k: int

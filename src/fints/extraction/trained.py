@@ -103,7 +103,10 @@ def _examples(
 ) -> list[tuple[list[int], list[int]]]:
     tok = context.model.tokenizer
     return [
-        (build_prompt_ids(tok, context.template, i.input, []), context.target_ids(i.output))
+        (
+            build_prompt_ids(tok, context.template, i.input, []),
+            context.target_ids(i.output, end=True),
+        )
         for i in items
     ]
 
