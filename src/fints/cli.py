@@ -22,6 +22,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from fints.cli_guidance import guidance_app
 from fints.cli_lazy import LazyGroup
 from fints.errors import FintsError, InvalidInputError
 from fints.history import read_history
@@ -33,6 +34,7 @@ app = typer.Typer(
     no_args_is_help=True,
     pretty_exceptions_enable=False,
 )
+app.add_typer(guidance_app, name="guidance")
 console = Console()
 err = Console(stderr=True)
 
@@ -216,12 +218,24 @@ def generate(
     stop: Annotated[
         list[str] | None, typer.Option(help="end an answer at this text (repeatable)")
     ] = None,
+    prefer: Annotated[
+        list[str] | None,
+        typer.Option(help="guidance: DIMENSION=CLASS:WEIGHT, e.g. mood=happy:0.5 (repeatable)"),
+    ] = None,
+    guidance: Annotated[str, typer.Option(help="guidance scoring: full or topk")] = "full",
+    guidance_top_k: Annotated[int, typer.Option(help="candidates rescored by topk")] = 20,
+    classifiers: Annotated[
+        Path | None, typer.Option(help="classifier folder (default $FINTS_HOME/classifiers)")
+    ] = None,
     compare: Annotated[bool, typer.Option(help="also show the unsteered answer")] = True,
     as_json: Annotated[bool, typer.Option("--json", help="print JSON lines")] = False,
 ) -> None:
     """Personalized answers for USER (all queries decoded in one batch)."""
     from fints.engine import GenerationRequest
     from fints.generation import GenerationOptions
+    from fints.guidance.library import ClassifierLibrary
+    from fints.guidance.mode import GuidanceMode
+    from fints.guidance.preferences import parse_preference_flags
 
     steering = steering_from_flags(
         {
@@ -233,11 +247,20 @@ def generate(
             "icl_k": icl_k,
         }
     )
+    prefs = parse_preference_flags(prefer or [], guidance, guidance_top_k)
     name = None if user == "-" else user
     with _store(store) as db:
         engine = _engine(db, model, dtype, None, template, steering=steering)
+        if classifiers is not None:
+            library = ClassifierLibrary(classifiers)
+            engine.modes = [
+                GuidanceMode(library) if m.name == "guidance" else m for m in engine.modes
+            ]
         stops = tuple(stop or ())
-        requests = [GenerationRequest(name, q, tenant=tenant, stop=stops) for q in queries]
+        requests = [
+            GenerationRequest(name, q, tenant=tenant, stop=stops, preferences=prefs)
+            for q in queries
+        ]
         if compare:
             unsteered = steering.with_(enabled=False)
             requests += [

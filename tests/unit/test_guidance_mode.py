@@ -195,3 +195,8 @@ def test_a_classifier_of_another_backbone_is_refused(library: ClassifierLibrary)
     other = Backbone(tiny_llama(), layers=3)
     with pytest.raises(InvalidInputError, match="trained on backbone"):
         GuidanceClassifier(library.get("mood").config, library.get("mood").head, other)
+
+
+def test_a_default_engine_runs_guidance(model: LoadedModel, engine: Personalizer) -> None:
+    default = Personalizer(model, engine.store, encoder=HashEncoder())
+    assert any(isinstance(m, GuidanceMode) for m in default.modes)

@@ -151,10 +151,10 @@ class Backbone:
         out = self.decoder(
             input_ids=input_ids,
             attention_mask=attention_mask,
-            past_key_values=cache,
+            cache=cache,
             use_cache=True,
         )
-        return out.last_hidden_state.float(), out.past_key_values
+        return out.last_hidden_state.float(), out.cache
 
 
 class GuidanceClassifier:

@@ -12,6 +12,7 @@ import torch
 
 from fints.errors import InvalidInputError
 from fints.generation import Decoration
+from fints.guidance.classifier import tokenizer_fingerprint
 from fints.guidance.library import ClassifierLibrary
 from fints.guidance.preferences import Preferences
 from fints.guidance.processor import GuidanceProcessor, GuidanceSpec
@@ -75,16 +76,47 @@ class GuidanceMode:
 
     def __init__(self, library: ClassifierLibrary | None = None) -> None:
         self.library = library or ClassifierLibrary()
+        self._fingerprints: dict[int, tuple[Any, str]] = {}  # id(tokenizer) -> fingerprint
+
+    def _fingerprint(self, tokenizer: Any) -> str:
+        known = self._fingerprints.get(id(tokenizer))
+        if known is None or known[0] is not tokenizer:
+            known = self._fingerprints[id(tokenizer)] = (
+                tokenizer,
+                tokenizer_fingerprint(tokenizer),
+            )
+        return str(known[1])
+
+    def check(self, preferences: Preferences, tokenizer: Any) -> None:
+        """Refuse unknown preference or class names and classifiers trained for another
+        tokenizer, from the classifiers' configs alone (nothing is loaded)."""
+        mine = self._fingerprint(tokenizer)
+        for dim, classes in preferences.weights.items():
+            config = self.library.config(dim)
+            unknown = sorted(set(classes) - set(config.classes))
+            if unknown:
+                raise InvalidInputError(
+                    f"unknown class {unknown[0]!r} for preference {dim!r}: expected some of "
+                    f"{list(config.classes)}",
+                    param="preferences",
+                )
+            if config.tokenizer_fingerprint != mine:
+                raise InvalidInputError(
+                    f"classifier {dim!r} was trained for another tokenizer "
+                    f"({config.tokenizer_fingerprint[:12]}, backbone {config.backbone!r}) "
+                    f"than the generator's ({mine[:12]}): guidance needs the same vocabulary",
+                    param="preferences",
+                )
 
     def prepare(self, rows: BatchRows) -> GuidanceAddition | None:
         preferences = list(rows.preferences) or [None] * len(rows.configs)
         if not any(p is not None and p.active for p in preferences):
             return None
+        if rows.model is not None:
+            for prefs in [p for p in preferences if p is not None]:
+                self.check(prefs, rows.model.tokenizer)
         names = sorted({d for p in preferences if p is not None for d in p.weights})
         classifiers = [self.library.get(n) for n in names]
-        if rows.model is not None:
-            for clf in classifiers:
-                clf.check_tokenizer(rows.model.tokenizer)
         spec = guidance_spec(preferences, classifiers)
         described = tuple(p.describe() if p is not None and p.active else "" for p in preferences)
         return GuidanceAddition(spec, described)

@@ -110,3 +110,24 @@ class Preferences:
         if weights is None:
             return None
         return cls(weights, how.get("method", "full"), how.get("top_k", 20))
+
+
+def parse_preference_flags(
+    flags: list[str], method: str = "full", top_k: int = 20
+) -> Preferences | None:
+    """Preferences from ``DIMENSION=CLASS:WEIGHT`` strings (``mood=happy:0.5``)."""
+    weights: dict[str, dict[str, float]] = {}
+    for flag in flags:
+        dim, _, rest = flag.partition("=")
+        name, _, weight = rest.rpartition(":")
+        try:
+            value = float(weight)
+        except ValueError:
+            value = math.nan
+        if not dim or not name or math.isnan(value):
+            raise InvalidInputError(
+                f"--prefer takes DIMENSION=CLASS:WEIGHT, e.g. mood=happy:0.5, got {flag!r}",
+                param="preferences",
+            )
+        weights.setdefault(dim, {})[name] = value
+    return Preferences(weights, method, top_k) if weights else None  # type: ignore[arg-type]

@@ -97,6 +97,13 @@ class _Body(_Strict):
 # -- requests ------------------------------------------------------------------------------
 
 
+class GuidanceOptions(_Strict):
+    """How guidance scores candidates: every vocabulary token, or the base top_k (FUDGE)."""
+
+    method: Literal["full", "topk"] = "full"
+    top_k: int = Field(default=20, ge=1, le=1024)
+
+
 class FintsOptions(_Strict):
     """Per-request steering options; anything left out takes the server's default."""
 
@@ -108,6 +115,9 @@ class FintsOptions(_Strict):
     tau: float | None = Field(default=None, gt=0)
     relative: bool | None = None
     icl_k: int | None = Field(default=None, ge=0, le=32)
+    # classifier guidance: {"mood": {"happy": 0.5}} (a classifier's name -> class -> weight)
+    preferences: dict[str, dict[str, float]] | None = None
+    guidance: GuidanceOptions | None = None
 
 
 class TextPart(_Strict):

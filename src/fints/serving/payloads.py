@@ -14,6 +14,8 @@ from typing import Any
 from fints.engine import GenerationRequest
 from fints.errors import InvalidInputError
 from fints.generation import GenerationOptions
+from fints.guidance.mode import GuidanceMode
+from fints.guidance.preferences import Preferences
 from fints.history import HistoryItem, check_unique_ids
 from fints.prompts import PromptTemplate, render_prompt
 from fints.serving.api_errors import ApiError
@@ -170,7 +172,8 @@ def steering_config(
     if options is None:
         return default
     try:
-        config = SteeringConfig.from_dict(options.model_dump(exclude_none=True), base=default)
+        settings = options.model_dump(exclude_none=True, exclude={"preferences", "guidance"})
+        config = SteeringConfig.from_dict(settings, base=default)
     except InvalidInputError as exc:
         param = f"fints.{exc.param}" if exc.param else "fints"
         raise ApiError(400, str(exc), param=param) from None
@@ -180,6 +183,26 @@ def steering_config(
         except InvalidInputError as exc:
             raise ApiError(400, str(exc), param="fints.sites") from None
     return config
+
+
+def guidance_preferences(
+    options: FintsOptions | None, modes: Sequence[Any], tokenizer: Any
+) -> Preferences | None:
+    """The request's ``fints.preferences``, checked against the server's classifiers (names,
+    classes, tokenizer) before the request is queued: 400 naming the problem."""
+    if options is None or options.preferences is None:
+        return None
+    how = options.guidance.model_dump() if options.guidance is not None else None
+    try:
+        prefs = Preferences.from_dict({"preferences": options.preferences, "guidance": how})
+        mode = next((m for m in modes if isinstance(m, GuidanceMode)), None)
+        if mode is None:
+            raise InvalidInputError("this server does not run classifier guidance")
+        if prefs is not None:
+            mode.check(prefs, tokenizer)
+    except InvalidInputError as exc:
+        raise ApiError(400, str(exc), param=f"fints.{exc.param or 'preferences'}") from None
+    return prefs
 
 
 def chat_prompt(
@@ -222,6 +245,7 @@ def generation_request(
     stops: tuple[str, ...],
     limits: Limits,
     param: str,
+    preferences: Preferences | None = None,
 ) -> GenerationRequest:
     if len(text) > limits.max_prompt_chars:
         raise ApiError(
@@ -233,7 +257,13 @@ def generation_request(
         )
     try:
         return GenerationRequest(
-            user, text, tenant=tenant, steering=steering, raw_prompt=raw, stop=stops
+            user,
+            text,
+            tenant=tenant,
+            steering=steering,
+            raw_prompt=raw,
+            stop=stops,
+            preferences=preferences,
         )
     except InvalidInputError as exc:
         raise ApiError(400, f"{param}: {exc}", param=param) from None

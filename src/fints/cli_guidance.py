@@ -1,0 +1,188 @@
+"""``fints guidance ...``: train, list and inspect preference classifiers for guided
+decoding. Heavy modules (torch, transformers) are imported by the commands."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from functools import wraps
+from pathlib import Path
+from typing import Annotated, Any, TypeVar
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+guidance_app = typer.Typer(
+    help="Preference classifiers for classifier-guided decoding (CLIPer).",
+    no_args_is_help=True,
+)
+console = Console()
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def _clear_errors(func: F) -> F:
+    """A fints error ends the command with its message on one line (exit 1)."""
+    from fints.errors import FintsError
+
+    @wraps(func)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return func(*args, **kwargs)
+        except FintsError as exc:
+            Console(stderr=True).print(f"[bold red]error:[/] {exc}", soft_wrap=True, markup=False)
+            raise typer.Exit(1) from None
+
+    return wrapper  # type: ignore[return-value]
+
+
+ClassifiersOpt = Annotated[
+    Path | None,
+    typer.Option("--classifiers", help="classifier folder (default $FINTS_HOME/classifiers)"),
+]
+BackboneOpt = Annotated[
+    str | None, typer.Option("--model", help="the backbone (default: smollm2, the generator's)")
+]
+LayersOpt = Annotated[int, typer.Option(help="backbone decoder layers the classifier reads")]
+MaxTokensOpt = Annotated[int, typer.Option(help="tokens of each text trained on")]
+EpochsOpt = Annotated[int, typer.Option(help="passes of the head over the training tokens")]
+
+
+@contextmanager
+def _progress() -> Iterator[Any]:
+    columns = (
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+    )
+    with Progress(*columns, console=console) as bars:
+        tasks: dict[str, Any] = {}
+
+        def update(stage: str, done: int, total: int) -> None:
+            if stage not in tasks or bars.tasks[tasks[stage]].completed > done:
+                label = {"features": "backbone features", "head": "training the head"}[stage]
+                tasks[stage] = bars.add_task(label, total=total)
+            bars.update(tasks[stage], completed=done, total=total)
+
+        yield update
+
+
+def _train_and_save(
+    name: str,
+    train: Any,
+    test: Any,
+    model: str | None,
+    layers: int,
+    max_tokens: int,
+    epochs: int,
+    classifiers: Path | None,
+    extra: dict[str, Any],
+) -> None:
+    from fints.guidance.classifier import Backbone
+    from fints.guidance.library import ClassifierLibrary
+    from fints.guidance.training import TrainConfig, train_classifier
+    from fints.models import load_model
+
+    with console.status(f"loading backbone {model or 'smollm2'}"):
+        backbone = Backbone(load_model(model, dtype="float32"), layers, owned=True)
+    config = TrainConfig(max_tokens=max_tokens, epochs=epochs)
+    with _progress() as update:
+        clf = train_classifier(name, backbone, train, test, config, update, extra)
+    path = ClassifierLibrary(classifiers).save(clf)
+    _show(clf.config.to_dict(), path)
+
+
+def _show(config: dict[str, Any], path: Path) -> None:
+    m = config["metrics"]
+    table = Table(title=f"classifier {config['name']!r} saved in {path}")
+    table.add_column("")
+    table.add_column("value")
+    table.add_row("classes", ", ".join(config["classes"]))
+    table.add_row("backbone", f"{config['backbone']} (first {config['layers']} layers, frozen)")
+    table.add_row("train texts / positions", f"{m['train_texts']} / {m['train_positions']}")
+    table.add_row("features / head time", f"{m['feature_seconds']} s / {m['head_seconds']} s")
+    if "test" in m:
+        t = m["test"]
+        table.add_row(
+            "held-out accuracy",
+            f"text {t['text_accuracy']:.1%}, token {t['token_accuracy']:.1%} "
+            f"({t['texts']} texts; chance {m['chance']:.1%})",
+        )
+    console.print(table)
+
+
+@guidance_app.command("train-moods")
+@_clear_errors
+def train_moods(
+    name: Annotated[str, typer.Option(help="the preference name")] = "mood",
+    per_mood: Annotated[int, typer.Option(help="training responses per mood")] = 200,
+    test_per_mood: Annotated[int, typer.Option(help="held-out test responses per mood")] = 40,
+    length: Annotated[bool, typer.Option(help="classes concise/long instead of moods")] = False,
+    model: BackboneOpt = None,
+    layers: LayersOpt = 10,
+    max_tokens: MaxTokensOpt = 48,
+    epochs: EpochsOpt = 4,
+    classifiers: ClassifiersOpt = None,
+) -> None:
+    """Train a mood (or length) classifier on moodswapper pairs; test on held-out prompts."""
+    from fints.guidance.recipes import HELD_OUT_SHARE, length_labels, read_moods, split_texts
+
+    pairs = read_moods()
+    labelled, labels = length_labels(pairs) if length else (pairs, [p.mood for p in pairs])
+    train, test = split_texts(labelled, labels, per_mood, test_per_mood)
+    extra = {"recipe": "length" if length else "moods", "held_out_share": HELD_OUT_SHARE}
+    _train_and_save(
+        name, train, test, model, layers, max_tokens, epochs, classifiers, {"data": extra}
+    )
+
+
+@guidance_app.command("train-style")
+@_clear_errors
+def train_style(
+    user: Annotated[str, typer.Argument(help="the user whose outputs are the style")],
+    store: Annotated[Path | None, typer.Option(help="SQLite store")] = None,
+    tenant: Annotated[str, typer.Option(help="tenant namespace")] = "default",
+    name: Annotated[str | None, typer.Option(help="preference name (default style-USER)")] = None,
+    model: BackboneOpt = None,
+    layers: LayersOpt = 10,
+    max_tokens: MaxTokensOpt = 48,
+    epochs: EpochsOpt = 8,
+    classifiers: ClassifiersOpt = None,
+) -> None:
+    """Train USER's style classifier: USER's history outputs against other users'.
+
+    Classes USER and 'other', outputs of the same tenant; a fifth of each held out."""
+    from fints.guidance.recipes import style_texts
+    from fints.paths import default_store_path
+    from fints.store import Store
+
+    with Store(store or default_store_path()) as db:
+        own = [i.output for i in db.items(tenant, user)]
+        others = [i.output for u in db.users(tenant) if u != user for i in db.items(tenant, u)]
+    train, test = style_texts(own, others, user)
+    extra = {"data": {"recipe": "style", "user": user, "tenant": tenant}}
+    _train_and_save(
+        name or f"style-{user}", train, test, model, layers, max_tokens, epochs, classifiers, extra
+    )
+
+
+@guidance_app.command("list")
+@_clear_errors
+def list_classifiers(classifiers: ClassifiersOpt = None, as_json: bool = False) -> None:
+    """The classifiers available to requests' preferences."""
+    from fints.guidance.library import ClassifierLibrary
+
+    library = ClassifierLibrary(classifiers)
+    configs = [library.config(n).to_dict() for n in library.names()]
+    if as_json:
+        print(json.dumps(configs))
+        return
+    table = Table("name", "classes", "backbone", "held-out text accuracy")
+    for c in configs:
+        test = c["metrics"].get("test", {})
+        acc = f"{test['text_accuracy']:.1%}" if test else "-"
+        table.add_row(c["name"], ", ".join(c["classes"]), f"{c['backbone']}/{c['layers']}", acc)
+    console.print(table)
