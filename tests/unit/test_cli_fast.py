@@ -33,6 +33,7 @@ EVERY_COMMAND = {
     "serve",
     "loadtest",
     "bench",
+    "guidance",
 }
 #: Modules `fints --help` must not import: the server, the benchmark and the ML stack.
 HEAVY = ["fints.serving", "fints.benchmark", "sklearn", "torch", "transformers", "fastapi"]
