@@ -17,6 +17,15 @@ class InvalidInputError(FintsError, ValueError):
         self.param = param
 
 
+class LimitExceededError(InvalidInputError):
+    """A configured resource limit was reached; ``limit`` names the setting (e.g.
+    ``max_items_per_user``)."""
+
+    def __init__(self, message: str, *, limit: str, param: str | None = None) -> None:
+        super().__init__(message, param=param)
+        self.limit = limit
+
+
 class UnknownUserError(FintsError, KeyError):
     """The named user has no data in this tenant."""
 

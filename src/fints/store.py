@@ -7,7 +7,6 @@ to a tenant, and ``secure_delete`` overwrites what a deleted user leaves behind.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import random
 import shutil
@@ -18,76 +17,21 @@ from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from fints.dictionary import DictionaryEntry, DictionaryMeta, UserDictionary, check_finite, now_iso
-from fints.errors import DictionaryMismatchError, InvalidInputError, UnknownUserError
-from fints.history import HistoryItem, check_text, check_unique_ids
+from fints.errors import (
+    DictionaryMismatchError,
+    InvalidInputError,
+    LimitExceededError,
+    UnknownUserError,
+)
+from fints.history import HistoryItem, check_unique_ids
+from fints.store_schema import SCHEMA, check_name, digest, tensor_blob, tensor_from_blob
+
+__all__ = ["DEFAULT_TENANT", "Store", "check_name"]
 
 DEFAULT_TENANT = "default"
-
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS users (
-    tenant TEXT NOT NULL,
-    user TEXT NOT NULL,
-    created_at TEXT NOT NULL,
-    version INTEGER NOT NULL DEFAULT 0,
-    PRIMARY KEY (tenant, user)
-);
-CREATE TABLE IF NOT EXISTS items (
-    tenant TEXT NOT NULL,
-    user TEXT NOT NULL,
-    item_id TEXT NOT NULL,
-    seq INTEGER NOT NULL,
-    input TEXT NOT NULL,
-    output TEXT NOT NULL,
-    created_at TEXT NOT NULL,
-    PRIMARY KEY (tenant, user, item_id),
-    FOREIGN KEY (tenant, user) REFERENCES users (tenant, user) ON DELETE CASCADE
-);
-CREATE TABLE IF NOT EXISTS dictionaries (
-    tenant TEXT NOT NULL,
-    user TEXT NOT NULL,
-    fingerprint TEXT NOT NULL,
-    meta TEXT NOT NULL,
-    PRIMARY KEY (tenant, user, fingerprint),
-    FOREIGN KEY (tenant, user) REFERENCES users (tenant, user) ON DELETE CASCADE
-);
-CREATE TABLE IF NOT EXISTS entries (
-    tenant TEXT NOT NULL,
-    user TEXT NOT NULL,
-    fingerprint TEXT NOT NULL,
-    item_id TEXT NOT NULL,
-    key BLOB NOT NULL,
-    vectors BLOB NOT NULL,
-    PRIMARY KEY (tenant, user, fingerprint, item_id),
-    FOREIGN KEY (tenant, user, fingerprint)
-        REFERENCES dictionaries (tenant, user, fingerprint) ON DELETE CASCADE
-);
-"""
-
-
-def _blob(tensor: torch.Tensor) -> bytes:
-    return tensor.detach().to("cpu", torch.float32).contiguous().numpy().tobytes()
-
-
-def _tensor(blob: bytes, shape: tuple[int, ...]) -> torch.Tensor:
-    return torch.from_numpy(np.frombuffer(blob, dtype=np.float32).copy()).reshape(shape)
-
-
-def _digest(name: str) -> str:
-    return hashlib.sha256(name.encode("utf-8", "surrogatepass")).hexdigest()[:32]
-
-
-def check_name(kind: str, value: str) -> str:
-    if not isinstance(value, str) or not value.strip():
-        shown = value[:40] if isinstance(value, str) else value
-        raise InvalidInputError(f"{kind} name must be a non-empty string, got {shown!r}")
-    if len(value) > 256 or any(ord(c) < 32 for c in value):
-        raise InvalidInputError(f"{kind} name {value[:40]!r} is too long or has control characters")
-    check_text(f"{kind} name", value)
-    return value
 
 
 class Store:
@@ -103,7 +47,7 @@ class Store:
         self._db.execute("PRAGMA foreign_keys=ON")
         self._db.execute("PRAGMA secure_delete=ON")
         self._db.execute("PRAGMA busy_timeout=10000")
-        self._db.executescript(_SCHEMA)
+        self._db.executescript(SCHEMA)
 
     def close(self) -> None:
         with self._lock:
@@ -151,21 +95,34 @@ class Store:
         )
         return int(rows[0][0]) if rows else None
 
-    def add_items(self, tenant: str, user: str, items: Sequence[HistoryItem]) -> list[str]:
+    def add_items(
+        self,
+        tenant: str,
+        user: str,
+        items: Sequence[HistoryItem],
+        *,
+        max_items: int | None = None,
+    ) -> list[str]:
         """Append history items atomically. Idempotent: an item the user already has with
         the same id and the same texts is left as it is (a retried write succeeds); the same
-        id with other texts rejects the whole batch."""
+        id with other texts rejects the whole batch. With ``max_items``, a write that would
+        give the user more items is refused whole (:class:`LimitExceededError`)."""
         check_name("tenant", tenant)
         check_name("user", user)
         if not items:
             raise InvalidInputError("no history items to add")
         check_unique_ids(items)
         with self.transaction() as db:
-            self._insert_items(db, tenant, user, items)
+            self._insert_items(db, tenant, user, items, max_items)
         return [i.item_id for i in items]
 
     def _insert_items(
-        self, db: sqlite3.Connection, tenant: str, user: str, items: Sequence[HistoryItem]
+        self,
+        db: sqlite3.Connection,
+        tenant: str,
+        user: str,
+        items: Sequence[HistoryItem],
+        max_items: int | None = None,
     ) -> None:
         existing = {
             r[0]: (r[1], r[2])
@@ -189,6 +146,17 @@ class Store:
         items = [i for i in items if i.item_id not in existing]  # the rest are stored already
         if not items:
             return
+        if max_items is not None:
+            (count,) = db.execute(
+                "SELECT COUNT(*) FROM items WHERE tenant = ? AND user = ?", (tenant, user)
+            ).fetchone()
+            if count + len(items) > max_items:
+                raise LimitExceededError(
+                    f"user {user!r} has {count} history items; {len(items)} more would pass "
+                    f"the limit max_items_per_user of {max_items}; nothing was added",
+                    limit="max_items_per_user",
+                    param="items",
+                )
         self._touch(db, tenant, user)
         (seq,) = db.execute(
             "SELECT COALESCE(MAX(seq), -1) + 1 FROM items WHERE tenant = ? AND user = ?",
@@ -256,8 +224,8 @@ class Store:
     def files_dir(self, tenant: str, user: str | None = None) -> Path:
         """The folder beside the database for a tenant's (or one user's) files, e.g. LoRA
         adapters; named by digests, since names may hold any character."""
-        root = self.path.with_name(self.path.name + ".files") / _digest(tenant)
-        return root if user is None else root / "users" / _digest(user)
+        root = self.path.with_name(self.path.name + ".files") / digest(tenant)
+        return root if user is None else root / "users" / digest(user)
 
     def delete_user(self, tenant: str, user: str) -> None:
         """Forget a user: items, keys, vectors, metadata and their files (e.g. LoRA
@@ -341,8 +309,8 @@ class Store:
                     user,
                     meta.model_fingerprint,
                     e.item_id,
-                    _blob(e.key),
-                    _blob(e.vector.values),
+                    tensor_blob(e.key),
+                    tensor_blob(e.vector.values),
                 )
                 for e in entries
             ],
@@ -402,8 +370,8 @@ class Store:
             user=user,
             meta=meta,
             item_ids=[r[0] for r in rows],
-            keys=torch.stack([_tensor(r[1], (meta.key_dim,)) for r in rows]),
-            vectors=torch.stack([_tensor(r[2], shape) for r in rows]),
+            keys=torch.stack([tensor_from_blob(r[1], (meta.key_dim,)) for r in rows]),
+            vectors=torch.stack([tensor_from_blob(r[2], shape) for r in rows]),
             items=[HistoryItem(r[3], r[4], r[0]) for r in rows if r[3] is not None],
         )
 

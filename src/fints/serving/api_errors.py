@@ -16,7 +16,13 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from fints.errors import DictionaryMismatchError, FintsError, InvalidInputError, UnknownUserError
+from fints.errors import (
+    DictionaryMismatchError,
+    FintsError,
+    InvalidInputError,
+    LimitExceededError,
+    UnknownUserError,
+)
 from fints.serving.api_spec import PATTERN_HELP
 
 log = logging.getLogger("fints.serving")
@@ -28,6 +34,7 @@ ErrorType = Literal[
     "not_found_error",
     "server_error",
     "overloaded_error",
+    "rate_limit_error",
 ]
 
 
@@ -80,6 +87,9 @@ def api_error_for(exc: BaseException) -> ApiError:
         return exc
     if isinstance(exc, UnknownUserError):
         return ApiError(404, str(exc), type="not_found_error", param="user", code="user_not_found")
+    if isinstance(exc, LimitExceededError):
+        code = f"{exc.limit.removeprefix('max_')}_exceeded"
+        return ApiError(400, str(exc), param=exc.param, code=code)
     if isinstance(exc, InvalidInputError):
         return ApiError(400, str(exc))
     if isinstance(exc, DictionaryMismatchError):
@@ -136,6 +146,8 @@ def validation_error(exc: RequestValidationError) -> ApiError:
 def _http_error(exc: StarletteHTTPException) -> ApiError:
     if exc.status_code == 404:
         return ApiError(404, f"unknown path: {exc.detail}", type="not_found_error")
+    if exc.status_code == 413:  # the body limit, while reading a body without a length
+        return ApiError(413, str(exc.detail), code="request_too_large")
     return ApiError(exc.status_code, str(exc.detail))
 
 

@@ -23,6 +23,7 @@ from fints.engine import Personalizer
 from fints.serving import api_spec
 from fints.serving.api_errors import install_error_handlers
 from fints.serving.batcher import Batcher
+from fints.serving.limits import BodyLimit, TenantSlots
 from fints.serving.metrics import ServingMetrics
 from fints.serving.routes import router
 from fints.serving.state import ServerConfig, ServerState
@@ -51,8 +52,10 @@ def create_app(personalizer: Personalizer, config: ServerConfig | None = None) -
             max_prompt_tokens=config.limits.max_prompt_tokens,
         ),
         tenants=TenantResolver(config.api_keys),
+        slots=TenantSlots(config.resources.max_concurrent_per_tenant),
     )
     app = FastAPI(title="fints personalization server", version="1", lifespan=_lifespan)
+    app.add_middleware(BodyLimit, max_bytes=config.resources.max_request_bytes)
     app.state.fints = server
     install_error_handlers(app)
     _count_requests(app, metrics)

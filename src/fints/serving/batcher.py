@@ -94,13 +94,21 @@ class GenerationJob:
     enqueued_at: float = field(default_factory=time.perf_counter)
     abandoned: bool = False  # the client went away before the batch started
     answered: bool = False  # Done or Failed was emitted (set and read by the worker)
+    on_finished: Callable[[], None] | None = None  # once, on the loop: answered or abandoned
 
     def emit(self, event: Event) -> None:
         """Thread-safe: called from the worker."""
-        if isinstance(event, Done | Failed):
-            self.answered = True
         with contextlib.suppress(RuntimeError):  # a closed loop: nobody is listening
             self.loop.call_soon_threadsafe(self.events.put_nowait, event)
+            if isinstance(event, Done | Failed):
+                self.answered = True
+                self.loop.call_soon_threadsafe(self.finish)
+
+    def finish(self) -> None:
+        """On the loop: the job left the server (answered, or its client went away)."""
+        callback, self.on_finished = self.on_finished, None
+        if callback is not None:
+            callback()
 
     async def next_event(self) -> Event:
         return await self.events.get()
@@ -213,10 +221,18 @@ class Batcher:
     # -- submitting --
 
     def submit(
-        self, request: GenerationRequest, options: GenerationOptions, *, stream: bool
+        self,
+        request: GenerationRequest,
+        options: GenerationOptions,
+        *,
+        stream: bool,
+        on_finished: Callable[[], None] | None = None,
     ) -> GenerationJob:
+        """Queue a request; ``on_finished`` runs on the loop once it is answered or
+        abandoned (not when this raises)."""
         job = GenerationJob(request, options, stream, asyncio.get_running_loop())
         self._admit()
+        job.on_finished = on_finished
         self._jobs.append(job)
         self._woken()
         return job

@@ -14,6 +14,7 @@ from typing import Annotated
 import typer
 
 from fints.errors import FintsError
+from fints.history import ITEM_PROMPT_TOKENS
 from fints.serving.app import ServerConfig, create_app
 from fints.serving.factory import (
     build_personalizer,
@@ -22,6 +23,7 @@ from fints.serving.factory import (
     parse_unknown_user,
     set_threads,
 )
+from fints.serving.limits import ResourceLimits
 from fints.serving.loadtest import loadtest
 from fints.serving.payloads import Limits
 from fints.serving.tenants import check_bind, load_api_keys
@@ -85,6 +87,28 @@ def serve(
     extract_on_write: Annotated[
         bool, typer.Option(help="Extract vectors when history is added (off: store only).")
     ] = True,
+    extract_chunk_items: Annotated[
+        int,
+        typer.Option(help="Items extracted per step of a write; requests are decoded between."),
+    ] = 1,
+    item_prompt_tokens: Annotated[
+        int, typer.Option(help="Tokens of an item's input or output in any prompt (0: all).")
+    ] = ITEM_PROMPT_TOKENS,
+    max_items_per_user: Annotated[
+        int, typer.Option(help="History items one user may have (400 beyond).")
+    ] = ResourceLimits.max_items_per_user,
+    max_item_tokens: Annotated[
+        int, typer.Option(help="Tokens of a history item's input or output (413 beyond).")
+    ] = ResourceLimits.max_item_tokens,
+    max_request_bytes: Annotated[
+        int, typer.Option(help="Size of a request body (413 beyond).")
+    ] = ResourceLimits.max_request_bytes,
+    max_concurrent_per_tenant: Annotated[
+        int, typer.Option(help="Requests of one tenant waiting or running (429 beyond).")
+    ] = ResourceLimits.max_concurrent_per_tenant,
+    max_queue: Annotated[
+        int, typer.Option(help="Requests and writes waiting for the model (503 beyond).")
+    ] = 256,
     dtype: Annotated[str, typer.Option(help="auto, float32, bfloat16 or float16.")] = "auto",
     device: Annotated[str, typer.Option(help="cpu, cuda, ...")] = "cpu",
     threads: Annotated[
@@ -114,6 +138,14 @@ def serve(
             max_wait_ms=max_wait_ms,
             unknown_user=policy,
             extract_on_write=extract_on_write,
+            extract_chunk_items=extract_chunk_items,
+            resources=ResourceLimits(
+                max_items_per_user=max_items_per_user,
+                max_item_tokens=max_item_tokens,
+                max_request_bytes=max_request_bytes,
+                max_concurrent_per_tenant=max_concurrent_per_tenant,
+            ),
+            max_queue=max_queue,
             api_keys=keys,
         )
         steering = default_steering(
@@ -129,6 +161,7 @@ def serve(
             unknown_user=policy,
             dtype=dtype,
             device=device,
+            item_prompt_tokens=item_prompt_tokens or None,
         )
     except FintsError as exc:
         raise command_failed(exc) from None

@@ -37,7 +37,8 @@ from fints.serving.api_spec import (
     ModelList,
     StoredInteraction,
 )
-from fints.serving.batcher import Batcher, Failed, GenerationJob, Started, WriteSteps
+from fints.serving.batcher import Failed, GenerationJob, Started, WriteSteps
+from fints.serving.limits import check_item_tokens
 from fints.serving.payloads import (
     chat_prompt,
     check_common,
@@ -64,6 +65,8 @@ _WHY = {
     403: "The API key belongs to another tenant than x-fints-tenant names",
     404: "Unknown model, or unknown user",
     409: "The user's dictionary does not fit the served model",
+    413: "The request body (max_request_bytes) or a history item (max_item_tokens) is too large",
+    429: "The tenant has max_concurrent_per_tenant requests in progress; retry later",
     500: "Internal server error",
     503: "Overloaded (the queue is full) or shutting down; retry later",
 }
@@ -75,7 +78,7 @@ def errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
 
 
 _AUTH = (401, 403)
-_GENERATION = errors(400, *_AUTH, 404, 409, 503)
+_GENERATION = errors(400, *_AUTH, 404, 409, 413, 429, 503)
 _STREAM = {"text/event-stream": {"schema": {"type": "string"}}}
 
 
@@ -214,6 +217,7 @@ async def _await_job(job: GenerationJob) -> tuple[GenerationResult, int]:
         return await job.result()
     except asyncio.CancelledError:
         job.abandoned = True
+        job.finish()
         raise
     except Exception as exc:
         raise api_error_for(exc) from None
@@ -224,6 +228,7 @@ async def _await_start(job: GenerationJob) -> Started:
         event = await job.next_event()
     except asyncio.CancelledError:
         job.abandoned = True
+        job.finish()
         raise
     if isinstance(event, Failed):
         raise api_error_for(event.error)
@@ -232,7 +237,7 @@ async def _await_start(job: GenerationJob) -> Started:
 
 
 async def _respond(
-    batcher: Batcher,
+    server: ServerState,
     body: _GenerationBody,
     request: GenerationRequest,
     options: GenerationOptions,
@@ -241,9 +246,18 @@ async def _respond(
     """Run one checked generation request and answer it in ``shape``.
 
     Streamed: an SSE response that starts once the job is admitted. Otherwise: the
-    whole text (decoding ended at the first stop sequence) as one JSON body.
+    whole text (decoding ended at the first stop sequence) as one JSON body. The request
+    holds one of its tenant's slots until it is answered (429 when none is free).
     """
-    job = batcher.submit(request, options, stream=body.stream)
+    tenant, slots = request.tenant, server.slots
+    slots.acquire(tenant)
+    try:
+        job = server.batcher.submit(
+            request, options, stream=body.stream, on_finished=lambda: slots.release(tenant)
+        )
+    except BaseException:
+        slots.release(tenant)
+        raise
     head = shape.head(body.model)
     if body.stream:
         started = await _await_start(job)
@@ -266,7 +280,7 @@ async def chat(
     p = server.personalizer
     text, raw = chat_prompt(body.messages, p.model.tokenizer, p.template)
     job_request = await _request_for(server, tenant, body, text, raw, "messages")
-    return await _respond(server.batcher, body, job_request, options, CHAT)
+    return await _respond(server, body, job_request, options, CHAT)
 
 
 @router.post(
@@ -281,13 +295,13 @@ async def completions(
     options = _checked(server, body)
     text = completion_prompt(body.prompt)
     job_request = await _request_for(server, tenant, body, text, True, "prompt")
-    return await _respond(server.batcher, body, job_request, options, COMPLETION)
+    return await _respond(server, body, job_request, options, COMPLETION)
 
 
 # -- history --------------------------------------------------------------------------------
 
 
-@router.post("/v1/users/{user}/interactions", responses=errors(400, *_AUTH, 409, 503))
+@router.post("/v1/users/{user}/interactions", responses=errors(400, *_AUTH, 409, 413, 429, 503))
 async def add_interactions(
     body: AddInteractionsRequest,
     request: Request,
@@ -297,12 +311,16 @@ async def add_interactions(
     server = server_of(request)
     items = history_items(body.items, server.config.limits)
     extract = server.config.extract_on_write
-
-    p, chunk = server.personalizer, server.config.extract_chunk_items
+    p, chunk, limits = (
+        server.personalizer,
+        server.config.extract_chunk_items,
+        server.config.resources,
+    )
+    await run_in_threadpool(check_item_tokens, p.model.tokenizer, items, limits.max_item_tokens)
 
     def write() -> WriteSteps[list[str]]:
         """Store the items (one transaction), then extract ``chunk`` items per step."""
-        ids = p.store.add_items(tenant, user, items)
+        ids = p.store.add_items(tenant, user, items, max_items=limits.max_items_per_user)
         if extract:
             yield
             began = time.perf_counter()
@@ -312,10 +330,13 @@ async def add_interactions(
                 began = time.perf_counter()
         return ids
 
+    server.slots.acquire(tenant)
     try:
         ids = await server.batcher.run_steps(write())
     except Exception as exc:
         raise api_error_for(exc) from None
+    finally:
+        server.slots.release(tenant)
     server.metrics.interactions_added.inc(len(ids))
     return AddInteractionsResponse(user=user, added=len(ids), ids=ids, extracted=extract)
 
@@ -346,16 +367,19 @@ async def list_interactions(
     )
 
 
-@router.delete("/v1/users/{user}", responses=errors(400, *_AUTH, 404, 503))
+@router.delete("/v1/users/{user}", responses=errors(400, *_AUTH, 404, 413, 429, 503))
 async def delete_user(
     request: Request, user: str = Depends(user_in_path), tenant: str = Depends(tenant_of)
 ) -> DeletedUser:
     server = server_of(request)
+    server.slots.acquire(tenant)
     try:
         await server.batcher.run_exclusive(
             lambda: server.personalizer.delete_user(user, tenant=tenant)
         )
     except Exception as exc:
         raise api_error_for(exc) from None
+    finally:
+        server.slots.release(tenant)
     server.metrics.users_deleted.inc()
     return DeletedUser(user=user)

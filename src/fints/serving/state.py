@@ -15,6 +15,7 @@ from fastapi import Request
 from fints.engine import Personalizer, UnknownUser
 from fints.errors import InvalidInputError
 from fints.serving.batcher import Batcher
+from fints.serving.limits import ResourceLimits, TenantSlots
 from fints.serving.metrics import ServingMetrics
 from fints.serving.payloads import Limits
 from fints.serving.tenants import TenantResolver
@@ -26,6 +27,7 @@ class ServerConfig:
 
     model_id: str | None = None  # the name clients send as "model"; None: the model's name
     limits: Limits = field(default_factory=Limits)
+    resources: ResourceLimits = field(default_factory=ResourceLimits)
     max_batch_size: int = 8
     max_wait_ms: float = 5.0
     max_queue: int = 256
@@ -37,6 +39,11 @@ class ServerConfig:
     api_keys: Mapping[str, str] | None = None  # key -> tenant; None: single-tenant, no auth
 
     def __post_init__(self) -> None:
+        if self.max_queue < 1 or self.max_batch_size < 1:
+            raise InvalidInputError(
+                f"max_queue and max_batch_size must be >= 1, got {self.max_queue} and "
+                f"{self.max_batch_size}"
+            )
         if self.extract_chunk_items is not None and self.extract_chunk_items < 1:
             raise InvalidInputError(
                 f"extract_chunk_items must be >= 1, got {self.extract_chunk_items}"
@@ -60,6 +67,7 @@ class ServerState:
     metrics: ServingMetrics
     batcher: Batcher
     tenants: TenantResolver
+    slots: TenantSlots  # requests in progress per tenant
     created: int = field(default_factory=lambda: int(time.time()))
 
     @property
