@@ -24,6 +24,7 @@ from rich.table import Table
 
 from fints.cli_guidance import guidance_app
 from fints.cli_lazy import LazyGroup
+from fints.cli_lora import lora_app
 from fints.errors import FintsError, InvalidInputError
 from fints.history import read_history
 from fints.sites import parse_sites
@@ -35,6 +36,7 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 app.add_typer(guidance_app, name="guidance")
+app.add_typer(lora_app, name="lora")
 console = Console()
 err = Console(stderr=True)
 
