@@ -63,7 +63,11 @@ def _progress() -> Iterator[Any]:
 
         def update(stage: str, done: int, total: int) -> None:
             if stage not in tasks or bars.tasks[tasks[stage]].completed > done:
-                label = {"features": "backbone features", "head": "training the head"}[stage]
+                label = {
+                    "features": "backbone features",
+                    "head": "training the head",
+                    "decoding": "decoding",
+                }.get(stage, stage)
                 tasks[stage] = bars.add_task(label, total=total)
             bars.update(tasks[stage], completed=done, total=total)
 
@@ -186,3 +190,53 @@ def list_classifiers(classifiers: ClassifiersOpt = None, as_json: bool = False) 
         acc = f"{test['text_accuracy']:.1%}" if test else "-"
         table.add_row(c["name"], ", ".join(c["classes"]), f"{c['backbone']}/{c['layers']}", acc)
     console.print(table)
+
+
+@guidance_app.command("bench")
+@_clear_errors
+def bench(
+    out: Annotated[Path, typer.Option(help="folder for results.json and results.md")] = Path(
+        "benchmarks/results/guidance-moods"
+    ),
+    model: Annotated[str | None, typer.Option(help="the generator (default smollm2)")] = None,
+    classifiers: ClassifiersOpt = None,
+    n_prompts: Annotated[int, typer.Option(help="held-out test prompts")] = 5,
+    moods: Annotated[str | None, typer.Option(help="comma-separated (default: all)")] = None,
+    alphas: Annotated[str, typer.Option(help="guidance weights")] = "0.1,0.3,0.5,1",
+    method: Annotated[str, typer.Option(help="full or topk")] = "full",
+    top_k: Annotated[int, typer.Option(help="candidates for topk")] = 20,
+    max_tokens: Annotated[int, typer.Option(help="new tokens per answer")] = 40,
+    two_dims: Annotated[bool, typer.Option(help="also mood + concise at alpha 0.5")] = True,
+) -> None:
+    """Attribute success of guidance on held-out moodswapper prompts (TF-IDF judge)."""
+    from fints.benchmark.guidance import GuidanceBenchConfig, markdown, run_guidance_bench
+    from fints.guidance.library import ClassifierLibrary
+    from fints.models import load_model
+
+    config = GuidanceBenchConfig(
+        alphas=tuple(float(a) for a in alphas.split(",")),
+        moods=tuple(moods.split(",")) if moods else None,
+        n_prompts=n_prompts,
+        max_new_tokens=max_tokens,
+        method=method,
+        top_k=top_k,
+        two_dims_alpha=0.5 if two_dims else None,
+    )
+    with console.status(f"loading model {model or 'smollm2'}"):
+        loaded = load_model(model, dtype="float32")
+    with _progress() as update:
+        result = run_guidance_bench(loaded, ClassifierLibrary(classifiers), config, update)
+    out.mkdir(parents=True, exist_ok=True)
+    data = {
+        "config": result.config,
+        "table": result.table(),
+        "judge": result.judge,
+        "classifier": result.classifier,
+        "cost": result.cost,
+        "seconds": result.seconds,
+        "answers": [a.__dict__ for a in result.answers],
+    }
+    (out / "results.json").write_text(json.dumps(data, indent=1) + "\n")
+    text = markdown(result)
+    (out / "results.md").write_text(text + "\n")
+    console.print(text, markup=False)
