@@ -90,6 +90,8 @@ class LoraTrainer:
             for layer in lora_layers(work):
                 layer.merge(adapter_names=["task"])
             _strip_lora(work)
+            if hasattr(work, "peft_config"):
+                del work.peft_config
         work.requires_grad_(False)
         self.base = model
         self.work = replace(model, model=work, layout=resolve_layout(work))
