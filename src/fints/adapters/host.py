@@ -14,6 +14,7 @@ import threading
 from collections import OrderedDict
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import replace
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -112,11 +113,14 @@ class AdapterHost:
     def _inject(self, name: str, weights: AdapterWeights) -> None:
         from peft import inject_adapter_in_model, set_peft_model_state_dict
 
-        config = weights.config
-        config.inference_mode = True
+        # Injected with B = 0 (PEFT's default init: no effect) and made inactive before its
+        # weights are set, so a forward pass in another thread (extraction) never sees it.
+        config = replace(weights.config, inference_mode=True, init_lora_weights=True)
         model = self.model.model
         try:
             inject_adapter_in_model(config, model, adapter_name=name)
+            for layer in lora_layers(model):
+                layer.set_adapter([])  # inactive: plain forward passes stay the base model's
             result: Any = set_peft_model_state_dict(model, weights.model_state(), adapter_name=name)
             if hasattr(model, "peft_config"):
                 del model.peft_config  # left by the injection; adapters here are ours alone
@@ -130,8 +134,6 @@ class AdapterHost:
                 f"the adapter does not fit this model (unexpected {result.unexpected_keys[:2]}, "
                 f"missing {missing[:2]})"
             )
-        for layer in lora_layers(model):
-            layer.set_adapter([])  # inactive: plain forward passes stay the base model's
         model.requires_grad_(False)
 
     def _drop(self, name: str) -> None:

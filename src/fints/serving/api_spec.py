@@ -118,6 +118,8 @@ class FintsOptions(_Strict):
     # classifier guidance: {"mood": {"happy": 0.5}} (a classifier's name -> class -> weight)
     preferences: dict[str, dict[str, float]] | None = None
     guidance: GuidanceOptions | None = None
+    # the user's LoRA adapter: left out, used if they have one; false, off; true, required
+    adapter: bool | None = None
 
 
 class TextPart(_Strict):
@@ -219,6 +221,7 @@ class FintsInfo(BaseModel):
     retrieved: list[str] = Field(default_factory=list)  # the user's own item ids, best first
     weights: list[float] = Field(default_factory=list)
     batch_size: int = 1  # how many requests shared the forward passes
+    adapter: str | None = None  # whose LoRA adapter served the request (None: none)
 
 
 class Usage(BaseModel):

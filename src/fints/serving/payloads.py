@@ -172,7 +172,8 @@ def steering_config(
     if options is None:
         return default
     try:
-        settings = options.model_dump(exclude_none=True, exclude={"preferences", "guidance"})
+        not_steering = {"preferences", "guidance", "adapter"}
+        settings = options.model_dump(exclude_none=True, exclude=not_steering)
         config = SteeringConfig.from_dict(settings, base=default)
     except InvalidInputError as exc:
         param = f"fints.{exc.param}" if exc.param else "fints"
@@ -246,6 +247,7 @@ def generation_request(
     limits: Limits,
     param: str,
     preferences: Preferences | None = None,
+    adapter: bool | None = None,
 ) -> GenerationRequest:
     if len(text) > limits.max_prompt_chars:
         raise ApiError(
@@ -264,6 +266,7 @@ def generation_request(
             raw_prompt=raw,
             stop=stops,
             preferences=preferences,
+            adapter=adapter,
         )
     except InvalidInputError as exc:
         raise ApiError(400, f"{param}: {exc}", param=param) from None

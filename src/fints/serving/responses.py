@@ -51,6 +51,7 @@ def fints_info(result: GenerationResult, batch_size: int) -> FintsInfo:
         retrieved=list(result.retrieved),
         weights=[float(w) for w in result.weights],
         batch_size=batch_size,
+        adapter=result.adapter,
     )
 
 

@@ -209,6 +209,7 @@ async def _request_for(
         limits=server.config.limits,
         param=param,
         preferences=preferences,
+        adapter=body.fints.adapter if body.fints is not None else None,
     )
 
 
