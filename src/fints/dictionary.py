@@ -52,6 +52,20 @@ class DictionaryMeta:
     created_at: str = field(default_factory=now_iso)
 
     def __post_init__(self) -> None:
+        for name in ("model_fingerprint", "model_name", "key_encoder", "prompt_template"):
+            if not isinstance(getattr(self, name), str):
+                raise InvalidInputError(f"field {name!r} must be a string")
+        for name in ("dtype", "method", "created_at"):
+            if not isinstance(getattr(self, name), str):
+                raise InvalidInputError(f"field {name!r} must be a string")
+        for name in ("hidden_size", "key_dim"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise InvalidInputError(f"field {name!r} must be an integer >= 1, got {value!r}")
+        if not isinstance(self.method_config, dict):
+            raise InvalidInputError("field 'method_config' must be a JSON object")
+        if not all(math.isfinite(x) for x in self.site_norms):
+            raise InvalidInputError("field 'site_norms' must hold finite numbers")
         if self.site_norms and len(self.site_norms) != len(self.sites):
             raise InvalidInputError(
                 f"{len(self.site_norms)} site norms for {len(self.sites)} sites"
@@ -133,6 +147,8 @@ class UserDictionary:
 
     def __post_init__(self) -> None:
         n = len(self.item_ids)
+        if len(set(self.item_ids)) != n:
+            raise InvalidInputError("item_ids must be unique")
         if self.keys.shape != (n, self.meta.key_dim):
             raise InvalidInputError(
                 f"keys have shape {tuple(self.keys.shape)}, expected ({n}, {self.meta.key_dim})"

@@ -140,8 +140,20 @@ def read_history(path: str | Path, **fields: str) -> list[HistoryItem]:
     path = Path(path)
     if not path.is_file():
         raise InvalidInputError(f"history file {str(path)!r} does not exist")
-    with path.open(encoding="utf-8") as handle:
-        return parse_history_lines(handle, source=str(path), **fields)
+    return parse_history_lines(utf8_lines(path), source=str(path), **fields)
+
+
+def utf8_lines(path: Path) -> list[str]:
+    """The file's lines; bytes that are not UTF-8 are an error naming the line."""
+    lines = []
+    for number, raw in enumerate(path.read_bytes().splitlines(), start=1):
+        try:
+            lines.append(raw.decode("utf-8"))
+        except UnicodeDecodeError as exc:
+            raise InvalidInputError(
+                f"{path}:{number}: not valid UTF-8 (byte {raw[exc.start]:#04x} at {exc.start})"
+            ) from None
+    return lines
 
 
 def check_unique_ids(items: Sequence[HistoryItem]) -> None:

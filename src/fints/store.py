@@ -385,6 +385,8 @@ class Store:
                 f"user {user!r} already exists in tenant {tenant!r}; delete it or import under "
                 "another name"
             )
+        if not len(dictionary):
+            raise InvalidInputError("the dictionary has no entries; there is nothing to import")
         texts = {i.item_id: i for i in dictionary.items}
         missing = [i for i in dictionary.item_ids if i not in texts]
         if missing:

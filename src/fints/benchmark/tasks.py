@@ -30,7 +30,7 @@ from typing import Any
 
 from fints.benchmark.labels import Split, TaskName
 from fints.errors import InvalidInputError
-from fints.history import HistoryItem
+from fints.history import HistoryItem, check_text, utf8_lines
 
 #: The environment variable naming the folder with the JSONL data (``--data-dir``).
 DATA_DIR_ENV = "FINTS_BENCH_DATA"
@@ -229,19 +229,18 @@ def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
     path = existing_file(path)
     rows: list[dict[str, Any]] = []
     problems: list[str] = []
-    with path.open(encoding="utf-8") as handle:
-        for number, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as exc:
-                problems.append(f"{path}:{number}: not valid JSON ({exc.msg})")
-                continue
-            if not isinstance(row, dict):
-                problems.append(f"{path}:{number}: expected a JSON object")
-                continue
-            rows.append(row)
+    for number, line in enumerate(utf8_lines(path), start=1):  # each line must be UTF-8
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as exc:
+            problems.append(f"{path}:{number}: not valid JSON ({exc.msg})")
+            continue
+        if not isinstance(row, dict):
+            problems.append(f"{path}:{number}: expected a JSON object")
+            continue
+        rows.append(row)
     if problems:
         more = f" (and {len(problems) - 5} more)" if len(problems) > 5 else ""
         raise InvalidInputError("; ".join(problems[:5]) + more)
@@ -254,6 +253,15 @@ def require_fields(row: dict[str, Any], fields: Sequence[str], where: str) -> No
     missing = [f for f in fields if f not in row]
     if missing:
         raise InvalidInputError(f"{where}: missing field(s) {missing} (have {sorted(row)})")
+
+
+def checked_texts(where: str, *texts: str) -> None:
+    """Refuse a record whose text is not valid Unicode (a lone surrogate from JSON)."""
+    for text in texts:
+        try:
+            check_text("a text", text)
+        except InvalidInputError as exc:
+            raise InvalidInputError(f"{where}: {exc}") from None
 
 
 def clean_text(value: Any) -> str:
@@ -330,6 +338,9 @@ def headline_records(rows: Sequence[dict[str, Any]], source: str = "<rows>") -> 
         require_fields(row, ("headline", "short_description", "authors"), where)
         author = clean_text(row["authors"])
         article, headline = clean_text(row["short_description"]), clean_text(row["headline"])
+        checked_texts(
+            where, author, article, headline, clean_text(row.get("link") or row.get("id"))
+        )
         if not article or not headline:
             continue  # an article without text or headline cannot be a task item
         rid = (
@@ -350,6 +361,7 @@ def abstract_records(rows: Sequence[dict[str, Any]], source: str = "<rows>") -> 
         if not isinstance(authors, list):
             raise InvalidInputError(f"{where}: 'authors' must be a list of names")
         title, abstract = clean_text(row["title"]), clean_text(row["abstract"])
+        checked_texts(where, title, abstract, clean_text(row.get("id")), *map(clean_text, authors))
         if not title or not abstract:
             continue
         rid = clean_text(row.get("id")) or hashlib.sha256(title.encode()).hexdigest()[:16]
