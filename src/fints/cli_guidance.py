@@ -207,6 +207,9 @@ def bench(
     top_k: Annotated[int, typer.Option(help="candidates for topk")] = 20,
     max_tokens: Annotated[int, typer.Option(help="new tokens per answer")] = 40,
     two_dims: Annotated[bool, typer.Option(help="also mood + concise at alpha 0.5")] = True,
+    steering_items: Annotated[
+        int, typer.Option(help="> 0: steering rows, each mood a user with this many answers")
+    ] = 0,
 ) -> None:
     """Attribute success of guidance on held-out moodswapper prompts (TF-IDF judge)."""
     from fints.benchmark.guidance import GuidanceBenchConfig, markdown, run_guidance_bench
@@ -221,6 +224,7 @@ def bench(
         method=method,
         top_k=top_k,
         two_dims_alpha=0.5 if two_dims else None,
+        steering_items=steering_items,
     )
     with console.status(f"loading model {model or 'smollm2'}"):
         loaded = load_model(model, dtype="float32")

@@ -10,7 +10,9 @@ answer and the judge names its mood:
 * ``prompting``: the system prompt names the mood;
 * ``icl``: the mood's own example answers (to training prompts) as earlier turns;
 * ``guided a=...``: classifier guidance towards the mood at each weight alpha;
-* ``guided a=... + concise``: two dimensions at once (mood and the length classifier).
+* ``guided a=... + concise``: two dimensions at once (mood and the length classifier);
+* ``steering`` and ``steering + guided``: each mood a user whose trained steering vectors
+  (the demo's settings) steer the answer, alone and with guidance on the same row.
 
 Fluency: perplexity of each answer under the generator itself, given the plain prompt
 (answers that buy the mood with gibberish score high). Cost: decoding tokens/s on one
@@ -21,15 +23,18 @@ from __future__ import annotations
 
 import math
 import random
+import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from fints.benchmark.metrics import TextClassifier
 from fints.benchmark.stats import user_bootstrap
+from fints.demo import DEMO_EXTRACTION, DEMO_STEERING
 from fints.engine import GenerationRequest, Personalizer
 from fints.generation import GenerationOptions
 from fints.guidance.library import ClassifierLibrary
@@ -58,6 +63,10 @@ class GuidanceBenchConfig:
     icl_k: int = 2
     two_dims_alpha: float | None = 0.5  # mood at this alpha plus concise at the same
     cost_rows: int = 16  # the batch timed for the cost figures
+    # > 0: each mood is a user with this many answers, its steering vectors trained as in
+    # the demo; rows "steering" and "steering + guided a=<steer_alpha>"
+    steering_items: int = 0
+    steer_alpha: float = 0.5
     cost_tokens: int = 32
     mood_classifier: str = "mood"
     length_classifier: str = "length"
@@ -202,6 +211,8 @@ def run_guidance_bench(
             answers.append(Answer(condition, mood, q, result.text, list(tokens)))
         if progress is not None:
             progress("decoding", min(start + config.batch_size, len(requests)), len(requests))
+    if config.steering_items:
+        answers += _steering_answers(model, library, config, examples, prompts, progress)
     # the plain answer counts once per target mood
     expanded = []
     for a in answers:
@@ -225,6 +236,52 @@ def run_guidance_bench(
         cost=measure_cost(model, library, config, prompts, moods),
         seconds=time.perf_counter() - began,
     )
+
+
+def _steering_answers(
+    model: LoadedModel,
+    library: ClassifierLibrary,
+    config: GuidanceBenchConfig,
+    examples: dict[str, list[MoodPair]],
+    prompts: Sequence[str],
+    progress: Progress | None,
+) -> list[Answer]:
+    """Each mood a user of its own answers to training prompts; steered rows, alone and
+    with guidance towards the same mood."""
+    rng = random.Random(config.seed + 1)
+    how = {"method": config.method, "top_k": config.top_k}
+    answers = []
+    with tempfile.TemporaryDirectory() as tmp, Store(Path(tmp) / "steer.sqlite") as store:
+        engine = Personalizer(
+            model,
+            store,
+            steering=DEMO_STEERING,
+            extraction=DEMO_EXTRACTION,
+            modes=("steering", GuidanceMode(library)),
+        )
+        for n, (mood, pool) in enumerate(examples.items()):
+            chosen = rng.sample(pool, min(config.steering_items, len(pool)))
+            engine.add_history(mood, [HistoryItem(p.prompt, p.response) for p in chosen])
+            if progress is not None:
+                progress("steering vectors", n + 1, len(examples))
+        guided = f"steering + guided a={config.steer_alpha:g}"
+        rows = []
+        for q in prompts:
+            for mood in examples:
+                weights = {config.mood_classifier: {mood: config.steer_alpha}}
+                prefs = Preferences.from_dict({"preferences": weights, "guidance": how})
+                rows.append(("steering", mood, q, GenerationRequest(mood, q)))
+                rows.append((guided, mood, q, GenerationRequest(mood, q, preferences=prefs)))
+        options = GenerationOptions(max_new_tokens=config.max_new_tokens)
+        for start in range(0, len(rows), config.batch_size):
+            chunk = rows[start : start + config.batch_size]
+            results = engine.generate([r for *_, r in chunk], options)
+            for (condition, mood, q, _), result in zip(chunk, results, strict=True):
+                tokens = model.tokenizer(result.text, add_special_tokens=False)["input_ids"]
+                answers.append(Answer(condition, mood, q, result.text, list(tokens)))
+            if progress is not None:
+                progress("steered decoding", min(start + config.batch_size, len(rows)), len(rows))
+    return answers
 
 
 def _judge_accuracy(
@@ -312,8 +369,8 @@ def markdown(result: GuidanceBenchResult) -> str:
     c = result.cost
     lines += [
         "",
-        f"cost ({c['batch_rows']:.0f} rows x {cfg['cost_tokens']} tokens): plain {c['plain_tokens_per_s']:.1f} "
-        f"tok/s, top-k {c['topk_tokens_per_s']:.1f} tok/s "
+        f"cost ({c['batch_rows']:.0f} rows x {cfg['cost_tokens']} tokens): "
+        f"plain {c['plain_tokens_per_s']:.1f} tok/s, top-k {c['topk_tokens_per_s']:.1f} tok/s "
         f"(+{c['plain_tokens_per_s'] / c['topk_tokens_per_s'] - 1:.0%} time), full head "
         f"{c['full_tokens_per_s']:.1f} tok/s "
         f"(+{c['plain_tokens_per_s'] / c['full_tokens_per_s'] - 1:.0%} time); "
