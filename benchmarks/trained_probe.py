@@ -3,22 +3,26 @@
 Headlines (``short_description`` -> ``headline``), SmolLM2, bare prompt (no examples).
 Per author (>= 20 articles, sorted by date): the last ``--test`` items are test queries;
 the ``--history`` items before them are the history, whose latest quarter is held out
-for early stopping. ``v_shared`` is trained on all authors' history; each author's
-delta starts from it (L2 penalty on the delta, early stopping on the author's own
-held-out history). The metric is the per-token NLL of the gold test headline
-(teacher-forced, ``<|im_end|>`` included), per row:
+(early stopping, when ``--patience`` > 0). ``v_shared`` is trained on all authors'
+history; each author's delta starts from it (L2 penalty ``--l2``). Authors are split
+(seeded) into ``--dev`` authors, on which ``trained_sweep.py`` chooses the delta
+settings, and the rest, on which this script measures. The metric is the per-token NLL
+of the gold test headline (teacher-forced, ``<|im_end|>`` included), per row:
 
 * none, shared, own = shared + own delta, wrong-user delta (shared + another author's
-  delta), random delta (shared + a random direction of the own delta's norm), own from
-  zero (a vector trained on the author's history alone), and shared + the mean of the
-  other authors' deltas (not pre-registered).
+  delta), random delta (shared + a random direction of the own delta's norm);
+* ICL k=3 own and wrong user (the k history items nearest the query in the prompt, as
+  the product retrieves them), own + ICL, shared + ICL;
+* shared + the mean of the other authors' deltas, own from zero (``--zero``), and the
+  per-item rows with retrieval (``--item-steps``, see ``trained_items.py``).
 
-Paired differences get 95% bootstrap intervals resampling users (not queries) and
-sign-flip p-values over users; the three pre-registered comparisons (own vs wrong-user
-delta, own vs shared, own vs none) are Holm-corrected. Trained vectors are cached
-under ``--cache`` (``OUT/cache``) so a rerun resumes.
+Paired differences get 95% bootstrap intervals resampling users (not queries),
+sign-flip p-values over users and the minimum detectable effect
+(:mod:`fints.benchmark.stats`); the three pre-registered comparisons (own vs wrong-user
+delta, own vs shared, own vs ICL k=3 own) are Holm-corrected. Trained vectors and each
+row's NLLs are cached under ``--cache`` so a rerun resumes.
 
-    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/trained_probe.py --authors 16
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/trained_probe.py --authors 64 --dev 12
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/trained_probe.py --cost-only
 """
 
@@ -26,10 +30,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import itertools
 import json
-import shlex
-import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -38,8 +39,19 @@ from typing import Any
 
 import numpy as np
 import torch
+from trained_generation import generation_scores
+from trained_items import add_arguments as add_item_arguments
+from trained_items import per_item_rows
+from trained_report import generation_report, markdown, report
 
-from fints.benchmark.tasks import SplitConfig, file_sha256, headline_records, read_jsonl, time_split
+from fints.benchmark.tasks import (
+    SplitConfig,
+    abstract_records,
+    file_sha256,
+    headline_records,
+    read_jsonl,
+    time_split,
+)
 from fints.encoders import SentenceTransformerEncoder
 from fints.history import HistoryItem
 from fints.models import LoadedModel, load_model
@@ -55,9 +67,13 @@ from fints.vector_training import (
     training_cost_ratio,
 )
 
-DATA = Path("/work/shared/data/news_headlines.jsonl")
+DATA = Path("/work/shared/data")
+#: task: (records loader, prompt template, file under --data)
+TASKS = {
+    "headlines": (headline_records, "headline", "news_headlines.jsonl"),
+    "abstracts": (abstract_records, "abstract", "arxiv_abstracts.jsonl"),
+}
 OUT = Path("benchmarks/results/trained-probe")
-PRE_REGISTERED = ("wrong-user delta", "shared", "icl k=3 (own)")
 
 
 @dataclass
@@ -72,7 +88,9 @@ class Author:
 
 
 def load_authors(model: LoadedModel, args: argparse.Namespace) -> list[Author]:
-    records = headline_records(read_jsonl(args.data), str(args.data))
+    load, template_name, file = TASKS[args.task]
+    path = args.data / file
+    records = load(read_jsonl(path), str(path))
     split = SplitConfig(
         min_items=20,
         n_test=args.test,
@@ -81,7 +99,7 @@ def load_authors(model: LoadedModel, args: argparse.Namespace) -> list[Author]:
         max_users=args.authors,
         seed=0,
     )
-    tok, template = model.tokenizer, TEMPLATES["headline"]
+    tok, template = model.tokenizer, TEMPLATES[template_name]
 
     def encode(article: str, headline: str) -> Example:
         prompt = build_prompt_ids(tok, template, article)
@@ -106,7 +124,7 @@ def cache_key(model: LoadedModel, args: argparse.Namespace, *parts: Any) -> str:
     payload = json.dumps(
         [
             model.fingerprint,
-            file_sha256(args.data),
+            file_sha256(args.data / TASKS[args.task][2]),
             args.authors,
             args.history,
             args.test,
@@ -153,7 +171,12 @@ def cached_training(path: Path, train: Any) -> TrainedVectors:
 def configs(args: argparse.Namespace) -> dict[str, TrainingConfig]:
     return {
         "shared": TrainingConfig(
-            steps=args.shared_steps, lr=args.shared_lr, l2=0.0, batch_size=32, patience=5
+            steps=args.shared_steps,
+            lr=args.shared_lr,
+            l2=0.0,
+            batch_size=32,
+            patience=5,
+            max_target_tokens=args.max_target_tokens,
         ),
         "delta": TrainingConfig(
             steps=args.steps,
@@ -161,6 +184,7 @@ def configs(args: argparse.Namespace) -> dict[str, TrainingConfig]:
             l2=args.l2,
             patience=args.patience or None,
             valid_fraction=args.valid_fraction,
+            max_target_tokens=args.max_target_tokens,
         ),
         "zero": TrainingConfig(steps=12, lr=0.1, l2=0.0, patience=3),
     }
@@ -247,7 +271,7 @@ def wrong_users(names: list[str], seed: int) -> dict[str, str]:
 
 
 def icl_prompts(
-    model: LoadedModel, authors: list[Author], source: dict[str, str], k: int
+    model: LoadedModel, authors: list[Author], source: dict[str, str], k: int, task: str
 ) -> dict[str, list[list[int]]]:
     """Per author, each test prompt with the ``k`` history items of ``source[author]``
     nearest to the query (MiniLM keys), as the product's ICL retrieves them."""
@@ -261,7 +285,7 @@ def icl_prompts(
         out[a.name] = [
             build_prompt_ids(
                 model.tokenizer,
-                TEMPLATES["headline"],
+                TEMPLATES[TASKS[task][1]],
                 q,
                 nearest_items(keys[b.name], b.history, key, k),
             )
@@ -278,6 +302,7 @@ def probe_rows(
     zeros: dict[str, TrainedVectors],
     seed: int,
     icl_k: int,
+    task: str = "headlines",
 ) -> dict[str, dict[str, Row]]:
     """Per row and author: the test prompts and the ``[sites, hidden]`` vector (None:
     unsteered)."""
@@ -285,8 +310,8 @@ def probe_rows(
     delta = {n: deltas[n].values - shared.values for n in names}
     wrong = wrong_users(names, seed)
     bare = {a.name: [p for p, _ in a.test] for a in authors}
-    own_icl = icl_prompts(model, authors, {n: n for n in names}, icl_k)
-    wrong_icl = icl_prompts(model, authors, wrong, icl_k)
+    own_icl = icl_prompts(model, authors, {n: n for n in names}, icl_k, task)
+    wrong_icl = icl_prompts(model, authors, wrong, icl_k, task)
     g = torch.Generator().manual_seed(seed)
     rows: dict[str, dict[str, Row]] = {}
 
@@ -320,11 +345,22 @@ def evaluate(
     authors: list[Author],
     sites: tuple[Site, ...],
     rows: dict[str, dict[str, Row]],
+    cache: Path | None = None,
+    tag: str = "",
 ) -> dict[str, np.ndarray]:
-    """Per row, ``[authors, test queries]`` NLLs of the gold headlines."""
+    """Per row, ``[authors, test queries]`` NLLs of the gold headlines (kept under
+    ``cache``, named by ``tag`` (what made the vectors) and the row's label)."""
     targets = [t for a in authors for _, t in a.test]
     out = {}
     for label, per_author in rows.items():
+        path = None
+        if cache is not None:
+            name = hashlib.sha256(f"{tag}|{label}".encode()).hexdigest()[:16]
+            path = cache / f"nll-{name}.npy"
+            if path.is_file():
+                out[label] = np.load(path)
+                print(f"{label}: {out[label].mean():.4f} (cached)", flush=True)
+                continue
         prompts = [p for a in authors for p in per_author[a.name][0]]
         vecs = [v for a in authors for v in per_author[a.name][1]]
         vectors = None
@@ -336,97 +372,18 @@ def evaluate(
             vectors = {s: stacked[:, i] for i, s in enumerate(sites)}
         nll = target_nll(model, prompts, targets, vectors, batch_size=8).numpy()
         out[label] = nll.reshape(len(authors), -1)
+        if path is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            np.save(path, out[label])
         print(f"{label}: {out[label].mean():.4f}", flush=True)
     return out
 
 
-def cluster_stats(diff: np.ndarray, seed: int, draws: int = 10000) -> dict[str, float]:
-    """``diff [users, queries]``: mean, 95% bootstrap interval over users, sign-flip p."""
-    per_user = diff.mean(axis=1)
-    rng = np.random.default_rng(seed)
-    picks = rng.integers(0, len(per_user), size=(draws, len(per_user)))
-    boot = per_user[picks].mean(axis=1)
-    observed = abs(per_user.mean())
-    if len(per_user) <= 16:
-        signs = np.array(list(itertools.product([1.0, -1.0], repeat=len(per_user))))
-    else:
-        signs = rng.choice([1.0, -1.0], size=(2**16, len(per_user)))
-    flipped = np.abs((signs * per_user).mean(axis=1))
-    # minimum detectable effect: two-sided 5 %, 80 % power, (1.96 + 0.84) standard errors
-    mde = 2.80 * float(per_user.std(ddof=1)) / np.sqrt(len(per_user))
-    return {
-        "mean": float(per_user.mean()),
-        "mde": mde,
-        "lo": float(np.percentile(boot, 2.5)),
-        "hi": float(np.percentile(boot, 97.5)),
-        "p": float((flipped >= observed - 1e-12).mean()),
-        "users_better": int((per_user < 0).sum()),
-    }
-
-
-def holm(pvalues: dict[str, float]) -> dict[str, float]:
-    ordered = sorted(pvalues, key=pvalues.__getitem__)
-    adjusted, running = {}, 0.0
-    for i, name in enumerate(ordered):
-        running = max(running, min(1.0, (len(ordered) - i) * pvalues[name]))
-        adjusted[name] = running
-    return adjusted
-
-
-def report(
-    scores: dict[str, np.ndarray], args: argparse.Namespace, extra: dict[str, Any]
-) -> dict[str, Any]:
-    own = scores["own"]
-    comparisons = {
-        other: cluster_stats(own - scores[other], seed=i)
-        for i, other in enumerate(k for k in scores if k != "own")
-    }
-    adjusted = holm({k: comparisons[k]["p"] for k in PRE_REGISTERED})
-    for k, p in adjusted.items():
-        comparisons[k]["p_holm"] = p
-    return {
-        "command": " ".join(shlex.quote(a) for a in sys.argv),
-        "args": {k: str(v) for k, v in vars(args).items()},
-        "users": int(own.shape[0]),
-        "queries": int(own.size),
-        "mean_nll": {k: float(v.mean()) for k, v in scores.items()},
-        "own_minus": comparisons,
-        **extra,
-    }
-
-
-def markdown(result: dict[str, Any]) -> str:
-    lines = [
-        "# Trained steering vectors: shared + per-user delta (headlines, SmolLM2)",
-        "",
-        f"Command: `{result['command']}`",
-        "",
-        f"{result['users']} authors, {result['queries']} test headlines; settings: "
-        f"{json.dumps(result['settings'])}",
-        "",
-        "| row | mean NLL (nats/token) |",
-        "|---|---|",
-        *[f"| {k} | {v:.4f} |" for k, v in result["mean_nll"].items()],
-        "",
-        "Own minus each row (negative = own is better); 95% bootstrap interval resampling "
-        "users; p: sign-flip test over users; Holm over the three pre-registered rows.",
-        "",
-        "| own minus | diff | 95% CI | MDE | users own better | p | p (Holm) |",
-        "|---|---|---|---|---|---|---|",
-    ]
-    for k, c in result["own_minus"].items():
-        holm_p = f"{c['p_holm']:.4f}" if "p_holm" in c else "-"
-        lines.append(
-            f"| {k} | {c['mean']:+.4f} | [{c['lo']:+.4f}, {c['hi']:+.4f}] | {c['mde']:.4f} | "
-            f"{c['users_better']}/{result['users']} | {c['p']:.4f} | {holm_p} |"
-        )
-    lines += ["", "Training:", "", *[f"- {line}" for line in result["training"]], ""]
-    return "\n".join(lines)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--data", type=Path, default=DATA)
+    parser.add_argument("--data", type=Path, default=DATA, help="folder of the task files")
+    parser.add_argument("--task", choices=sorted(TASKS), default="headlines")
+    parser.add_argument("--max-target-tokens", type=int, default=32, help="in training")
     parser.add_argument("--out", type=Path, default=OUT)
     parser.add_argument("--cache", type=Path, default=OUT / "cache")
     parser.add_argument("--authors", type=int, default=16)
@@ -447,6 +404,10 @@ def main() -> None:
     parser.add_argument("--zero", action="store_true", help="also vectors trained from zero")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--cost-only", action="store_true")
+    parser.add_argument("--generate", action="store_true", help="also ROUGE and the judge")
+    parser.add_argument("--max-new-tokens", type=int, default=32)
+    parser.add_argument("--rows", default="", help="only these rows (comma-separated) and own")
+    add_item_arguments(parser)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     model = load_model()
@@ -460,8 +421,15 @@ def main() -> None:
     start = time.perf_counter()
     _, evaluated = split_authors(authors, args.dev)
     shared, deltas, zeros = train_all(model, authors, evaluated, sites, args)
-    rows = probe_rows(model, evaluated, shared, deltas, zeros, 0, args.icl_k)
-    scores = evaluate(model, evaluated, sites, rows)
+    rows = probe_rows(model, evaluated, shared, deltas, zeros, 0, args.icl_k, args.task)
+    made_with = (configs(args)["delta"].to_dict(), args.patience, args.shared_steps, args.dev)
+    tag = cache_key(model, args, [str(s) for s in sites], *made_with)
+    if args.item_steps:
+        own = {n: d.values for n, d in deltas.items()}
+        bare = {a.name: [list(p) for p, _ in a.test] for a in evaluated}
+        rows |= per_item_rows(model, sites, evaluated, own, bare, args, tag)
+    wanted = ["own", *args.rows.split(",")] if args.rows else list(rows)
+    scores = evaluate(model, evaluated, sites, {k: rows[k] for k in wanted}, args.cache, tag)
     delta_norms = [float((d.values - shared.values).norm()) for d in deltas.values()]
     training = [
         f"shared: {shared.config.to_dict()}, best step {shared.best_step} of "
@@ -483,6 +451,12 @@ def main() -> None:
     ]
     result = report(scores, args, {"settings": {"sites": args.sites}, "training": training})
     result["per_user_nll"] = {k: v.mean(axis=1).tolist() for k, v in scores.items()}
+    if args.generate:
+        generated, texts = generation_scores(
+            model, evaluated, sites, rows, args.max_new_tokens, args.cache, tag
+        )
+        result["generation"] = generation_report(generated)
+        result["answers"] = texts
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "results.json").write_text(json.dumps(result, indent=2) + "\n")
     (args.out / "results.md").write_text(markdown(result))

@@ -31,13 +31,14 @@ import numpy as np
 import torch
 from trained_probe import (
     DATA,
+    TASKS,
     Author,
     cache_key,
     cached_training,
-    cluster_stats,
     load_authors,
     split_authors,
 )
+from trained_report import cluster_stats
 
 from fints.models import LoadedModel, load_model
 from fints.sites import Site, parse_sites
@@ -119,7 +120,9 @@ def nll_rows(
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--data", type=Path, default=DATA)
+    parser.add_argument("--data", type=Path, default=DATA, help="folder of the task files")
+    parser.add_argument("--task", choices=sorted(TASKS), default="headlines")
+    parser.add_argument("--max-target-tokens", type=int, default=32, help="in training")
     parser.add_argument("--out", type=Path, default=OUT)
     parser.add_argument("--cache", type=Path, default=OUT / "cache")
     parser.add_argument("--authors", type=int, default=64)
@@ -143,7 +146,12 @@ def main() -> None:
     print(f"{len(authors)} authors, {len(dev)} dev: {[a.name for a in dev]}", flush=True)
     start = time.perf_counter()
     shared_cfg = TrainingConfig(
-        steps=args.shared_steps, lr=args.shared_lr, l2=0.0, batch_size=32, patience=5
+        steps=args.shared_steps,
+        lr=args.shared_lr,
+        l2=0.0,
+        batch_size=32,
+        patience=5,
+        max_target_tokens=args.max_target_tokens,
     )
     key = cache_key(model, args, [str(s) for s in sites], shared_cfg.to_dict())
     shared: TrainedVectors = cached_training(
@@ -181,7 +189,13 @@ def main() -> None:
     points = [int(p) for p in args.points.split(",")]
     for entry in args.grid.split(","):
         lr, l2 = (float(x) for x in entry.split(":"))
-        cfg = TrainingConfig(steps=args.max_steps, lr=lr, l2=l2, patience=None)
+        cfg = TrainingConfig(
+            steps=args.max_steps,
+            lr=lr,
+            l2=l2,
+            patience=None,
+            max_target_tokens=args.max_target_tokens,
+        )
         dkey = cache_key(model, args, key, cfg.to_dict())
         trajs = {}
         for n, a in enumerate(dev):
