@@ -15,7 +15,7 @@ import torch
 from peft import PeftModel, get_peft_model
 
 from fints.adapters.config import LoraTrainConfig
-from fints.adapters.files import CONFIG_FILE, META_FILE, WEIGHTS_FILE, compose
+from fints.adapters.files import CONFIG_FILE, META_FILE, WEIGHTS_FILE, AdapterWeights, compose
 from fints.adapters.host import AdapterHost
 from fints.adapters.storage import AdapterStore
 from fints.adapters.training import LoraTrainer, training_examples
@@ -175,3 +175,19 @@ def test_deleting_a_user_deletes_their_adapter_and_only_theirs(tmp_path: Path) -
     assert adapters.user_adapter("default", "alice") is None
     assert adapters.user_adapter("default", "bob") is not None
     store.close()
+
+
+def test_composing_adds_the_two_deltas_whatever_their_scaling(setup: Setup) -> None:
+    task = train_user(setup.model, "bob", LoraTrainConfig(r=4, alpha=8, lr=5e-2))  # scaling 2
+    user = train_user(setup.model, "alice", LoraTrainConfig(r=8, alpha=4, lr=5e-2))  # 0.5
+    both = compose(task.weights, user.weights)
+    assert (both.rank, both.scaling) == (12, 1.0)
+    prefix = "base_model.model.model.layers.0.self_attn.q_proj"
+
+    def delta(w: AdapterWeights) -> torch.Tensor:
+        b, a = w.state[f"{prefix}.lora_B.weight"], w.state[f"{prefix}.lora_A.weight"]
+        return w.scaling * b @ a
+
+    expected = delta(task.weights) + delta(user.weights)
+    assert torch.allclose(delta(both), expected, atol=1e-6)
+    assert not torch.allclose(delta(user.weights), torch.zeros_like(expected), atol=1e-4)
