@@ -26,6 +26,19 @@ class LimitExceededError(InvalidInputError):
         self.limit = limit
 
 
+class StoreUnavailableError(FintsError):
+    """The store refuses writes: it is read-only (``reason`` "read_only") or its disk is
+    full ("full"). Reads, and generation that needs no write, keep working."""
+
+    def __init__(self, message: str, *, reason: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+class CorruptDataError(FintsError):
+    """Stored data failed its checksum (or cannot be decoded); it is reported, never used."""
+
+
 class UnknownUserError(FintsError, KeyError):
     """The named user has no data in this tenant."""
 

@@ -7,6 +7,7 @@ to a tenant, and ``secure_delete`` overwrites what a deleted user leaves behind.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import random
 import shutil
@@ -21,13 +22,24 @@ import torch
 
 from fints.dictionary import DictionaryEntry, DictionaryMeta, UserDictionary, check_finite, now_iso
 from fints.errors import (
+    CorruptDataError,
     DictionaryMismatchError,
     InvalidInputError,
     LimitExceededError,
     UnknownUserError,
 )
 from fints.history import HistoryItem, check_unique_ids
-from fints.store_schema import SCHEMA, check_name, digest, tensor_blob, tensor_from_blob
+from fints.store_schema import (
+    check_entry,
+    check_name,
+    digest,
+    entry_checksum,
+    merged_norms,
+    open_database,
+    tensor_blob,
+    tensor_from_blob,
+    write_refused,
+)
 
 __all__ = ["DEFAULT_TENANT", "Store", "check_name"]
 
@@ -37,17 +49,12 @@ DEFAULT_TENANT = "default"
 class Store:
     """Thread-safe access to one SQLite file. Every method is tenant-scoped."""
 
-    def __init__(self, path: str | Path) -> None:
+    def __init__(self, path: str | Path, *, read_only: bool = False) -> None:
+        """``read_only``: open an existing store without writing to it (every write is a
+        :class:`StoreUnavailableError`; reads work)."""
         self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
         self._lock = threading.RLock()
-        self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=FULL")
-        self._db.execute("PRAGMA foreign_keys=ON")
-        self._db.execute("PRAGMA secure_delete=ON")
-        self._db.execute("PRAGMA busy_timeout=10000")
-        self._db.executescript(SCHEMA)
+        self._db = open_database(self.path, read_only)
 
     def close(self) -> None:
         with self._lock:
@@ -63,13 +70,19 @@ class Store:
     def transaction(self) -> Iterator[sqlite3.Connection]:
         """All-or-nothing: commit on success, roll back on any exception."""
         with self._lock:
-            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                self._db.execute("BEGIN IMMEDIATE")
+            except sqlite3.OperationalError as exc:
+                raise write_refused(exc, self.path) from None
             try:
                 yield self._db
-            except BaseException:
-                self._db.execute("ROLLBACK")
+                self._db.execute("COMMIT")
+            except BaseException as exc:
+                with contextlib.suppress(sqlite3.Error):  # a full disk may have rolled back
+                    self._db.execute("ROLLBACK")
+                if isinstance(exc, sqlite3.OperationalError):
+                    raise write_refused(exc, self.path) from exc
                 raise
-            self._db.execute("COMMIT")
 
     def _query(self, sql: str, args: Sequence[object] = ()) -> list[tuple]:
         with self._lock:
@@ -293,57 +306,21 @@ class Store:
                     "key encoder or extraction method; delete it (or the user) before building "
                     "another"
                 )
-            merged = replace(
-                meta, site_norms=self._merged_norms(db, tenant, user, stored, meta, entries)
-            )
+            merged = replace(meta, site_norms=merged_norms(db, tenant, user, stored, meta, entries))
             db.execute(
                 "UPDATE dictionaries SET meta = ? "
                 "WHERE tenant = ? AND user = ? AND fingerprint = ?",
                 (json.dumps(merged.to_json()), tenant, user, meta.model_fingerprint),
             )
         db.executemany(
-            "INSERT OR REPLACE INTO entries VALUES (?, ?, ?, ?, ?, ?)",
+            "INSERT OR REPLACE INTO entries VALUES (?, ?, ?, ?, ?, ?, ?)",
             [
-                (
-                    tenant,
-                    user,
-                    meta.model_fingerprint,
-                    e.item_id,
-                    tensor_blob(e.key),
-                    tensor_blob(e.vector.values),
-                )
+                (tenant, user, meta.model_fingerprint, e.item_id, k, v, entry_checksum(k, v))
                 for e in entries
+                for k, v in [(tensor_blob(e.key), tensor_blob(e.vector.values))]
             ],
         )
         self._touch(db, tenant, user)
-
-    @staticmethod
-    def _merged_norms(
-        db: sqlite3.Connection,
-        tenant: str,
-        user: str,
-        stored: DictionaryMeta,
-        new: DictionaryMeta,
-        entries: Sequence[DictionaryEntry],
-    ) -> tuple[float, ...]:
-        """The typical site norms over all of the user's entries: the stored ones weighted by
-        the entries that stay, the new ones by the entries written now."""
-        if not stored.site_norms or not new.site_norms:
-            return new.site_norms or stored.site_norms
-        written = {e.item_id for e in entries}
-        kept = sum(
-            1
-            for (item_id,) in db.execute(
-                "SELECT item_id FROM entries WHERE tenant = ? AND user = ? AND fingerprint = ?",
-                (tenant, user, new.model_fingerprint),
-            )
-            if item_id not in written
-        )
-        total = kept + len(written)
-        return tuple(
-            (old * kept + now * len(written)) / total
-            for old, now in zip(stored.site_norms, new.site_norms, strict=True)
-        )
 
     def dictionary(self, tenant: str, user: str, fingerprint: str) -> UserDictionary | None:
         """The user's dictionary for a model, or None if nothing was extracted yet."""
@@ -357,7 +334,7 @@ class Store:
                 return None
             meta = DictionaryMeta.from_json(json.loads(row[0]))
             rows = self._db.execute(
-                "SELECT e.item_id, e.key, e.vectors, i.input, i.output FROM entries e "
+                "SELECT e.item_id, e.key, e.vectors, i.input, i.output, e.checksum FROM entries e "
                 "LEFT JOIN items i ON i.tenant = e.tenant AND i.user = e.user "
                 "AND i.item_id = e.item_id WHERE e.tenant = ? AND e.user = ? "
                 "AND e.fingerprint = ? ORDER BY i.seq, e.item_id",
@@ -365,6 +342,8 @@ class Store:
             ).fetchall()
         if not rows:
             return None
+        for r in rows:
+            check_entry(f"entry {r[0]!r} of user {user!r}", r[1], r[2], r[5])
         shape = (len(meta.sites), meta.hidden_size)
         return UserDictionary(
             user=user,
@@ -403,4 +382,11 @@ class Store:
         """SQLite's own check plus referential checks; an empty list means healthy."""
         problems = [r[0] for r in self._query("PRAGMA integrity_check") if r[0] != "ok"]
         problems += [f"foreign key violation: {r}" for r in self._query("PRAGMA foreign_key_check")]
+        for tenant, user, item_id, key, values, checksum in self._query(
+            "SELECT tenant, user, item_id, key, vectors, checksum FROM entries"
+        ):
+            try:
+                check_entry(f"entry {item_id!r} of {tenant}/{user}", key, values, checksum)
+            except CorruptDataError as exc:
+                problems.append(str(exc))
         return problems

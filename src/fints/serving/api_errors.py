@@ -17,10 +17,12 @@ from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from fints.errors import (
+    CorruptDataError,
     DictionaryMismatchError,
     FintsError,
     InvalidInputError,
     LimitExceededError,
+    StoreUnavailableError,
     UnknownUserError,
 )
 from fints.serving.api_spec import PATTERN_HELP
@@ -87,6 +89,12 @@ def api_error_for(exc: BaseException) -> ApiError:
         return exc
     if isinstance(exc, UnknownUserError):
         return ApiError(404, str(exc), type="not_found_error", param="user", code="user_not_found")
+    if isinstance(exc, StoreUnavailableError):
+        log.error("store write refused: %s", exc)
+        return ApiError(503, str(exc), type="server_error", code=f"store_{exc.reason}")
+    if isinstance(exc, CorruptDataError):
+        log.error("corrupt stored data: %s", exc)
+        return ApiError(503, str(exc), type="server_error", code="store_corrupt")
     if isinstance(exc, LimitExceededError):
         code = f"{exc.limit.removeprefix('max_')}_exceeded"
         return ApiError(400, str(exc), param=exc.param, code=code)

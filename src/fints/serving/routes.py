@@ -68,7 +68,8 @@ _WHY = {
     413: "The request body (max_request_bytes) or a history item (max_item_tokens) is too large",
     429: "The tenant has max_concurrent_per_tenant requests in progress; retry later",
     500: "Internal server error",
-    503: "Overloaded (the queue is full) or shutting down; retry later",
+    503: "Overloaded (the queue is full), shutting down, or the store refuses writes "
+    "(read-only, full disk) or holds damaged data; the error's code says which",
 }
 
 
