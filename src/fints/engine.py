@@ -10,6 +10,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
+from datetime import datetime
 from enum import StrEnum
 from typing import Any
 
@@ -31,6 +32,7 @@ from fints.sites import check_layers_in_range, default_sites
 from fints.steering import SteeringConfig
 from fints.stopping import check_stops
 from fints.store import DEFAULT_TENANT, Store, check_name
+from fints.store_expiry import expire_items
 
 
 class UnknownUser(StrEnum):
@@ -271,6 +273,14 @@ class Personalizer:
             self.model.fingerprint, self.model.hidden_size, self.model.num_layers
         )
         self.store.import_dictionary(tenant, dictionary, user=user)
+
+    def expire(self, older_than: datetime) -> int:
+        """Forget history items stored before ``older_than`` (see
+        :func:`fints.store_expiry.expire_items`); returns how many went."""
+        removed = expire_items(self.store, older_than)
+        for tenant in removed:
+            self._method_state.pop(tenant, None)  # it may hold what expired items taught
+        return sum(removed.values())
 
     def delete_user(self, user: str, *, tenant: str = DEFAULT_TENANT) -> None:
         self.store.delete_user(tenant, user)

@@ -248,8 +248,11 @@ class Store:
             for table in ("entries", "dictionaries", "items", "users"):
                 db.execute(f"DELETE FROM {table} WHERE tenant = ? AND user = ?", (tenant, user))
         shutil.rmtree(self.files_dir(tenant, user), ignore_errors=True)
+        self.checkpoint()
+
+    def checkpoint(self) -> None:
+        """Copy the WAL (and the pages a delete zeroed) into the main file; empty the WAL."""
         with self._lock:
-            # Copy the zeroed pages back into the main file and empty the WAL.
             self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
 
     # -- dictionaries ---------------------------------------------------------------------

@@ -9,10 +9,14 @@ are in :mod:`fints.serving.routes`, the error format in
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import functools
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -116,10 +120,36 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
     else:
         log.info("multi-tenant mode: %d tenant(s)", len(server.tenants.tenants))
     await server.batcher.start()
+    expiry = None
+    if server.config.expire_after_s is not None:
+        expiry = asyncio.create_task(_expire_periodically(server), name="fints-expiry")
     try:
         yield
     finally:
+        if expiry is not None:
+            expiry.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await expiry
         await server.batcher.stop()
+
+
+async def _expire_periodically(server: ServerState) -> None:
+    """Forget items older than ``expire_after_s`` now, then every ``expire_every_s``."""
+    config = server.config
+    assert config.expire_after_s is not None
+    while True:
+        cutoff = datetime.now(UTC) - timedelta(seconds=config.expire_after_s)
+        try:
+            removed = await server.batcher.run_exclusive(
+                functools.partial(server.personalizer.expire, cutoff)
+            )
+        except Exception:
+            log.exception("expiring old history items failed; retrying later")
+        else:
+            server.metrics.items_expired.inc(removed)
+            if removed:
+                log.info("expired %d history item(s) older than %s", removed, cutoff)
+        await asyncio.sleep(config.expire_every_s)
 
 
 def _count_requests(app: FastAPI, metrics: ServingMetrics) -> None:

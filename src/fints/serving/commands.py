@@ -106,6 +106,10 @@ def serve(
     max_concurrent_per_tenant: Annotated[
         int, typer.Option(help="Requests of one tenant waiting or running (429 beyond).")
     ] = ResourceLimits.max_concurrent_per_tenant,
+    expire_after_days: Annotated[
+        float | None,
+        typer.Option(help="Forget history items older than this many days (default: never)."),
+    ] = None,
     max_queue: Annotated[
         int, typer.Option(help="Requests and writes waiting for the model (503 beyond).")
     ] = 256,
@@ -146,6 +150,7 @@ def serve(
                 max_concurrent_per_tenant=max_concurrent_per_tenant,
             ),
             max_queue=max_queue,
+            expire_after_s=None if expire_after_days is None else expire_after_days * 86400,
             api_keys=keys,
         )
         steering = default_steering(

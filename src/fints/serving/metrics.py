@@ -99,6 +99,9 @@ class ServingMetrics:
             registry=r,
         )
         self.users_deleted = Counter("fints_users_deleted", "Users forgotten", registry=r)
+        self.items_expired = Counter(
+            "fints_items_expired", "History items forgotten for their age", registry=r
+        )
         self.write_seconds = Histogram(
             "fints_write_seconds",
             "Per write: from its arrival to its answer (waiting, steps and the batches decoded "

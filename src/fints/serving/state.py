@@ -37,8 +37,16 @@ class ServerConfig:
     # items extracted per step of a write; the worker decodes waiting requests between steps
     extract_chunk_items: int | None = 1  # None: a write extracts all its items in one step
     api_keys: Mapping[str, str] | None = None  # key -> tenant; None: single-tenant, no auth
+    # forget history items older than this (None: keep them); checked at start and then
+    # every expire_every_s, as a write on the model thread
+    expire_after_s: float | None = None
+    expire_every_s: float = 3600.0
 
     def __post_init__(self) -> None:
+        if (self.expire_after_s is not None and self.expire_after_s <= 0) or (
+            self.expire_every_s <= 0
+        ):
+            raise InvalidInputError("expire_after_s and expire_every_s must be > 0")
         if self.max_queue < 1 or self.max_batch_size < 1:
             raise InvalidInputError(
                 f"max_queue and max_batch_size must be >= 1, got {self.max_queue} and "
