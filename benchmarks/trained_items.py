@@ -90,7 +90,7 @@ def per_item_rows(
             hidden_size=model.hidden_size,
             key_encoder=encoder.name,
             key_dim=encoder.dim,
-            prompt_template=args.task,
+            prompt_template=a.template,
             dtype="float32",
             method="trained",
         )

@@ -44,8 +44,10 @@ from trained_items import add_arguments as add_item_arguments
 from trained_items import per_item_rows
 from trained_report import generation_report, markdown, report
 
+from fints.benchmark.persona import PersonaConfig, load_persona
 from fints.benchmark.tasks import (
     SplitConfig,
+    UserSplit,
     abstract_records,
     file_sha256,
     headline_records,
@@ -85,12 +87,19 @@ class Author:
     history: list[HistoryItem]  # the whole history, oldest first (ICL rows retrieve from it)
     queries: list[str]  # the test inputs, in the order of ``test``
     references: list[str]  # the gold test outputs
+    template: str  # the task's prompt template (ICL rows)
 
 
-def load_authors(model: LoadedModel, args: argparse.Namespace) -> list[Author]:
-    load, template_name, file = TASKS[args.task]
+def task_splits(args: argparse.Namespace) -> tuple[dict[str, UserSplit], str, str]:
+    """The users' splits of ``--task``, its prompt template and the digest of its data.
+
+    Headlines and abstracts: authors with >= 20 items, split by date. Persona: each of
+    moodswapper's moods is a user (the benchmark's persona loader)."""
+    if args.task == "persona":
+        task = load_persona(config=PersonaConfig(n_test=args.test, max_history=args.history))
+        return task.users, task.template, task.sha256
+    load, template, file = TASKS[args.task]
     path = args.data / file
-    records = load(read_jsonl(path), str(path))
     split = SplitConfig(
         min_items=20,
         n_test=args.test,
@@ -99,6 +108,11 @@ def load_authors(model: LoadedModel, args: argparse.Namespace) -> list[Author]:
         max_users=args.authors,
         seed=0,
     )
+    return time_split(load(read_jsonl(path), str(path)), split), template, file_sha256(path)
+
+
+def load_authors(model: LoadedModel, args: argparse.Namespace) -> list[Author]:
+    splits, template_name, _ = task_splits(args)
     tok, template = model.tokenizer, TEMPLATES[template_name]
 
     def encode(article: str, headline: str) -> Example:
@@ -107,7 +121,7 @@ def load_authors(model: LoadedModel, args: argparse.Namespace) -> list[Author]:
         return prompt, [*target, tok.eos_token_id]
 
     authors = []
-    for name, user in sorted(time_split(records, split).items()):
+    for name, user in sorted(splits.items()):
         history = [encode(i.input, i.output) for i in user.history]
         train, valid = holdout_latest(history, args.valid_fraction)
         test = [encode(q.input, q.reference) for q in user.test]
@@ -115,6 +129,7 @@ def load_authors(model: LoadedModel, args: argparse.Namespace) -> list[Author]:
             Author(
                 name, train, valid, test, list(user.history),
                 [q.input for q in user.test], [q.reference for q in user.test],
+                template_name,
             )
         )  # fmt: skip
     return authors
@@ -124,7 +139,7 @@ def cache_key(model: LoadedModel, args: argparse.Namespace, *parts: Any) -> str:
     payload = json.dumps(
         [
             model.fingerprint,
-            file_sha256(args.data / TASKS[args.task][2]),
+            task_splits(args)[2],
             args.authors,
             args.history,
             args.test,
@@ -271,7 +286,7 @@ def wrong_users(names: list[str], seed: int) -> dict[str, str]:
 
 
 def icl_prompts(
-    model: LoadedModel, authors: list[Author], source: dict[str, str], k: int, task: str
+    model: LoadedModel, authors: list[Author], source: dict[str, str], k: int
 ) -> dict[str, list[list[int]]]:
     """Per author, each test prompt with the ``k`` history items of ``source[author]``
     nearest to the query (MiniLM keys), as the product's ICL retrieves them."""
@@ -285,7 +300,7 @@ def icl_prompts(
         out[a.name] = [
             build_prompt_ids(
                 model.tokenizer,
-                TEMPLATES[TASKS[task][1]],
+                TEMPLATES[a.template],
                 q,
                 nearest_items(keys[b.name], b.history, key, k),
             )
@@ -302,7 +317,6 @@ def probe_rows(
     zeros: dict[str, TrainedVectors],
     seed: int,
     icl_k: int,
-    task: str = "headlines",
 ) -> dict[str, dict[str, Row]]:
     """Per row and author: the test prompts and the ``[sites, hidden]`` vector (None:
     unsteered)."""
@@ -310,8 +324,8 @@ def probe_rows(
     delta = {n: deltas[n].values - shared.values for n in names}
     wrong = wrong_users(names, seed)
     bare = {a.name: [p for p, _ in a.test] for a in authors}
-    own_icl = icl_prompts(model, authors, {n: n for n in names}, icl_k, task)
-    wrong_icl = icl_prompts(model, authors, wrong, icl_k, task)
+    own_icl = icl_prompts(model, authors, {n: n for n in names}, icl_k)
+    wrong_icl = icl_prompts(model, authors, wrong, icl_k)
     g = torch.Generator().manual_seed(seed)
     rows: dict[str, dict[str, Row]] = {}
 
@@ -382,7 +396,7 @@ def evaluate(
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--data", type=Path, default=DATA, help="folder of the task files")
-    parser.add_argument("--task", choices=sorted(TASKS), default="headlines")
+    parser.add_argument("--task", choices=[*TASKS, "persona"], default="headlines")
     parser.add_argument("--max-target-tokens", type=int, default=32, help="in training")
     parser.add_argument("--out", type=Path, default=OUT)
     parser.add_argument("--cache", type=Path, default=OUT / "cache")
@@ -421,7 +435,7 @@ def main() -> None:
     start = time.perf_counter()
     _, evaluated = split_authors(authors, args.dev)
     shared, deltas, zeros = train_all(model, authors, evaluated, sites, args)
-    rows = probe_rows(model, evaluated, shared, deltas, zeros, 0, args.icl_k, args.task)
+    rows = probe_rows(model, evaluated, shared, deltas, zeros, 0, args.icl_k)
     made_with = (configs(args)["delta"].to_dict(), args.patience, args.shared_steps, args.dev)
     tag = cache_key(model, args, [str(s) for s in sites], *made_with)
     if args.item_steps:

@@ -121,7 +121,7 @@ def nll_rows(
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--data", type=Path, default=DATA, help="folder of the task files")
-    parser.add_argument("--task", choices=sorted(TASKS), default="headlines")
+    parser.add_argument("--task", choices=[*TASKS, "persona"], default="headlines")
     parser.add_argument("--max-target-tokens", type=int, default=32, help="in training")
     parser.add_argument("--out", type=Path, default=OUT)
     parser.add_argument("--cache", type=Path, default=OUT / "cache")
