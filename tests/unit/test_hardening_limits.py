@@ -18,6 +18,8 @@ import torch
 from fints.engine import Personalizer
 from fints.errors import InvalidInputError, LimitExceededError
 from fints.history import HistoryItem
+from fints.serving.abusetest import KEYS as ABUSE_KEYS
+from fints.serving.abusetest import AbuseSpec, run_abuse
 from fints.serving.app import ServerConfig, create_app
 from fints.serving.inprocess import RunningServer
 from fints.serving.limits import ResourceLimits, TenantSlots
@@ -228,3 +230,21 @@ def test_limits_must_be_positive(field: str) -> None:
             ServerConfig(max_queue=0)
         else:
             ResourceLimits(**{field: 0})
+
+
+def test_the_abusive_scenario_reports_both_p99s(personalizer: Personalizer) -> None:
+    """``fints loadtest --scenario abusive`` on the tiny model: the abuser over its limit
+    gets 429s, the normal clients get every answer."""
+    spec = AbuseSpec(clients=2, requests=2, max_tokens=2, abusive_threads=3, limit_tokens=4)
+    config = ServerConfig(
+        api_keys=ABUSE_KEYS,
+        max_wait_ms=0,
+        limits=Limits(max_tokens=4, default_max_tokens=2, max_prompt_tokens=1024),
+        resources=ResourceLimits(max_concurrent_per_tenant=1),
+    )
+    with RunningServer(create_app(personalizer, config)) as server:
+        report = run_abuse(server.url, "tiny-llama", spec, "title")
+    assert report.errors == []
+    assert len(report.alone) == len(report.with_abuse) == 4
+    assert report.abusive[429] > 0 and report.abusive[200] > 0
+    assert "p99 ratio" in report.render()

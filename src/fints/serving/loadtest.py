@@ -32,7 +32,7 @@ from fints.serving.app import ServerConfig, create_app
 from fints.serving.factory import build_personalizer, command_failed, set_threads
 from fints.serving.inprocess import RunningServer
 from fints.serving.loadreport import LoadReport, Phase, PhaseResult, merge_phases
-from fints.serving.stalltest import stall_command
+from fints.serving.stalltest import scenario_command
 
 TOPICS = [
     "cats",
@@ -344,27 +344,30 @@ def loadtest(
     threads: Annotated[
         int | None, typer.Option(help="CPU threads for torch (default: torch's choice).")
     ] = None,
-    write_stall: Annotated[
-        bool,
+    scenario: Annotated[
+        str,
         typer.Option(
-            help="Instead: write latency and decode stall of one 20,000-character item added "
-            "while another tenant sends 1-token chats."
+            help="load (the phases above); write-stall: write latency and decode stall of one "
+            "20,000-character item added while another tenant chats; abusive: normal clients' "
+            "p99 alone and beside one client at its limits."
         ),
-    ] = False,
+    ] = "load",
     item_prompt_tokens: Annotated[
-        int, typer.Option(help="--write-stall: tokens per item text in a prompt (0: all).")
+        int, typer.Option(help="write-stall: tokens per item text in a prompt (0: all).")
     ] = ITEM_PROMPT_TOKENS,
     extract_chunk_items: Annotated[
-        int, typer.Option(help="--write-stall: items extracted per write step (0: all at once).")
+        int, typer.Option(help="write-stall: items extracted per write step (0: all at once).")
     ] = 1,
 ) -> None:
     """A bounded load benchmark: latency, throughput, batching and steering cost."""
     logging.basicConfig(level="WARNING")
     logging.getLogger("fints.serving").setLevel(logging.ERROR)  # in-process servers: quiet
     set_threads(threads)
-    if write_stall:
+    if scenario != "load":
         raise typer.Exit(
-            stall_command(item_prompt_tokens, extract_chunk_items, model=model, dtype=dtype)
+            scenario_command(
+                scenario, item_prompt_tokens, extract_chunk_items, model=model, dtype=dtype
+            )
         )
     try:
         spec = LoadSpec(

@@ -16,6 +16,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import httpx
 import typer
@@ -24,6 +25,9 @@ from fints.errors import FintsError
 from fints.serving.app import ServerConfig, create_app
 from fints.serving.factory import build_personalizer
 from fints.serving.inprocess import RunningServer
+
+if TYPE_CHECKING:
+    from fints.serving.abusetest import AbuseReport
 
 CHAT_KEY, WRITE_KEY = "stalltest-chat-key", "stalltest-write-key"
 KEYS = {CHAT_KEY: "chat", WRITE_KEY: "write"}
@@ -198,19 +202,32 @@ def run_stall_in_process(
             personalizer.store.close()
 
 
-def stall_command(
-    item_prompt_tokens: int, extract_chunk_items: int, *, model: str | None, dtype: str
+def scenario_command(
+    scenario: str,
+    item_prompt_tokens: int,
+    extract_chunk_items: int,
+    *,
+    model: str | None,
+    dtype: str,
 ) -> int:
-    """``fints loadtest --write-stall``: print the report; the exit status (0: no errors).
-    0 for either setting means no bound (the behaviour before issue 25)."""
+    """``fints loadtest --scenario write-stall|abusive``: print the report; the exit status
+    (0: no errors). 0 for either write-stall setting means no bound (as before issue 25)."""
+    from fints.serving.abusetest import AbuseSpec, run_abuse_in_process
+
+    report: StallReport | AbuseReport
     try:
-        report = run_stall_in_process(
-            StallSpec(),
-            item_prompt_tokens=item_prompt_tokens or None,
-            extract_chunk_items=extract_chunk_items or None,
-            model=model,
-            dtype=dtype,
-        )
+        if scenario == "write-stall":
+            report = run_stall_in_process(
+                StallSpec(),
+                item_prompt_tokens=item_prompt_tokens or None,
+                extract_chunk_items=extract_chunk_items or None,
+                model=model,
+                dtype=dtype,
+            )
+        elif scenario == "abusive":
+            report = run_abuse_in_process(AbuseSpec(), model=model, dtype=dtype)
+        else:
+            raise FintsError(f"--scenario must be load, write-stall or abusive, got {scenario!r}")
     except FintsError as exc:
         typer.echo(f"error: {exc}", err=True)
         return 2

@@ -1,0 +1,176 @@
+"""One abusive client against well-behaved ones (``fints loadtest --scenario abusive``).
+
+Normal clients (a tenant each, one request in flight) send short chat requests back to
+back; the p99 of their latency is measured twice on the same server: alone, and while a
+client of tenant ``abuse`` keeps more requests in flight than its tenant may have
+(``max_concurrent_per_tenant``), each at the limits (``max_tokens`` and a long prompt).
+The report gives both p99s, their ratio (the issue's target: <= 2x) and how the
+abusive requests were answered (200 or 429).
+"""
+
+from __future__ import annotations
+
+import tempfile
+import threading
+import time
+from collections import Counter
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import httpx
+
+from fints.errors import FintsError
+from fints.serving.app import ServerConfig, create_app
+from fints.serving.factory import build_personalizer
+from fints.serving.inprocess import RunningServer
+from fints.serving.limits import ResourceLimits
+from fints.serving.payloads import Limits
+
+ABUSE_KEY = "abusetest-abuse-key"
+MAX_CLIENTS = 64
+#: every normal client is a tenant of its own (one request in flight: well-behaved)
+KEYS = {ABUSE_KEY: "abuse", **{f"abusetest-normal-{n}": f"normal-{n}" for n in range(MAX_CLIENTS)}}
+
+
+@dataclass(frozen=True)
+class AbuseSpec:
+    clients: int = 4  # normal clients
+    requests: int = 6  # per normal client
+    max_tokens: int = 16  # of a normal request
+    abusive_threads: int = 6  # requests the abuser keeps in flight (over its limit)
+    limit_concurrent: int = 2  # max_concurrent_per_tenant
+    limit_tokens: int = 64  # the server's max_tokens (what the abuser asks for)
+    abusive_prompt_chars: int = 1200
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.clients <= MAX_CLIENTS:
+            raise FintsError(f"the abusive scenario takes 1..{MAX_CLIENTS} normal clients")
+
+
+@dataclass
+class AbuseReport:
+    title: str
+    alone: list[float] = field(default_factory=list)
+    with_abuse: list[float] = field(default_factory=list)
+    abusive: Counter[int] = field(default_factory=Counter)
+    errors: list[str] = field(default_factory=list)
+
+    def render(self) -> str:
+        p_alone, p_abuse = _p99(self.alone), _p99(self.with_abuse)
+        answered = ", ".join(f"{s}: {n}" for s, n in sorted(self.abusive.items()))
+        return "\n".join(
+            [
+                self.title,
+                f"normal clients alone:          n={len(self.alone)}  p50 "
+                f"{_p(self.alone, 0.5):.2f} s  p99 {p_alone:.2f} s",
+                f"with the abusive client:       n={len(self.with_abuse)}  p50 "
+                f"{_p(self.with_abuse, 0.5):.2f} s  p99 {p_abuse:.2f} s",
+                f"p99 ratio: {p_abuse / p_alone:.2f}x (target <= 2x); abusive requests "
+                f"answered {answered}",
+                f"errors of normal clients: {len(self.errors)}",
+                *(f"  {e}" for e in self.errors[:5]),
+            ]
+        )
+
+
+def _p(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))] if ordered else 0.0
+
+
+def _p99(values: list[float]) -> float:
+    return _p(values, 0.99)
+
+
+def _headers(key: str) -> dict[str, str]:
+    return {"authorization": f"Bearer {key}"}
+
+
+def _normal_phase(url: str, model: str, spec: AbuseSpec, report: AbuseReport) -> list[float]:
+    latencies: list[float] = []
+    lock = threading.Lock()
+
+    def client(n: int) -> None:
+        key = f"abusetest-normal-{n}"
+        with httpx.Client(base_url=url, headers=_headers(key), timeout=600) as http:
+            for r in range(spec.requests):
+                body = {
+                    "model": model,
+                    "user": f"normal-{n}",
+                    "max_tokens": spec.max_tokens,
+                    "messages": [{"role": "user", "content": f"Tell me about topic {r}."}],
+                }
+                began = time.perf_counter()
+                response = http.post("/v1/chat/completions", json=body)
+                with lock:
+                    if response.status_code == 200:
+                        latencies.append(time.perf_counter() - began)
+                    else:
+                        report.errors.append(f"HTTP {response.status_code} {response.text[:200]}")
+
+    threads = [threading.Thread(target=client, args=(n,)) for n in range(spec.clients)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return latencies
+
+
+def run_abuse(url: str, model: str, spec: AbuseSpec, title: str) -> AbuseReport:
+    report = AbuseReport(title)
+    _normal_phase(url, model, replace(spec, requests=1), report)  # warm-up
+    report.errors.clear()
+    report.alone = _normal_phase(url, model, spec, report)
+    stop = threading.Event()
+    lock = threading.Lock()
+
+    def abuser() -> None:
+        prompt = ("Tell me a long story about the sea. " * 200)[: spec.abusive_prompt_chars]
+        body = {
+            "model": model,
+            "user": "abuser",
+            "max_tokens": spec.limit_tokens,
+            "messages": [{"role": "user", "content": prompt}],
+        }
+        with httpx.Client(base_url=url, headers=_headers(ABUSE_KEY), timeout=600) as http:
+            while not stop.is_set():
+                status = http.post("/v1/chat/completions", json=body).status_code
+                with lock:
+                    report.abusive[status] += 1
+                if status == 429:
+                    time.sleep(0.01)  # a client that ignores Retry-After, nearly
+
+    threads = [threading.Thread(target=abuser) for _ in range(spec.abusive_threads)]
+    for thread in threads:
+        thread.start()
+    time.sleep(1.0)  # the abuser is at its limit before the normal clients start
+    report.with_abuse = _normal_phase(url, model, spec, report)
+    stop.set()
+    for thread in threads:
+        thread.join()
+    return report
+
+
+def run_abuse_in_process(
+    spec: AbuseSpec, *, model: str | None = None, dtype: str = "auto"
+) -> AbuseReport:
+    title = (
+        f"fints loadtest --scenario abusive: {spec.clients} normal clients x {spec.requests} "
+        f"chats of {spec.max_tokens} tokens, alone and with one abusive client keeping "
+        f"{spec.abusive_threads} chats of {spec.limit_tokens} tokens in flight "
+        f"(max_concurrent_per_tenant {spec.limit_concurrent})"
+    )
+    with tempfile.TemporaryDirectory(prefix="fints-abusetest-") as tmp:
+        personalizer = build_personalizer(model=model, store=Path(tmp) / "a.sqlite", dtype=dtype)
+        config = ServerConfig(
+            api_keys=KEYS,
+            max_wait_ms=20.0,
+            limits=Limits(max_tokens=spec.limit_tokens, default_max_tokens=spec.max_tokens),
+            resources=ResourceLimits(max_concurrent_per_tenant=spec.limit_concurrent),
+        )
+        try:
+            with RunningServer(create_app(personalizer, config)) as server:
+                model_id = personalizer.model.name
+                return run_abuse(server.url, model_id, spec, title)
+        finally:
+            personalizer.store.close()
