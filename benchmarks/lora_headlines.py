@@ -82,6 +82,7 @@ def arguments() -> argparse.Namespace:
     parser.add_argument("--user-lr", type=float, default=1e-4)
     parser.add_argument("--epochs", type=int, default=2)
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/lora-headlines"))
+    parser.add_argument("--plot-only", action="store_true", help="redraw --out's figure")
     return parser.parse_args()
 
 
@@ -191,26 +192,42 @@ def markdown(result: dict[str, Any]) -> str:
 
 
 def plot(result: dict[str, Any], path: Path) -> None:
+    """Left: each row's mean NLL; right: the paired differences (both with 95% CIs over
+    users; the differences' intervals are the ones that compare rows)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    def bars(ax: Any, names: list[str], stats: list[tuple[float, float, float]]) -> None:
+        m = np.array([s[0] for s in stats])
+        err = np.array([[s[0] - s[1], s[2] - s[0]] for s in stats]).T
+        ax.barh(names, m, xerr=err, color="#4c72b0", ecolor="black", capsize=3)
+        ax.invert_yaxis()
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(13, 4))
     means = result["test"]["means"]
-    m = np.array([means[r][0] for r in ROWS])
-    err = np.array([[m[i] - means[r][1], means[r][2] - m[i]] for i, r in enumerate(ROWS)]).T
-    fig, ax = plt.subplots(figsize=(8, 3.6))
-    ax.barh(list(ROWS), m, xerr=err, color="#4c72b0")
-    ax.invert_yaxis()
-    ax.set_xlim(min(m) - 0.3, max(m) + 0.2)
-    ax.set_xlabel("per-token NLL of the gold headline (nats), 95% CI over users")
-    ax.set_title(f"Headlines, SmolLM2, {result['authors']} authors, {result['queries']} queries")
+    bars(left, list(ROWS), [tuple(means[r]) for r in ROWS])
+    low = min(means[r][1] for r in ROWS)
+    left.set_xlim(low - 0.2, max(means[r][2] for r in ROWS) + 0.1)
+    left.set_xlabel("per-token NLL of the gold headline (nats)")
+    comparisons = result["test"]["comparisons"]
+    bars(right, list(comparisons), [(c["mean"], c["lo"], c["hi"]) for c in comparisons.values()])
+    right.axvline(0, color="grey", linewidth=0.8)
+    right.set_xlabel("paired difference a - b (nats/token; < 0: a better)")
+    fig.suptitle(
+        f"Headlines, SmolLM2, {result['authors']} authors, {result['queries']} test queries; "
+        "95% CIs resample users"
+    )
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=110)
 
 
 def main() -> None:
     args = arguments()
+    if args.plot_only:
+        plot(json.loads((args.out / "results.json").read_text()), args.out / "nll.png")
+        return
     args.out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     model = load_model()
@@ -238,7 +255,11 @@ def main() -> None:
         scorer = Scorer(model, engine, host)
         result: dict[str, Any] = {
             "command": "benchmarks/lora_headlines.py "
-            + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if k != "out"),
+            + " ".join(
+                f"--{k.replace('_', '-')} {v}"
+                for k, v in vars(args).items()
+                if k not in ("out", "plot_only")
+            ),
             "authors": len(task.users),
             "queries": len(task.queries("test")),
             "task_config": task_config.to_dict(),
