@@ -143,3 +143,24 @@ def test_the_server_expires_old_items_when_configured(personalizer: Personalizer
 def test_expiry_settings_are_checked() -> None:
     with pytest.raises(InvalidInputError, match="expire_after_s"):
         ServerConfig(expire_after_s=0)
+
+
+@pytest.mark.parametrize("how", ["delete", "expiry"])
+def test_a_users_files_go_with_the_user(tmp_path: Path, how: str) -> None:
+    """Per-user files beside the store (LoRA adapters live there) are removed by delete
+    and by the expiry of the user's last item; another user's stay."""
+    with Store(tmp_path / "store.sqlite") as store:
+        for user in ("erin", "frank"):
+            write_user(store, user, 3, count=1)
+            folder = store.files_dir(TENANT, user) / "adapter"
+            folder.mkdir(parents=True)
+            (folder / "adapter_model.safetensors").write_bytes(b"weights of " + user.encode())
+        if how == "delete":
+            store.delete_user(TENANT, "erin")
+        else:
+            age(store, ["erin-0"], days=10)
+            expire_items(store, datetime.now(UTC) - timedelta(days=1))
+        assert not store.files_dir(TENANT, "erin").exists()
+        assert (store.files_dir(TENANT, "frank") / "adapter").is_dir()
+        leftovers = [p for p in tmp_path.rglob("*") if p.is_file() and b"erin" in p.read_bytes()]
+        assert leftovers == []
