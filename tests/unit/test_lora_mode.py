@@ -21,7 +21,7 @@ from fints.modes import MODES
 from fints.steering import SteeringConfig
 from fints.store import Store
 from tests.unit.benchmark_fixtures import HashEncoder, tiny_llama
-from tests.unit.lora_fixtures import store_user_adapter, train_user
+from tests.unit.lora_fixtures import history, store_user_adapter, train_user
 from tests.unit.test_modes import imported_user
 
 OPTIONS = GenerationOptions(max_new_tokens=6)
@@ -125,3 +125,23 @@ def test_a_full_host_keeps_the_adapters_of_the_batch(setup: Setup) -> None:
     batched = small.generate([BATCH[0], BATCH[1]], OPTIONS)
     reference = setup.engine().generate([BATCH[0], BATCH[1]], OPTIONS)
     assert [r.text for r in batched] == [r.text for r in reference]
+
+
+def test_a_deleted_users_adapter_leaves_the_model_at_the_next_batch(tmp_path: Path) -> None:
+    model = tiny_llama()
+    store = Store(tmp_path / "store.sqlite")
+    adapters = AdapterStore(store, model)
+    for user in ("alice", "bob"):
+        store.add_items("default", user, history(user))
+        store_user_adapter(adapters, user, train_user(model, user))
+    mode = LoraMode()
+    engine = Personalizer(model, store, encoder=HashEncoder(), modes=("steering", mode))
+    results = engine.generate([GenerationRequest(u, "hello") for u in ("alice", "bob")], OPTIONS)
+    assert [r.adapter for r in results] == ["alice", "bob"]
+    host = mode.host(model)
+    assert len(host.loaded()) == 2
+    engine.delete_user("alice")
+    (result,) = engine.generate([GenerationRequest("bob", "hello")], OPTIONS)
+    assert result.adapter == "bob"
+    assert host.loaded() == {adapters.require_user_adapter("default", "bob").name}
+    store.close()

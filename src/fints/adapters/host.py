@@ -72,7 +72,8 @@ class AdapterHost:
     def __init__(self, model: LoadedModel, capacity: int = 32) -> None:
         self.model = model
         self.capacity = capacity
-        self._recent: OrderedDict[str, None] = OrderedDict()
+        #: loaded adapters, least recently used first, with the folder each came from
+        self._recent: OrderedDict[str, Path | None] = OrderedDict()
         self._in_use: dict[str, int] = {}  # name -> batches decoding with it now
         self._lock = threading.Lock()
 
@@ -90,7 +91,7 @@ class AdapterHost:
         ``keep`` (the rest of a batch) and in use by a decoding batch are not evicted."""
         with self._lock:
             if meta is not None and meta.name in self.loaded():
-                self._recent[meta.name] = None
+                self._recent[meta.name] = folder
                 self._recent.move_to_end(meta.name)
                 return meta.name
             probe = read_meta_config(folder)
@@ -98,7 +99,7 @@ class AdapterHost:
             weights, meta = read_adapter(folder, self.model.fingerprint, self.model.name, expected)
             if meta.name not in self.loaded():
                 self._inject(meta.name, weights)
-            self._recent[meta.name] = None
+            self._recent[meta.name] = folder
             self._recent.move_to_end(meta.name)
             self._evict(keep={meta.name, *keep})
             return meta.name
@@ -149,6 +150,19 @@ class AdapterHost:
             if victim is None:
                 return
             self._drop(victim)
+
+    def forget_deleted(self) -> list[str]:
+        """Unload the adapters whose folder is gone (their user was deleted), unless a
+        batch is decoding with one; returns their names."""
+        with self._lock:
+            gone = [
+                name
+                for name, folder in self._recent.items()
+                if folder is not None and not folder.exists() and not self._in_use.get(name)
+            ]
+            for name in gone:
+                self._drop(name)
+            return gone
 
     def unload(self, name: str) -> None:
         with self._lock:

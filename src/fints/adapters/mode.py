@@ -71,6 +71,8 @@ class LoraMode:
         if not owners or rows.model is None or rows.store is None:
             return None
         adapters = AdapterStore(rows.store, rows.model)
+        host = self.host(rows.model)
+        host.forget_deleted()  # a deleted user's weights leave the model at the next batch
         found: list[StoredAdapter | None] = []
         for owner in owners:
             if owner is None or owner.adapter is False:
@@ -81,7 +83,6 @@ class LoraMode:
                 found.append(adapters.user_adapter(owner.tenant, owner.user))
         if not any(found):
             return None
-        host = self.host(rows.model)
         keep = frozenset(s.name for s in found if s)
         names = tuple(host.load(s.folder, s.meta, keep) if s else BASE for s in found)
         return LoraAddition(host, names, tuple(s.meta.owner if s else None for s in found))
