@@ -13,6 +13,7 @@ from fints.adapters.config import AdapterMeta
 from fints.adapters.files import (
     AdapterError,
     AdapterWeights,
+    check_base,
     folder_bytes,
     read_adapter,
     read_meta,
@@ -63,8 +64,6 @@ class AdapterStore:
         if not folder.is_dir():
             return None
         meta = read_meta(folder)
-        from fints.adapters.files import check_base
-
         check_base(meta, self.model.fingerprint, self.model.name)
         return StoredAdapter(folder, meta)
 
