@@ -11,6 +11,8 @@ from typer.testing import CliRunner
 from fints.cli import app
 from fints.guidance.classifier import Backbone
 from fints.guidance.library import ClassifierLibrary
+from fints.history import HistoryItem
+from fints.store import Store
 from tests.unit.benchmark_fixtures import tiny_llama
 from tests.unit.guidance_fixtures import random_classifier
 
@@ -34,3 +36,26 @@ def test_a_bad_prefer_flag_is_one_clear_error(tmp_path: Path) -> None:
     out = runner.invoke(app, args)
     assert out.exit_code == 1
     assert "DIMENSION=CLASS:WEIGHT" in out.output and "Traceback" not in out.output
+
+
+def test_train_style_saves_a_users_style_classifier(tmp_path: Path) -> None:
+    model = tiny_llama()
+    folder = tmp_path / "tiny-model"
+    model.model.save_pretrained(folder)
+    model.tokenizer.save_pretrained(folder)
+    store = tmp_path / "store.sqlite"
+    with Store(store) as db:
+        db.add_items(
+            "default", "pirate", [HistoryItem(f"q{i}", f"arr matey ahoy {i}") for i in range(10)]
+        )
+        db.add_items(
+            "default", "prof", [HistoryItem(f"q{i}", f"indeed, one notes {i}") for i in range(10)]
+        )
+    classifiers = tmp_path / "classifiers"
+    args = ["guidance", "train-style", "pirate", "--store", str(store), "--model", str(folder)]
+    out = runner.invoke(app, [*args, "--layers", "2", "--classifiers", str(classifiers)])
+    assert out.exit_code == 0, out.output
+    config = ClassifierLibrary(classifiers).config("style-pirate")
+    assert config.classes == ("other", "pirate") and config.layers == 2
+    assert config.metrics["test"]["texts"] == 4  # a fifth of each side held out
+    assert config.metrics["data"] == {"recipe": "style", "user": "pirate", "tenant": "default"}
