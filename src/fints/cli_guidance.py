@@ -149,7 +149,10 @@ def train_style(
     user: Annotated[str, typer.Argument(help="the user whose outputs are the style")],
     store: Annotated[Path | None, typer.Option(help="SQLite store")] = None,
     tenant: Annotated[str, typer.Option(help="tenant namespace")] = "default",
-    name: Annotated[str | None, typer.Option(help="preference name (default style-USER)")] = None,
+    name: Annotated[
+        str | None,
+        typer.Option(help="preference name (default style-USER, what 'own-style' looks up)"),
+    ] = None,
     model: BackboneOpt = None,
     layers: LayersOpt = 10,
     max_tokens: MaxTokensOpt = 48,
@@ -159,7 +162,7 @@ def train_style(
     """Train USER's style classifier: USER's history outputs against other users'.
 
     Classes USER and 'other', outputs of the same tenant; a fifth of each held out."""
-    from fints.guidance.recipes import style_texts
+    from fints.guidance.recipes import style_classifier_name, style_texts
     from fints.paths import default_store_path
     from fints.store import Store
 
@@ -169,7 +172,15 @@ def train_style(
     train, test = style_texts(own, others, user)
     extra = {"data": {"recipe": "style", "user": user, "tenant": tenant}}
     _train_and_save(
-        name or f"style-{user}", train, test, model, layers, max_tokens, epochs, classifiers, extra
+        name or style_classifier_name(tenant, user),
+        train,
+        test,
+        model,
+        layers,
+        max_tokens,
+        epochs,
+        classifiers,
+        extra,
     )
 
 

@@ -120,3 +120,20 @@ def test_bad_guidance_settings_are_400s(client: httpx.Client) -> None:
         response = complete(client, {"preferences": {"mood": {"happy": 1}}, "guidance": how})
         assert response.status_code == 400, response.text
         assert "guidance" in response.json()["error"]["param"]
+
+
+def test_own_style_without_a_style_classifier_is_a_400(client: httpx.Client) -> None:
+    body = {
+        "model": MODEL,
+        "prompt": "Hi",
+        "max_tokens": 2,
+        "fints": {"preferences": {"own-style": {"own": 0.5}}},
+    }
+    response = client.post("/v1/completions", json={**body, "user": "nobody"})
+    assert response.status_code == 400, response.text
+    assert "style-A-nobody" in response.json()["error"]["message"]  # tenant A
+    anonymous = client.post("/v1/completions", json=body)
+    assert anonymous.status_code == 400 and "needs a user" in anonymous.text
+    wrong = {**body, "fints": {"preferences": {"own-style": {"mine": 1}}}}
+    response = client.post("/v1/completions", json={**wrong, "user": "nobody"})
+    assert response.status_code == 400 and response.json()["error"]["param"] == "fints.preferences"

@@ -65,8 +65,12 @@ class ClassifierLibrary:
     def _path(self, name: str) -> Path:
         path = self.folder / check_classifier_name(name)
         if not (path / CONFIG_FILE).is_file():
+            hint = " (`fints guidance train-style USER` trains a user's)" * name.startswith(
+                "style-"
+            )
             raise InvalidInputError(
-                f"unknown preference {name!r}: the classifiers in {self.folder} are {self.names()}",
+                f"unknown preference {name!r}: the classifiers in {self.folder} are "
+                f"{self.names()}{hint}",
                 param="preferences",
             )
         return path

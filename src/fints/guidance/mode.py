@@ -16,11 +16,12 @@ from fints.guidance.classifier import tokenizer_fingerprint
 from fints.guidance.library import ClassifierLibrary
 from fints.guidance.preferences import Preferences
 from fints.guidance.processor import GuidanceProcessor, GuidanceSpec
+from fints.guidance.recipes import style_classifier_name
 
 if TYPE_CHECKING:
     from fints.guidance.classifier import GuidanceClassifier
     from fints.models import LoadedModel
-    from fints.modes import BatchRows
+    from fints.modes import BatchRows, RowOwner
 
 
 @dataclass(frozen=True)
@@ -68,6 +69,36 @@ def guidance_spec(
     return GuidanceSpec(tuple(classifiers), tuple(weights), top_k)
 
 
+#: The preference naming the requesting user's own style classifier: ``{"own-style":
+#: {"own": 0.5}}`` guides towards ``style_classifier_name(tenant, user)``'s user class.
+OWN_STYLE, OWN = "own-style", "own"
+
+
+def _check_own(classes: Any) -> None:
+    if set(classes) != {OWN}:
+        raise InvalidInputError(
+            f"preference {OWN_STYLE!r} takes one class, {OWN!r} (the requesting user's "
+            f"style), got {sorted(classes)}",
+            param="preferences",
+        )
+
+
+def own_style(prefs: Preferences | None, owner: RowOwner | None) -> Preferences | None:
+    """``prefs`` with ``own-style`` replaced by the row's user's style classifier."""
+    if prefs is None or OWN_STYLE not in prefs.weights:
+        return prefs
+    _check_own(prefs.weights[OWN_STYLE])
+    if owner is None:
+        raise InvalidInputError(
+            f"preference {OWN_STYLE!r} needs a user: it guides towards the user's own style",
+            param="preferences",
+        )
+    weights = {d: dict(c) for d, c in prefs.weights.items() if d != OWN_STYLE}
+    name = style_classifier_name(owner.tenant, owner.user)
+    weights[name] = {owner.user: prefs.weights[OWN_STYLE][OWN]}
+    return Preferences(weights, prefs.method, prefs.top_k)
+
+
 class GuidanceMode:
     """Looks up each asked-for classifier in ``library`` (default: ``$FINTS_HOME/
     classifiers``) and checks it reads the generator's tokenizer."""
@@ -92,6 +123,9 @@ class GuidanceMode:
         tokenizer, from the classifiers' configs alone (nothing is loaded)."""
         mine = self._fingerprint(tokenizer)
         for dim, classes in preferences.weights.items():
+            if dim == OWN_STYLE:
+                _check_own(classes)
+                continue  # resolved per row, from the row's user
             config = self.library.config(dim)
             unknown = sorted(set(classes) - set(config.classes))
             if unknown:
@@ -109,9 +143,11 @@ class GuidanceMode:
                 )
 
     def prepare(self, rows: BatchRows) -> GuidanceAddition | None:
-        preferences = list(rows.preferences) or [None] * len(rows.configs)
-        if not any(p is not None and p.active for p in preferences):
+        asked = list(rows.preferences) or [None] * len(rows.configs)
+        if not any(p is not None and p.active for p in asked):
             return None
+        owners = list(rows.owners) or [None] * len(asked)
+        preferences = [own_style(p, o) for p, o in zip(asked, owners, strict=True)]
         if rows.model is not None:
             for prefs in [p for p in preferences if p is not None]:
                 self.check(prefs, rows.model.tokenizer)
