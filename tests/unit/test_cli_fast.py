@@ -29,6 +29,7 @@ EVERY_COMMAND = {
     "delete",
     "demo",
     "perf",
+    "lora",
     "bench-summary",
     "serve",
     "loadtest",
