@@ -2,10 +2,11 @@
 
 ``v_shared`` (the task direction) is trained on a sample of the whole tenant's history
 (the job's pool) and cached per tenant in the context's ``shared`` mapping; the user's
-delta starts from it and is trained on the user's history with an L2 penalty towards
-it, early-stopped on the user's latest items. Each entry holds the user's vector, or,
-with ``item_steps > 0``, the item's own short refinement of it (instance-tailored, so
-retrieval picks the relevant ones). A new item updates the user's vector from where it
+delta starts from it and is trained on the user's history for a few steps (optionally
+with an L2 penalty towards it and early stopping on the user's latest items). Each
+entry holds the user's vector, or, with ``item_steps > 0``, the item's own short
+refinement of it (instance-tailored, so retrieval picks the relevant ones; measured: no
+gain over the user vector, so off by default). A new item updates the user's vector from where it
 was (``incremental_steps``) instead of training from scratch.
 """
 
@@ -29,14 +30,17 @@ from fints.vector_training import TrainingConfig, holdout_latest, train_vectors
 class TrainedConfig(MethodConfig):
     name = "trained"
 
-    shared_steps: int = 30  # Adam steps for the tenant's shared vector (0: no shared part)
+    # Defaults chosen on 12 dev headline authors and measured on 33 others and on the
+    # persona task (BENCHMARKS.md, "Trained vectors: shared + per-user delta"): a short
+    # delta (4 steps) beats longer training, L2 and early stopping.
+    shared_steps: int = 60  # Adam steps for the tenant's shared vector (0: no shared part)
     shared_lr: float = 0.1
-    steps: int = 10  # Adam steps for the user's delta
+    steps: int = 4  # Adam steps for the user's delta
     lr: float = 0.05
-    l2: float = 1e-3  # penalty on ||delta||^2
+    l2: float = 0.0  # penalty on ||delta||^2
     batch_size: int = 16
     max_target_tokens: int = 48
-    patience: int | None = 3  # early stopping on the user's latest items
+    patience: int | None = None  # early stopping on the user's latest items (None: off)
     valid_fraction: float = 0.25
     incremental_steps: int = 3  # a new item: steps from the user's current vector...
     replay: int = 3  # ... on the new items and this many of the latest old ones
@@ -160,7 +164,13 @@ def _user_vector(
             init=job.previous.vectors.mean(dim=0).to(torch.float32),
             config=config.training("incremental"),
         ).values
-    train, valid = holdout_latest(_examples(context, list(job.history)), config.valid_fraction)
+    examples = _examples(context, list(job.history))
+    # without early stopping every item trains and the last update is kept
+    train, valid = (
+        holdout_latest(examples, config.valid_fraction)
+        if config.patience is not None
+        else (examples, [])
+    )
     return train_vectors(
         context.model,
         context.sites,
