@@ -4,38 +4,23 @@ decoding. Heavy modules (torch, transformers) are imported by the commands."""
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
-from functools import wraps
 from pathlib import Path
-from typing import Annotated, Any, TypeVar
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from fints.cli_errors import clear_errors
+
 guidance_app = typer.Typer(
     help="Preference classifiers for classifier-guided decoding (CLIPer).",
     no_args_is_help=True,
 )
 console = Console()
-F = TypeVar("F", bound=Callable[..., Any])
-
-
-def _clear_errors(func: F) -> F:
-    """A fints error ends the command with its message on one line (exit 1)."""
-    from fints.errors import FintsError
-
-    @wraps(func)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        try:
-            return func(*args, **kwargs)
-        except FintsError as exc:
-            Console(stderr=True).print(f"[bold red]error:[/] {exc}", soft_wrap=True, markup=False)
-            raise typer.Exit(1) from None
-
-    return wrapper  # type: ignore[return-value]
 
 
 ClassifiersOpt = Annotated[
@@ -119,7 +104,7 @@ def _show(config: dict[str, Any], path: Path) -> None:
 
 
 @guidance_app.command("train-moods")
-@_clear_errors
+@clear_errors
 def train_moods(
     name: Annotated[str, typer.Option(help="the preference name")] = "mood",
     per_mood: Annotated[int, typer.Option(help="training responses per mood")] = 200,
@@ -144,7 +129,7 @@ def train_moods(
 
 
 @guidance_app.command("train-style")
-@_clear_errors
+@clear_errors
 def train_style(
     user: Annotated[str, typer.Argument(help="the user whose outputs are the style")],
     store: Annotated[Path | None, typer.Option(help="SQLite store")] = None,
@@ -185,7 +170,7 @@ def train_style(
 
 
 @guidance_app.command("list")
-@_clear_errors
+@clear_errors
 def list_classifiers(classifiers: ClassifiersOpt = None, as_json: bool = False) -> None:
     """The classifiers available to requests' preferences."""
     from fints.guidance.library import ClassifierLibrary
@@ -204,7 +189,7 @@ def list_classifiers(classifiers: ClassifiersOpt = None, as_json: bool = False) 
 
 
 @guidance_app.command("bench")
-@_clear_errors
+@clear_errors
 def bench(
     out: Annotated[Path, typer.Option(help="folder for results.json and results.md")] = Path(
         "benchmarks/results/guidance-moods"

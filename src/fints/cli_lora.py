@@ -4,23 +4,23 @@ and user. Heavy modules (torch, transformers, peft) are imported by the commands
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
-from functools import wraps
 from pathlib import Path
-from typing import Annotated, Any, TypeVar
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from fints.cli_errors import clear_errors
+
 lora_app = typer.Typer(
     help="Per-user and task LoRA adapters (PEFT): OPPU, and steering on top.",
     no_args_is_help=True,
 )
 console = Console()
-F = TypeVar("F", bound=Callable[..., Any])
 
 StoreOpt = Annotated[
     Path | None, typer.Option("--store", help="SQLite store (default $FINTS_HOME/store.sqlite)")
@@ -36,21 +36,6 @@ RankOpt = Annotated[int | None, typer.Option("--r", help="LoRA rank (default 8)"
 AlphaOpt = Annotated[int | None, typer.Option("--alpha", help="LoRA alpha (default 8)")]
 EpochsOpt = Annotated[int | None, typer.Option("--epochs", help="passes over the history (2)")]
 LrOpt = Annotated[float | None, typer.Option("--lr", help="learning rate (default 1e-4)")]
-
-
-def _clear_errors(func: F) -> F:
-    """A fints error ends the command with its message on one line (exit 1)."""
-    from fints.errors import FintsError
-
-    @wraps(func)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        try:
-            return func(*args, **kwargs)
-        except FintsError as exc:
-            Console(stderr=True).print(f"[bold red]error:[/] {exc}", soft_wrap=True, markup=False)
-            raise typer.Exit(1) from None
-
-    return wrapper  # type: ignore[return-value]
 
 
 @contextmanager
@@ -93,7 +78,7 @@ def _progress() -> Iterator[Progress]:
 
 
 @lora_app.command("train-task")
-@_clear_errors
+@clear_errors
 def train_task(
     task: Annotated[str, typer.Argument(help="the task adapter's name, e.g. headlines")],
     users: Annotated[list[str] | None, typer.Option("--user", help="only these users")] = None,
@@ -127,7 +112,7 @@ def train_task(
 
 
 @lora_app.command("train")
-@_clear_errors
+@clear_errors
 def train(
     users: Annotated[list[str] | None, typer.Argument(help="users (default: all)")] = None,
     task: Annotated[
@@ -179,7 +164,7 @@ def train(
 
 
 @lora_app.command("show")
-@_clear_errors
+@clear_errors
 def show(
     user: Annotated[str, typer.Argument(help="user name")],
     store: StoreOpt = None,
@@ -194,7 +179,7 @@ def show(
 
 
 @lora_app.command("import")
-@_clear_errors
+@clear_errors
 def import_(
     folder: Annotated[Path, typer.Argument(help="an adapter folder written by fints")],
     user: Annotated[str, typer.Argument(help="the user it becomes theirs")],
@@ -210,7 +195,7 @@ def import_(
 
 
 @lora_app.command("delete")
-@_clear_errors
+@clear_errors
 def delete(
     user: Annotated[str, typer.Argument(help="user name")],
     store: StoreOpt = None,
