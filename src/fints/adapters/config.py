@@ -29,6 +29,13 @@ class LoraTrainConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
+        if isinstance(self.target_modules, str) or not isinstance(
+            self.target_modules, list | tuple
+        ):
+            raise InvalidInputError(
+                f"target_modules must be a list of module names, got {self.target_modules!r}",
+                param="target_modules",
+            )
         object.__setattr__(self, "target_modules", tuple(self.target_modules))
         ints = {"r": self.r, "epochs": self.epochs, "batch_size": self.batch_size}
         ints["max_target_tokens"] = self.max_target_tokens

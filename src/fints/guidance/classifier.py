@@ -17,7 +17,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -59,8 +59,10 @@ class ClassifierConfig:
     def __post_init__(self) -> None:
         if len(self.classes) < 2 or len(set(self.classes)) != len(self.classes):
             raise InvalidInputError(f"a classifier needs >= 2 distinct classes: {self.classes}")
-        if self.layers < 1 or not self.lead_ids:
-            raise InvalidInputError("a classifier needs >= 1 backbone layer and a lead token")
+        if self.layers < 1:
+            raise InvalidInputError(f"a classifier needs layers >= 1, got {self.layers}")
+        if not self.lead_ids:
+            raise InvalidInputError("a classifier needs lead_ids: at least one lead token")
 
     @property
     def backbone_key(self) -> tuple[str, int]:
@@ -72,10 +74,47 @@ class ClassifierConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ClassifierConfig:
-        if data.get("format") != FORMAT:
-            raise FintsError(f"unsupported classifier format {data.get('format')!r}")
+        """A config read from ``classifier.json``: a missing, unknown or mistyped field is
+        an :class:`InvalidInputError` naming it."""
+        if not isinstance(data, dict):
+            raise InvalidInputError(f"a classifier config must be a JSON object, got {data!r}")
+        fmt = data.get("format")
+        if isinstance(fmt, bool) or fmt != FORMAT:
+            raise FintsError(f"unsupported classifier format {fmt!r}")
+        known = {f.name: f for f in fields(cls)}
+        missing = sorted(n for n, f in known.items() if n not in data and _required(f))
+        unknown = sorted(set(data) - set(known))
+        if missing or unknown:
+            raise InvalidInputError(
+                f"classifier config: missing field(s) {missing}, unknown field(s) {unknown}",
+                param=(missing or unknown)[0],
+            )
+        types = {
+            "name": str, "backbone": str, "backbone_fingerprint": str,
+            "tokenizer_fingerprint": str, "layers": int, "hidden_size": int, "metrics": dict,
+        }  # fmt: skip
+        for name, kind in types.items():
+            value = data.get(name, {} if kind is dict else None)
+            if isinstance(value, bool) or not isinstance(value, kind):
+                raise InvalidInputError(
+                    f"classifier config: {name} must be a {kind.__name__}, got {value!r}",
+                    param=name,
+                )
+        for name, kind in (("classes", str), ("lead_ids", int)):
+            value = data[name]
+            if not isinstance(value, list | tuple) or not all(
+                isinstance(v, kind) and not isinstance(v, bool) for v in value
+            ):
+                raise InvalidInputError(
+                    f"classifier config: {name} must be a list of {kind.__name__}, got {value!r}",
+                    param=name,
+                )
         data = {**data, "classes": tuple(data["classes"]), "lead_ids": tuple(data["lead_ids"])}
         return cls(**data)
+
+
+def _required(f: Any) -> bool:
+    return f.default is MISSING and f.default_factory is MISSING
 
 
 class GuidanceHead(nn.Module):
