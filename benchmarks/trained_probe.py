@@ -183,16 +183,21 @@ def cached_training(path: Path, train: Any) -> TrainedVectors:
     return result
 
 
+def shared_config(args: argparse.Namespace) -> TrainingConfig:
+    """How the shared vector is trained (the probe and the sweep share it, and its cache)."""
+    return TrainingConfig(
+        steps=args.shared_steps,
+        lr=args.shared_lr,
+        l2=0.0,
+        batch_size=32,
+        patience=5,
+        max_target_tokens=args.max_target_tokens,
+    )
+
+
 def configs(args: argparse.Namespace) -> dict[str, TrainingConfig]:
     return {
-        "shared": TrainingConfig(
-            steps=args.shared_steps,
-            lr=args.shared_lr,
-            l2=0.0,
-            batch_size=32,
-            patience=5,
-            max_target_tokens=args.max_target_tokens,
-        ),
+        "shared": shared_config(args),
         "delta": TrainingConfig(
             steps=args.steps,
             lr=args.lr,

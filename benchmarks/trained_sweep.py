@@ -36,6 +36,7 @@ from trained_probe import (
     cache_key,
     cached_training,
     load_authors,
+    shared_config,
     split_authors,
 )
 from trained_report import cluster_stats
@@ -145,14 +146,7 @@ def main() -> None:
     dev, _ = split_authors(authors, args.dev, seed=0)
     print(f"{len(authors)} authors, {len(dev)} dev: {[a.name for a in dev]}", flush=True)
     start = time.perf_counter()
-    shared_cfg = TrainingConfig(
-        steps=args.shared_steps,
-        lr=args.shared_lr,
-        l2=0.0,
-        batch_size=32,
-        patience=5,
-        max_target_tokens=args.max_target_tokens,
-    )
+    shared_cfg = shared_config(args)
     key = cache_key(model, args, [str(s) for s in sites], shared_cfg.to_dict())
     shared: TrainedVectors = cached_training(
         args.cache / f"shared-{key}.pt",

@@ -11,17 +11,15 @@ from __future__ import annotations
 
 import json
 import sys
-from collections.abc import Callable
 from contextlib import contextmanager
-from functools import wraps
 from pathlib import Path
-from typing import Annotated, Any, TypeVar
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console
-from rich.markup import escape
 from rich.table import Table
 
+from fints.cli_errors import clear_errors
 from fints.cli_guidance import guidance_app
 from fints.cli_lazy import LazyGroup
 from fints.cli_lora import lora_app
@@ -38,9 +36,7 @@ app = typer.Typer(
 app.add_typer(guidance_app, name="guidance")
 app.add_typer(lora_app, name="lora")
 console = Console()
-err = Console(stderr=True)
 
-F = TypeVar("F", bound=Callable[..., Any])
 
 StoreOpt = Annotated[
     Path | None, typer.Option("--store", help="SQLite store (default $FINTS_HOME/store.sqlite)")
@@ -66,20 +62,6 @@ TemplateOpt = Annotated[str, typer.Option("--template", help="generic, headline 
 ContrastOpt = Annotated[
     str, typer.Option("--contrast", help="the extraction method: context, response or trained")
 ]
-
-
-def friendly_errors(func: F) -> F:
-    """Print fints errors as one clear line and exit 1, instead of a traceback."""
-
-    @wraps(func)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        try:
-            return func(*args, **kwargs)
-        except FintsError as exc:
-            err.print(f"[bold red]error:[/] {escape(str(exc))}", soft_wrap=True)
-            raise typer.Exit(1) from None
-
-    return wrapper  # type: ignore[return-value]
 
 
 @contextmanager
@@ -118,7 +100,7 @@ def _engine(
 
 
 @app.command()
-@friendly_errors
+@clear_errors
 def add(
     user: Annotated[str, typer.Argument(help="user name")],
     history: Annotated[Path, typer.Argument(help="JSON Lines: one {input, output, id?} a line")],
@@ -143,7 +125,7 @@ def add(
 
 
 @app.command()
-@friendly_errors
+@clear_errors
 def build(
     user: Annotated[str, typer.Argument(help="user name")],
     store: StoreOpt = None,
@@ -197,7 +179,7 @@ def steering_from_flags(settings: dict[str, Any]) -> Any:
 
 
 @app.command()
-@friendly_errors
+@clear_errors
 def generate(
     user: Annotated[str, typer.Argument(help="user name ('-' for none)")],
     queries: Annotated[list[str], typer.Argument(help="one or more queries")],
@@ -297,7 +279,7 @@ def generate(
 
 
 @app.command("users")
-@friendly_errors
+@clear_errors
 def list_users(store: StoreOpt = None, tenant: TenantOpt = "default") -> None:
     """List the users of a tenant with their history sizes."""
     with _store(store) as db:
@@ -308,7 +290,7 @@ def list_users(store: StoreOpt = None, tenant: TenantOpt = "default") -> None:
 
 
 @app.command()
-@friendly_errors
+@clear_errors
 def export(
     user: Annotated[str, typer.Argument(help="user name")],
     folder: Annotated[Path, typer.Argument(help="output folder (safetensors + JSON)")],
@@ -331,7 +313,7 @@ def export(
 
 
 @app.command("import")
-@friendly_errors
+@clear_errors
 def import_(
     folder: Annotated[Path, typer.Argument(help="a folder written by `fints export`")],
     as_user: Annotated[str | None, typer.Option("--as", help="store under this name")] = None,
@@ -352,7 +334,7 @@ def import_(
 
 
 @app.command()
-@friendly_errors
+@clear_errors
 def delete(
     user: Annotated[str, typer.Argument(help="user name")],
     store: StoreOpt = None,
@@ -368,7 +350,7 @@ def delete(
 
 
 @app.command()
-@friendly_errors
+@clear_errors
 def demo(
     model: ModelOpt = None,
     max_tokens: Annotated[int, typer.Option(help="new tokens per answer")] = 40,
@@ -380,7 +362,7 @@ def demo(
 
 
 @app.command()
-@friendly_errors
+@clear_errors
 def perf(
     model: ModelOpt = None,
     dtype: DtypeOpt = "auto",
@@ -402,7 +384,7 @@ def perf(
 
 
 @app.command("bench-summary")
-@friendly_errors
+@clear_errors
 def bench_summary(
     runs: Annotated[
         list[Path] | None,
