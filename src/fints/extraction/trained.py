@@ -6,8 +6,8 @@ delta starts from it and is trained on the user's history for a few steps (optio
 with an L2 penalty towards it and early stopping on the user's latest items). Each
 entry holds the user's vector, or, with ``item_steps > 0``, the item's own short
 refinement of it (instance-tailored, so retrieval picks the relevant ones; measured: no
-gain over the user vector, so off by default). A new item updates the user's vector from where it
-was (``incremental_steps``) instead of training from scratch.
+gain over the user vector, so off by default). A new item updates the user's vector
+from where it was (``incremental_steps``) instead of training from scratch.
 """
 
 from __future__ import annotations
