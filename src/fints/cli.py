@@ -56,11 +56,20 @@ DtypeOpt = Annotated[
 TenantOpt = Annotated[str, typer.Option("--tenant", help="tenant namespace")]
 SitesOpt = Annotated[
     str | None,
-    typer.Option("--sites", help="steering sites, e.g. '15.attn+mlp' (default: middle layer)"),
+    typer.Option(
+        "--sites",
+        help="steering sites, e.g. '15.block' or '15.attn+mlp' (default: the method's own, "
+        "for trained the middle layer's block output, for the contrasts its attn+mlp)",
+    ),
 ]
 TemplateOpt = Annotated[str, typer.Option("--template", help="generic, headline or abstract")]
 ContrastOpt = Annotated[
-    str, typer.Option("--contrast", help="the extraction method: context, response or trained")
+    str | None,
+    typer.Option(
+        "--contrast",
+        help="the extraction method for a new user: trained (the default), or the paper's "
+        "contrasts context or response (a user with a dictionary keeps its method)",
+    ),
 ]
 
 
@@ -79,23 +88,22 @@ def _engine(
     dtype: str,
     sites: str | None,
     template: str,
-    contrast: str = "context",
+    contrast: str | None = None,
     steering: Any = None,
 ) -> Any:
     from fints.engine import Personalizer
     from fints.extraction import ExtractionConfig
     from fints.models import load_model
-    from fints.sites import default_sites
 
     with console.status(f"loading model {model or 'smollm2'}"):
         loaded = load_model(model, dtype=dtype)
-    chosen = parse_sites(sites) if sites else default_sites(loaded.num_layers)
+    chosen = parse_sites(sites) if sites else None  # None: the method's own default sites
     return Personalizer(
         loaded,
         store,
         template=template,
         steering=steering,
-        extraction=ExtractionConfig(sites=chosen, method=contrast),
+        extraction=ExtractionConfig.for_model(loaded.num_layers, method=contrast, sites=chosen),
     )
 
 
@@ -113,7 +121,7 @@ def add(
     dtype: DtypeOpt = "auto",
     sites: SitesOpt = None,
     template: TemplateOpt = "generic",
-    contrast: ContrastOpt = "context",
+    contrast: ContrastOpt = None,
 ) -> None:
     """Add a user's history (validated in full before anything is stored)."""
     items = read_history(history, input_field=input_field, output_field=output_field)
@@ -134,7 +142,7 @@ def build(
     dtype: DtypeOpt = "auto",
     sites: SitesOpt = None,
     template: TemplateOpt = "generic",
-    contrast: ContrastOpt = "context",
+    contrast: ContrastOpt = None,
 ) -> None:
     """Extract steering vectors for every item of USER that has none for this model."""
     with _store(store) as db:

@@ -21,6 +21,7 @@ from fints.dictionary import UserDictionary
 from fints.encoders import KeyEncoder, SentenceTransformerEncoder
 from fints.errors import InvalidInputError, UnknownUserError
 from fints.extraction import ExtractionConfig, ExtractionResult, Extractor
+from fints.extraction.config import extraction_for
 from fints.generation import GenerationOptions
 from fints.guidance.preferences import Preferences
 from fints.history import ITEM_PROMPT_TOKENS, HistoryItem, clip_item
@@ -28,7 +29,7 @@ from fints.models import LoadedModel
 from fints.modes import MODES, Addition, BatchRows, GenerationMode, RowOwner, SteeringMode
 from fints.prompts import PromptTemplate, build_prompt_ids, encode_prompt, get_template
 from fints.retrieval import nearest_items
-from fints.sites import check_layers_in_range, default_sites
+from fints.sites import check_layers_in_range
 from fints.steering import SteeringConfig
 from fints.stopping import check_stops
 from fints.store import DEFAULT_TENANT, Store, check_name
@@ -138,7 +139,8 @@ class Personalizer:
         self.encoder = encoder or SentenceTransformerEncoder()
         self.template = get_template(template)
         self.steering = steering or SteeringConfig()
-        self.extraction = extraction or ExtractionConfig(sites=default_sites(model.num_layers))
+        # None: the default method (trained) at its own default sites for this model
+        self.extraction = extraction or ExtractionConfig.for_model(model.num_layers)
         check_layers_in_range(self.extraction.sites, model.num_layers)
         try:
             self.unknown_user = UnknownUser(unknown_user)
@@ -201,18 +203,21 @@ class Personalizer:
             raise UnknownUserError(f"unknown user {user!r} in tenant {tenant!r}")
         if not pending:
             return
-        settings = self.extraction.settings
+        current = self.dictionary(user, tenant=tenant)
+        # a user keeps the method and sites of their dictionary; a new one gets the engine's
+        extraction = extraction_for(current.meta if current else None, self.extraction)
+        settings = extraction.settings
         step = len(pending) if chunk_items is None or settings.rebuilds_all else chunk_items
         history = self._clipped(self.store.items(tenant, user))
         pool = self._clipped(
             self.store.sample_items(
                 tenant,
                 settings.pool_size,
-                self.extraction.seed,
+                extraction.seed,
                 exclude_user=None if settings.pool_includes_user else user,
             )
         )
-        extractor = Extractor(self.model, self.encoder, self.template, self.extraction)
+        extractor = Extractor(self.model, self.encoder, self.template, extraction)
         for start in range(0, len(pending), max(1, step)):
             chunk = self._clipped(pending[start : start + step])
             result = extractor.extract(
@@ -220,7 +225,7 @@ class Personalizer:
                 history,
                 pool,
                 progress=progress,
-                previous=self._current(user, tenant) if settings.rebuilds_all else None,
+                previous=self._current(user, tenant, extraction) if settings.rebuilds_all else None,
                 shared=self._method_state.setdefault(tenant, {}),
             )
             if result.entries:
@@ -231,14 +236,16 @@ class Personalizer:
         """Items as prompts see them: each text cut to :attr:`item_prompt_tokens` tokens."""
         return [clip_item(self.model.tokenizer, i, self.item_prompt_tokens) for i in items]
 
-    def _current(self, user: str, tenant: str) -> UserDictionary | None:
-        """The user's dictionary, if made the way this engine extracts."""
+    def _current(
+        self, user: str, tenant: str, extraction: ExtractionConfig
+    ) -> UserDictionary | None:
+        """The user's dictionary, if made the way ``extraction`` extracts."""
         current = self.dictionary(user, tenant=tenant)
         if (
             current is None
             or not len(current)
-            or current.meta.method != self.extraction.method
-            or current.meta.sites != self.extraction.sites
+            or current.meta.method != extraction.method
+            or current.meta.sites != extraction.sites
         ):
             return None
         return current

@@ -125,7 +125,9 @@ def extraction_cost(
     repeats: int,
 ) -> tuple[Timing, Timing]:
     """Per item: (full extraction, one plain forward over the positive prompt + target)."""
-    config = ExtractionConfig(sites=default_sites(model.num_layers), batch_size=8)
+    # the paper's context contrast, whose cost this measures (trained vectors' cost is the
+    # probe's --cost-only, BENCHMARKS.md)
+    config = ExtractionConfig(sites=default_sites(model.num_layers), method="context", batch_size=8)
     template = TEMPLATES["generic"]
     extractor = Extractor(model, encoder, template, config)
     tok = model.tokenizer

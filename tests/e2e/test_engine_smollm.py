@@ -33,7 +33,10 @@ STEER = SteeringConfig(relative=True, strengths={"attn": 0.4, "mlp": 0.4, "block
 @pytest.fixture(scope="module")
 def engine(smollm, encoder, tmp_path_factory):
     store = Store(tmp_path_factory.mktemp("store") / "fints.sqlite")
-    extraction = ExtractionConfig(sites=parse_sites("12.attn+mlp,14.block"), batch_size=4)
+    # the paper's context contrast, named: trained vectors (the default) have their own tests
+    extraction = ExtractionConfig(
+        sites=parse_sites("12.attn+mlp,14.block"), method="context", batch_size=4
+    )
     p = Personalizer(smollm, store, encoder=encoder, steering=STEER, extraction=extraction)
     p.add_history("pirate", PIRATE)
     p.add_history("formal", FORMAL)

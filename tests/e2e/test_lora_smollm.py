@@ -42,7 +42,8 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def engine(smollm, encoder, tmp_path_factory):
     store = Store(tmp_path_factory.mktemp("lora") / "fints.sqlite")
-    extraction = ExtractionConfig(sites=parse_sites("12.attn+mlp"), batch_size=4)
+    # the context contrast (cheap to extract): what these tests steer with beside the adapters
+    extraction = ExtractionConfig(sites=parse_sites("12.attn+mlp"), method="context", batch_size=4)
     p = Personalizer(smollm, store, encoder=encoder, steering=STEER, extraction=extraction)
     p.add_history("pirate", PIRATE)
     p.add_history("formal", FORMAL)

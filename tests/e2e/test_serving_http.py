@@ -19,6 +19,7 @@ import pytest
 import torch
 
 from fints.engine import Personalizer, UnknownUser
+from fints.extraction import ExtractionConfig
 from fints.models import load_model
 from fints.serving.app import ServerConfig, create_app
 from fints.serving.inprocess import RunningServer
@@ -49,8 +50,11 @@ def personalizer(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Personali
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # 2 shared cores: one thread avoids oversubscription
     store = Store(tmp_path_factory.mktemp("serving") / "store.sqlite")
-    # float32: batched and solo greedy decoding agree exactly
-    yield Personalizer(load_model(dtype="float32"), store)
+    # float32: batched and solo greedy decoding agree exactly; the context contrast keeps
+    # writes quick (a tenant's first trained build takes minutes: tests/unit cover it)
+    model = load_model(dtype="float32")
+    extraction = ExtractionConfig.for_model(model.num_layers, method="context")
+    yield Personalizer(model, store, extraction=extraction)
     store.close()
     torch.set_num_threads(threads)
 

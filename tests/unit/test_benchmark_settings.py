@@ -11,7 +11,7 @@ import pytest
 import typer
 from typer.testing import CliRunner
 
-from fints.benchmark.commands import bench, parse_ints, parse_items, parse_top_ks
+from fints.benchmark.commands import bench, parse_ints, parse_items, parse_methods, parse_top_ks
 from fints.benchmark.labels import Label, TaskName
 from fints.benchmark.methods import ALL_ENTRIES
 from fints.benchmark.pipeline import command_line
@@ -28,7 +28,8 @@ EVERYTHING = BenchSettings(
     headlines_file=Path("h.jsonl"), abstracts_file=Path("a.jsonl"), persona_dir=Path("moods"),
     out=Path("out"), cache=Path("cache"), layers=(10, 15), max_users=4, n_test=2, n_val=1,
     max_history=6, max_new_tokens=20, min_items=12, queries_per_user=1, strengths=(0.1, 0.3),
-    components=("attn", "block"), contrasts=("response",), top_ks=(1, ALL_ENTRIES),
+    components=("attn", "block"), contrasts=("response",), default_methods=("context",),
+    top_ks=(1, ALL_ENTRIES),
     taus=(0.1, 0.3), search_rounds=3, search_margin=1.0, rows=(Label.NONE, Label.icl(3)),
     sparsity_fractions=(), persona_sizes=(5, 10), n_clusters=0, batch_size=8,
     timing_repeats=0, dtype="bfloat16", seed=7,
@@ -49,6 +50,13 @@ def test_number_lists() -> None:
 def test_comma_separated_items_are_stripped() -> None:
     assert parse_items("attn, block") == ("attn", "block")
     assert parse_items(None) is None
+
+
+def test_default_methods_take_names_or_none() -> None:
+    assert parse_methods("trained, context") == ("trained", "context")
+    assert parse_methods("none") == () and parse_methods(None) is None
+    with pytest.raises(InvalidInputError, match="--default-methods"):
+        BenchSettings(default_methods=("sideways",))
 
 
 def test_retrieval_sizes() -> None:

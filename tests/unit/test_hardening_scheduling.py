@@ -47,7 +47,8 @@ def personalizer(model: Any, tmp: Path, bound: int | None = BOUND) -> Personaliz
         model,
         Store(tmp / "store.sqlite"),
         encoder=HashEncoder(),
-        extraction=ExtractionConfig(sites=parse_sites("1.attn+mlp")),
+        # the context contrast: what these tests bound is its prompts (own and others' items)
+        extraction=ExtractionConfig(sites=parse_sites("1.attn+mlp"), method="context"),
         item_prompt_tokens=bound,
     )
 

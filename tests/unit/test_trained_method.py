@@ -136,20 +136,6 @@ def test_bad_trained_settings_are_refused_with_their_name(field: str, value: flo
     assert field in str(err.value) or err.value.param == field
 
 
-def test_the_benchmark_refuses_the_trained_method_rather_than_run_it_differently(
-    tiny: LoadedModel, tmp_path: Path
-) -> None:
-    from fints.benchmark.banks import BenchContext, benchmark_sites
-    from tests.unit.benchmark_fixtures import fixture_task
-
-    task = fixture_task(max_history=3, max_new_tokens=2)
-    ctx = BenchContext(
-        tiny, HashEncoder(), task, benchmark_sites(tiny.num_layers, (1,)), tmp_path, progress=False
-    )
-    with pytest.raises(InvalidInputError, match="trained_probe"):
-        ctx.bank(next(iter(task.users)), "trained")
-
-
 def test_trained_targets_end_with_the_end_of_turn_token_only_when_the_output_fits(
     tiny: LoadedModel,
 ) -> None:

@@ -1,16 +1,19 @@
 """Per-user vector banks of the benchmark: every user's extracted activations at every
-benchmark site, extracted once per (user, method) and cached on disk, and the
-context (model, task, query and history keys) the methods run in.
+benchmark site (a method trained jointly at its sites, e.g. ``trained``: at its own
+default sites), extracted once per (user, method) by the product's extractor and
+cached on disk, and the context (model, task, query and history keys) the methods run in.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import random
 import time
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -19,7 +22,8 @@ from fints.benchmark.tasks import Query, Task
 from fints.dictionary import DictionaryMeta, UserDictionary
 from fints.encoders import KeyEncoder
 from fints.errors import InvalidInputError
-from fints.extraction import ExtractionConfig, Extractor
+from fints.extraction import ExtractionConfig, Extractor, method_config
+from fints.history import HistoryItem
 from fints.models import LoadedModel
 from fints.prompts import get_template
 from fints.sites import Site, parse_sites
@@ -110,6 +114,8 @@ class BenchContext:
         self._history_keys: dict[str, torch.Tensor] = {}
         self._banks: dict[tuple[str, str], UserBank] = {}
         self._mean_differences: dict[str, dict[str, torch.Tensor]] = {}
+        # the methods' tenant-level state (a trained shared vector), as the engine keeps it
+        self._method_state: dict[str, Any] = {}
         self.extraction_seconds = 0.0
 
     def query_keys(self, queries: Sequence[Query]) -> torch.Tensor:
@@ -126,8 +132,48 @@ class BenchContext:
             self._history_keys[user] = self.encoder.encode([i.input for i in history])
         return self._history_keys[user]
 
+    def config(self, contrast: Contrast) -> ExtractionConfig:
+        """How ``contrast`` is extracted: at every benchmark site, or, for a method whose
+        vectors are trained jointly at their sites, at the method's own default sites."""
+        settings = method_config(contrast, self._params(contrast))
+        own = settings.default_sites(self.model.num_layers)
+        return ExtractionConfig(
+            sites=self.sites if settings.per_site else own,
+            method=contrast,
+            params=settings,
+            batch_size=self.extraction_batch,
+            seed=self.seed,
+        )
+
+    def _params(self, contrast: Contrast) -> dict[str, Any] | None:
+        if contrast == "response":
+            return {"rouge_threshold": 0.15 if self.task.name == "headlines" else 0.2}
+        return None
+
+    def pool(self, user: str, config: ExtractionConfig) -> list[HistoryItem]:
+        """What the method draws other users' items from: the user's negatives, or, for a
+        method with a tenant-level part (a shared vector), a seeded sample of every user's
+        history (the tenant's), the same for every user."""
+        settings = config.settings
+        if not settings.pool_includes_user:
+            return self.task.negatives_for(user)
+        seen: dict[str, HistoryItem] = {}
+        for name in sorted(self.task.users):
+            for item in self.task.users[name].history:
+                seen.setdefault(item.item_id, item)
+        items = list(seen.values())
+        rng = random.Random(f"{self.seed}:tenant-pool")
+        return rng.sample(items, settings.pool_size) if len(items) > settings.pool_size else items
+
     def _bank_path(self, user: str, contrast: str) -> Path:
         history = self.task.users[user].history
+        config = self.config(contrast)
+        # a tenant-level part depends on every user's history and on the settings
+        tenant = (
+            [config.to_dict(), [i.item_id for i in self.pool(user, config)]]
+            if config.settings.pool_includes_user
+            else []
+        )
         payload = json.dumps(
             [
                 self.model.fingerprint,
@@ -136,10 +182,11 @@ class BenchContext:
                 self.task.sha256,
                 user,
                 contrast,
-                [str(s) for s in self.sites],
+                [str(s) for s in config.sites],
                 [i.item_id for i in history],
                 self.seed,
                 self.encoder.name,
+                *tenant,
             ]
         )
         digest = hashlib.sha256(payload.encode()).hexdigest()[:24]
@@ -155,7 +202,7 @@ class BenchContext:
             data = torch.load(path, weights_only=False)
             bank = UserBank(
                 user,
-                self.sites,
+                self.config(contrast).sites,
                 data["item_ids"],
                 data["keys"],
                 data["positive"],
@@ -201,43 +248,34 @@ class BenchContext:
         return torch.stack(others).mean(dim=0)[idx]
 
     def _extract(self, user: str, contrast: Contrast) -> UserBank:
-
-        if contrast not in ("context", "response"):
-            raise InvalidInputError(
-                f"the benchmark extracts contrast vectors only ('context', 'response'), not "
-                f"{contrast!r}: trained vectors are measured by benchmarks/trained_probe.py"
-            )
+        """The user's entries as the product extracts them (:class:`Extractor`): every
+        history item, the method's pool, the tenant-level state shared across users."""
         history = self.task.users[user].history
-        config = ExtractionConfig(
-            sites=self.sites,
-            method=contrast,
-            params=(
-                {"rouge_threshold": 0.15 if self.task.name == "headlines" else 0.2}
-                if contrast == "response"
-                else None
-            ),
-            batch_size=self.extraction_batch,
-            seed=self.seed,
-        )
+        config = self.config(contrast)
+        sites = config.sites
         extractor = Extractor(self.model, self.encoder, self.template, config)
         start = time.perf_counter()
         result = extractor.extract(
-            history, history, self.task.negatives_for(user), progress=self.progress
+            history,
+            history,
+            self.pool(user, config),
+            progress=self.progress,
+            shared=self._method_state,
         )
         self.extraction_seconds += time.perf_counter() - start
         if not result.entries:
             # Every pair was filtered out (response contrast): fall back to zero vectors.
             hidden = self.model.hidden_size
-            zeros = torch.zeros(1, len(self.sites), hidden)
+            zeros = torch.zeros(1, len(sites), hidden)
             keys = self.encoder.encode([history[-1].input])
             return UserBank(
-                user, self.sites, [history[-1].item_id], keys, zeros, zeros,
-                torch.ones(len(self.sites)), result.meta,
+                user, sites, [history[-1].item_id], keys, zeros, zeros,
+                torch.ones(len(sites)), result.meta,
             )  # fmt: skip
         keys = torch.stack([e.key for e in result.entries])
         return UserBank(
             user,
-            self.sites,
+            sites,
             [e.item_id for e in result.entries],
             keys,
             result.positive,

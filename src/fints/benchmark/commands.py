@@ -28,6 +28,12 @@ def parse_items(text: str | None) -> tuple[str, ...] | None:
     return None if text is None else tuple(x.strip() for x in text.split(",") if x.strip())
 
 
+def parse_methods(text: str | None) -> tuple[str, ...] | None:
+    """``--default-methods``: names, or ``none`` (no such rows)."""
+    values = parse_items(text)
+    return () if values in (("none",), ()) else values
+
+
 def parse_floats(text: str | None, name: str) -> tuple[float, ...] | None:
     values = parse_items(text)
     try:
@@ -100,6 +106,13 @@ def bench(
     contrasts: Annotated[
         str | None, typer.Option(help=f"contrasts to search: {','.join(method_names())}")
     ] = None,
+    default_methods: Annotated[
+        str | None,
+        typer.Option(
+            help="extraction methods run at their own defaults (sites, settings, steering), "
+            "with their controls, beside the searched Fints: trained (the preset's) or 'none'"
+        ),
+    ] = None,
     top_ks: Annotated[
         str | None,
         typer.Option(
@@ -164,6 +177,7 @@ def bench(
             strengths=parse_floats(strengths, "strengths"),
             components=parse_items(components),
             contrasts=parse_items(contrasts),
+            default_methods=parse_methods(default_methods),
             top_ks=parse_top_ks(top_ks),
             taus=parse_floats(taus, "taus"),
             search_rounds=search_rounds,

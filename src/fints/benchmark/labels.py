@@ -65,6 +65,8 @@ class Role(StrEnum):
     FINTS = "fints"  # the setting chosen on validation
     VARIANT = "variant"  # the chosen setting with one design choice changed
     CONTROL = "control"  # the chosen setting (or ICL) with the user's own data replaced
+    DEFAULTS = "defaults"  # an extraction method at its own defaults (not searched), e.g.
+    # trained vectors as a new user gets them, and its controls
 
 
 #: The roles the best Fints row is compared against (the verdict's comparisons).
@@ -90,6 +92,7 @@ class Source:
     OWN: Final = "own"
     WRONG: Final = "wrong"  # another user's (fixed per user: ``Task.wrong_user``)
     RANDOM: Final = "random"  # a random direction with the same norm (vectors only)
+    OTHERS: Final = "others"  # the mean of the other users' vectors (vectors only)
 
 
 #: The site component a search starts from, and every one it may try at a layer.
@@ -143,6 +146,24 @@ class Label:
     def fints_contrast(contrast: str) -> str:
         return f"fints {contrast} contrast"
 
+    # An extraction method at its own default sites and the product's default steering
+    # (``Preset.default_methods``), and its controls.
+    @staticmethod
+    def method_defaults(method: str) -> str:
+        return f"{method} vectors"
+
+    @staticmethod
+    def method_wrong_user(method: str) -> str:
+        return f"control: {method} vectors, wrong user"
+
+    @staticmethod
+    def method_others(method: str) -> str:
+        return f"control: {method} vectors, other users' mean"
+
+    @staticmethod
+    def method_random(method: str) -> str:
+        return f"control: {method} vectors, random direction"
+
 
 #: The comparisons fixed before any run, per tested row (at most three each): the row
 #: minus each named row, Holm-corrected together on each of :data:`HOLM_METRICS`. A new
@@ -151,6 +172,13 @@ PRE_REGISTERED: dict[str, tuple[str, ...]] = {
     Label.BEST: (
         Label.WRONG_USER_DICTIONARY,
         Label.RANDOM_DIRECTION,
+        Label.icl(REFERENCE_ICL_K),
+    ),
+    # issue 21: own vs another user's delta (on the same shared vector), vs the shared
+    # part (the other users' mean: the shared vector plus their mean delta), vs ICL k=3
+    Label.method_defaults("trained"): (
+        Label.method_wrong_user("trained"),
+        Label.method_others("trained"),
         Label.icl(REFERENCE_ICL_K),
     ),
 }

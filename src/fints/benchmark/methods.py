@@ -35,7 +35,7 @@ from fints.steering import Aggregation, SteeringConfig
 from fints.target_nll import target_nll
 from fints.user_vectors import UserVectorMethod
 
-SourceName = Literal["own", "wrong", "random"]  # the values of labels.Source
+SourceName = Literal["own", "wrong", "random", "others"]  # the values of labels.Source
 KindName = Literal["none", "icl", "vector", "fints"]  # the values of labels.Kind
 
 #: The kinds that steer (they name sites and draw vectors from the user's bank).
@@ -63,7 +63,8 @@ class MethodSpec:
       the softmax temperature ``tau`` when attentive); ``kind="vector"``: one
       user-level vector (``user_vector`` = mean / pca / logistic).
     * ``vector_source``: the user's own vectors, another user's (``"wrong"``),
-      or a random direction of the same norm per site (``"random"``).
+      a random direction of the same norm per site (``"random"``), or the mean of the
+      other users' vectors (``"others"``: for trained vectors, the shared part).
     * ``centered``: the steering vector minus the mean difference of the other
       users (all but the query's user and its wrong-user control's user, so the
       centered own and wrong-user rows subtract the same vector), which removes
@@ -93,7 +94,7 @@ class MethodSpec:
             raise InvalidInputError(f"unknown method kind {self.kind!r}")
         if self.kind in STEERING_KINDS and not self.sites:
             raise InvalidInputError(f"method {self.label!r} steers but names no sites")
-        if self.icl_source == Source.RANDOM:
+        if self.icl_source not in (Source.OWN, Source.WRONG):
             raise InvalidInputError("icl_source must be 'own' or 'wrong'")
         if self.centered and self.kind not in STEERING_KINDS:
             raise InvalidInputError(f"method {self.label!r} is centered but does not steer")
@@ -273,6 +274,10 @@ class SteeredPrompt:
             plan = plan.shifted(-torch.stack(shared))
         if spec.vector_source == Source.RANDOM:
             plan = plan.randomized([f"{ctx.seed}:random:{q.qid}" for q in queries])
+        if spec.vector_source == Source.OTHERS:  # what is left without the user's own part
+            others = [ctx.shared_direction({q.user}, spec.contrast, sites) for q in queries]
+            mask = torch.tensor(plan.steered, dtype=torch.float32).view(-1, 1, 1)
+            plan = plan.with_aggregated(mask * torch.stack(others).float())
         return plan
 
     def vectors(self, queries: Sequence[Query], ctx: BenchContext) -> dict[Site, torch.Tensor]:

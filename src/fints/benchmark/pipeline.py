@@ -21,7 +21,7 @@ from fints.benchmark.latency import measure_latency
 from fints.benchmark.persona import PersonaConfig, first_moods, load_persona
 from fints.benchmark.presets import Preset, default_top_k
 from fints.benchmark.report import TaskReport, task_markdown, write_report
-from fints.benchmark.rows import rows_for_test, steers
+from fints.benchmark.rows import default_method_rows, rows_for_test, steers
 from fints.benchmark.runner import Runner, build_judge, evaluate
 from fints.benchmark.search import SearchSpace, Selection, default_fints, select_fints
 from fints.benchmark.settings import BenchSettings
@@ -114,15 +114,16 @@ def benchmark_task(
     judge = build_judge(task, settings.seed)
     space = search_space(task.name, preset, layers, settings)
     selection = Selection(default_fints(space), None, [])
-    if steers(rows_for_test(selection, preset, settings.rows)):
+    fixed = default_method_rows(preset.default_methods, model.num_layers)
+    if steers(rows_for_test(selection, preset, settings.rows, fixed)):
         t = time.perf_counter()
         selection = select_fints(runner, space, judge)
         seconds["validation search"] = time.perf_counter() - t
-    specs = rows_for_test(selection, preset, settings.rows)
+    specs = rows_for_test(selection, preset, settings.rows, fixed)
     t = time.perf_counter()
     rows = evaluate(runner, specs, judge)
     seconds["test methods"] = time.perf_counter() - t
-    steered = steers(specs)  # no search, diagnostics or sweep without a steering row
+    steered = steers(specs)  # no search, diagnostics or sweep without a searched row
     report = TaskReport(
         name=task.name,
         judge_name=judge_name(task.name),

@@ -41,6 +41,9 @@ class Preset:
     sparsity: tuple[float, ...]  # shares of each user's history to sweep (not persona)
     persona_sizes: tuple[int, ...]  # persona history sizes to sweep
     clusters: int  # user clusters (0: none)
+    # extraction methods run on test at their own defaults, with their controls
+    # (rows.default_method_rows): trained vectors, the default for a new user
+    default_methods: tuple[str, ...] = ("trained",)
 
 
 HEADLINES, ABSTRACTS, PERSONA = TaskName.HEADLINES, TaskName.ABSTRACTS, TaskName.PERSONA
@@ -67,6 +70,9 @@ PRESETS: dict[str, Preset] = {
         sparsity=(),
         persona_sizes=(),
         clusters=0,
+        # a tenant's shared trained vector takes minutes per task on CPU: add it with
+        # --default-methods trained
+        default_methods=(),
     ),
     # The recorded CPU run (see BENCHMARKS.md): what fits in about an hour on 2 shared cores.
     "medium": Preset(

@@ -21,7 +21,9 @@ from fints.benchmark.presets import Preset
 from fints.benchmark.runner import deduplicated
 from fints.benchmark.search import Selection
 from fints.errors import InvalidInputError
+from fints.extraction import method_config
 from fints.sites import Component, parse_sites
+from fints.steering import SteeringConfig
 
 #: The site variants of the chosen setting, in the order the report lists them.
 VARIANT_COMPONENTS: tuple[str, ...] = (
@@ -104,10 +106,43 @@ def methods_for_test(
     return deduplicated(specs) if unique else specs
 
 
+def default_method_rows(methods: Sequence[str], num_layers: int) -> list[MethodSpec]:
+    """Each extraction method as a new user gets it: its own default sites, the product's
+    default steering (:class:`SteeringConfig`), nothing searched; with its controls
+    (another user's vectors, the other users' mean, a random direction of the same norm)."""
+    steering = SteeringConfig()
+    specs: list[MethodSpec] = []
+    for name in methods:
+        sites = method_config(name).default_sites(num_layers)
+        own = MethodSpec(
+            Label.method_defaults(name),
+            kind=Kind.FINTS,
+            sites=",".join(str(s) for s in sites),
+            strength=steering.strength(sites[0]),
+            relative=steering.relative,
+            top_k=steering.top_k,
+            aggregation=steering.aggregation,
+            tau=steering.tau,
+            contrast=name,
+            role=Role.DEFAULTS,
+        )
+        specs += [
+            own,
+            own.with_(label=Label.method_wrong_user(name), vector_source=Source.WRONG),
+            own.with_(label=Label.method_others(name), vector_source=Source.OTHERS),
+            own.with_(label=Label.method_random(name), vector_source=Source.RANDOM),
+        ]
+    return specs
+
+
 def rows_for_test(
-    selection: Selection, preset: Preset, rows: Sequence[str] | None
+    selection: Selection,
+    preset: Preset,
+    rows: Sequence[str] | None,
+    fixed: Sequence[MethodSpec] = (),
 ) -> list[MethodSpec]:
-    """The rows run on test: the preset's choice, or exactly the labels in ``rows``.
+    """The rows run on test: the preset's choice, or exactly the labels in ``rows``;
+    ``fixed`` rows (:func:`default_method_rows`) come last, whatever the preset filters.
 
     A named variant that coincides with the chosen setting (``fints response
     contrast`` when the response contrast was chosen) is run once, as the first
@@ -117,6 +152,7 @@ def rows_for_test(
         selection.best, selection.best_absolute, preset.contrasts, unique=False
     )
     if rows is not None:
+        every += fixed
         known = list(dict.fromkeys(s.label for s in every))
         unknown = [r for r in rows if r not in known]
         if unknown:
@@ -133,11 +169,13 @@ def rows_for_test(
         specs = [s for s in specs if s.label not in extra]
     own_icl = {s.icl_k for s in specs if s.kind == Kind.ICL and s.icl_source == Source.OWN}
     # a wrong-user ICL control runs only beside the own-items ICL row it controls
-    return [
+    kept = [
         s for s in specs if s.kind != Kind.ICL or s.icl_source == Source.OWN or s.icl_k in own_icl
     ]
+    return deduplicated([*kept, *fixed])
 
 
 def steers(specs: Sequence[MethodSpec]) -> bool:
-    """Whether any row uses steering vectors (and so needs the validation search)."""
-    return any(s.kind in STEERING_KINDS for s in specs)
+    """Whether any row steers with searched settings (and so needs the validation
+    search): rows at a method's own defaults do not."""
+    return any(s.kind in STEERING_KINDS and s.role != Role.DEFAULTS for s in specs)

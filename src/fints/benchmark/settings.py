@@ -64,6 +64,7 @@ class BenchSettings:
     strengths: tuple[float, ...] | None = None
     components: tuple[str, ...] | None = None
     contrasts: tuple[str, ...] | None = None
+    default_methods: tuple[str, ...] | None = None  # methods run at their defaults (empty: none)
     top_ks: tuple[int, ...] | None = None  # beside the task's default K (0: every entry)
     taus: tuple[float, ...] | None = None
     search_rounds: int = 1
@@ -96,6 +97,8 @@ class BenchSettings:
             raise InvalidInputError(f"--top-ks takes positive integers or 'all', got {self.top_ks}")
         _check_choices("components", self.components, COMPONENTS)
         _check_choices("contrasts", self.contrasts, method_names())
+        if self.default_methods:
+            _check_choices("default_methods", self.default_methods, method_names())
         for name in ("batch_size", "timing_repeats", "n_clusters", "queries_per_user"):
             value, least = getattr(self, name), 1 if name == "batch_size" else 0
             if value is not None and value < least:
@@ -113,6 +116,7 @@ class BenchSettings:
             taus=self.taus or preset.taus,
             components=pick(self.components, preset.components),
             contrasts=pick(self.contrasts, preset.contrasts),
+            default_methods=pick(self.default_methods, preset.default_methods),
             sparsity=pick(self.sparsity_fractions, preset.sparsity),
             persona_sizes=pick(self.persona_sizes, preset.persona_sizes),
             clusters=pick(self.n_clusters, preset.clusters),

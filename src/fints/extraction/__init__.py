@@ -4,7 +4,8 @@ Methods live in a registry (:data:`METHODS`), one module each with its typed con
 
 * ``context``  - :mod:`.context`, the paper's context contrast
 * ``response`` - :mod:`.response`, the authors' response contrast
-* ``trained``  - :mod:`.trained`, vectors optimized on the user's outputs (shared + delta)
+* ``trained``  - :mod:`.trained`, vectors optimized on the user's outputs (shared + delta);
+  the default (:data:`DEFAULT_METHOD`), at its own default sites (``default_sites``)
 
 A dictionary records the method and its settings (``DictionaryMeta.method_config``).
 Adding a method is one new module that calls :func:`register`, plus its import here.
@@ -24,13 +25,14 @@ from fints.extraction.base import (
     method_names,
     register,
 )
-from fints.extraction.config import ExtractionConfig
+from fints.extraction.config import DEFAULT_METHOD, ExtractionConfig
 from fints.extraction.context import ContextContrastConfig
 from fints.extraction.extractor import Extractor
 from fints.extraction.response import ResponseContrastConfig
 from fints.extraction.trained import TrainedConfig
 
 __all__ = [
+    "DEFAULT_METHOD",
     "METHODS",
     "ContextContrastConfig",
     "ExtractionConfig",

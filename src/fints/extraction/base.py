@@ -23,7 +23,7 @@ from fints.history import HistoryItem
 from fints.models import LoadedModel
 from fints.prompts import PromptTemplate, pad_batch
 from fints.recording import record_means
-from fints.sites import Site
+from fints.sites import Site, default_sites
 
 
 @dataclass(frozen=True)
@@ -32,11 +32,23 @@ class MethodConfig:
 
     name: ClassVar[str]
 
+    def default_sites(self, num_layers: int) -> tuple[Site, ...]:
+        """Where the method records and steers unless told otherwise: the sites it was
+        measured at (the contrasts: attention and MLP outputs of the middle layer)."""
+        return default_sites(num_layers)
+
     @property
     def pool_size(self) -> int:
         """How many items of the tenant's other users the method may draw from: enough
         for a seeded draw of ``negative_k`` per item, where the method has one."""
         return max(64, 4 * getattr(self, "negative_k", 0))
+
+    @property
+    def per_site(self) -> bool:
+        """Whether an entry's vector at one site does not depend on the other sites (a
+        recorded mean per site): extracted at many sites at once, any subset can steer.
+        False for vectors trained jointly at their sites."""
+        return True
 
     @property
     def pool_includes_user(self) -> bool:

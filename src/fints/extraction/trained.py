@@ -23,6 +23,7 @@ from fints.errors import InvalidInputError
 from fints.extraction.base import ExtractionJob, MethodConfig, MethodContext, Sides, register
 from fints.history import HistoryItem
 from fints.prompts import build_prompt_ids
+from fints.sites import Site, default_sites
 from fints.vector_training import TrainingConfig, holdout_latest, train_vectors
 
 
@@ -71,9 +72,18 @@ class TrainedConfig(MethodConfig):
                     param=f"{name}lr",
                 ) from None
 
+    def default_sites(self, num_layers: int) -> tuple[Site, ...]:
+        """The residual stream after the middle layer (15.block on SmolLM2's 30 layers),
+        where the defaults above were chosen and measured."""
+        return default_sites(num_layers, "block")
+
     @property
     def pool_size(self) -> int:
         return self.pool
+
+    @property
+    def per_site(self) -> bool:
+        return False  # trained jointly at their sites
 
     @property
     def pool_includes_user(self) -> bool:

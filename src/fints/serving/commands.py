@@ -50,11 +50,15 @@ def serve(
     ),
     sites: Annotated[
         str | None,
-        typer.Option(help="Steering/extraction sites, e.g. '15.attn+mlp'; default: middle layer."),
+        typer.Option(help="Steering/extraction sites, e.g. '15.block'; default: the method's own."),
     ] = None,
     contrast: Annotated[
-        str, typer.Option(help="Extraction method for new history: context, response or trained.")
-    ] = "context",
+        str | None,
+        typer.Option(
+            help="Extraction method for a new user's history: trained (default), or the "
+            "paper's contrasts context or response."
+        ),
+    ] = None,
     strengths: Annotated[
         str | None, typer.Option(help="Default strengths, e.g. 'attn=0.5,mlp=0.5'.")
     ] = None,

@@ -14,11 +14,11 @@ import typer
 
 from fints.engine import Personalizer, UnknownUser
 from fints.errors import FintsError
-from fints.extraction import ExtractionConfig, method_config
+from fints.extraction import DEFAULT_METHOD, ExtractionConfig, method_config
 from fints.history import ITEM_PROMPT_TOKENS
 from fints.models import load_model
 from fints.paths import default_store_path
-from fints.sites import check_layers_in_range, default_sites, parse_sites
+from fints.sites import check_layers_in_range, parse_sites
 from fints.steering import SteeringConfig
 from fints.store import Store
 
@@ -77,7 +77,7 @@ def build_personalizer(
     store: Path | None = None,
     template: str = "generic",
     sites: str | None = None,
-    method: str = "context",
+    method: str | None = None,
     steering: SteeringConfig | None = None,
     unknown_user: UnknownUser = UnknownUser.UNSTEERED,
     dtype: str = "auto",
@@ -85,12 +85,15 @@ def build_personalizer(
     item_prompt_tokens: int | None = ITEM_PROMPT_TOKENS,
 ) -> Personalizer:
     """Load the model and open the store; ``steering`` is the server's default, ``method``
-    the extraction method (a name in ``fints.extraction.METHODS``) for new history."""
-    method_config(method)  # an unknown method fails before the model loads
+    the extraction method (a name in ``fints.extraction.METHODS``; None: trained) for a new
+    user's history, at ``sites`` (None: the method's own default sites)."""
+    method_config(method or DEFAULT_METHOD)  # an unknown method fails before the model loads
     loaded = load_model(model, dtype=dtype, device=device)
-    parsed = parse_sites(sites) if sites else default_sites(loaded.num_layers)
-    check_layers_in_range(parsed, loaded.num_layers)
-    extraction = ExtractionConfig(sites=parsed, method=method)
+    # None: the default method (trained) and the method's own default sites
+    extraction = ExtractionConfig.for_model(
+        loaded.num_layers, method=method, sites=parse_sites(sites) if sites else None
+    )
+    check_layers_in_range(extraction.sites, loaded.num_layers)
     return Personalizer(
         loaded,
         Store(store or default_store_path()),

@@ -292,7 +292,9 @@ def run_in_process(
     store: Path | None = None,
 ) -> LoadReport:
     with _store_path(store) as path:
-        personalizer = build_personalizer(model=model, store=path, dtype=dtype)
+        # the context contrast: seeding deletes and re-adds every user, and a tenant's
+        # trained shared vector would be retrained after each deletion (minutes each)
+        personalizer = build_personalizer(model=model, store=path, dtype=dtype, method="context")
         try:
             return run_with_personalizer(
                 personalizer, spec, max_batch_size=max_batch_size, max_wait_ms=max_wait_ms

@@ -186,6 +186,7 @@ def run_stall_in_process(
             store=Path(tmp) / "stall.sqlite",
             dtype=dtype,
             item_prompt_tokens=item_prompt_tokens,
+            method="context",  # extracted in chunks between decode batches (trained: one step)
         )
         config = ServerConfig(
             api_keys=KEYS, extract_chunk_items=extract_chunk_items, max_wait_ms=5.0
