@@ -23,7 +23,8 @@ from fints.cli_errors import clear_errors
 from fints.cli_guidance import guidance_app
 from fints.cli_lazy import LazyGroup
 from fints.cli_lora import lora_app
-from fints.errors import FintsError, InvalidInputError
+from fints.cli_steering import given_strengths, steering_from_flags, user_steering
+from fints.errors import FintsError
 from fints.history import read_history
 from fints.sites import parse_sites
 
@@ -160,32 +161,6 @@ def _build_and_report(engine: Any, user: str, tenant: str) -> None:
         )
 
 
-#: The flag that sets each SteeringConfig field, for error messages.
-_STEERING_FLAGS = {
-    "strengths": "--attn/--mlp/--block",
-    "relative": "--relative",
-    "top_k": "--top-k",
-    "aggregation": "--aggregation",
-    "tau": "--tau",
-    "icl_k": "--icl-k",
-}
-
-
-def steering_from_flags(settings: dict[str, Any]) -> Any:
-    """A :class:`~fints.steering.SteeringConfig` from flag values, through the same parser
-    (``SteeringConfig.from_dict``) and error messages as the server and its requests; an
-    error names the flag."""
-    from fints.steering import SteeringConfig
-
-    try:
-        return SteeringConfig.from_dict(settings)
-    except InvalidInputError as exc:
-        flag = _STEERING_FLAGS.get(exc.param or "")
-        if flag is None:
-            raise
-        raise InvalidInputError(f"{flag}: {exc}", param=exc.param) from None
-
-
 @app.command()
 @clear_errors
 def generate(
@@ -197,12 +172,16 @@ def generate(
     dtype: DtypeOpt = "auto",
     template: TemplateOpt = "generic",
     max_tokens: Annotated[int, typer.Option(help="new tokens per answer")] = 64,
-    attn: Annotated[float, typer.Option(help="strength at attn sites (alpha)")] = 0.5,
-    mlp: Annotated[float, typer.Option(help="strength at mlp sites (beta)")] = 0.5,
-    block: Annotated[float, typer.Option(help="strength at block sites")] = 0.5,
+    attn: Annotated[float | None, typer.Option(help="strength at attn sites (alpha)")] = None,
+    mlp: Annotated[float | None, typer.Option(help="strength at mlp sites (beta)")] = None,
+    block: Annotated[float | None, typer.Option(help="strength at block sites")] = None,
     relative: Annotated[
-        bool, typer.Option(help="strengths relative to the site's typical activation norm")
-    ] = True,
+        bool | None,
+        typer.Option(
+            help="strengths relative to the site's typical activation norm (default: the "
+            "method's: trained vectors absolute 1, as trained; the contrasts 0.5 relative)"
+        ),
+    ] = None,
     top_k: Annotated[int, typer.Option(help="entries retrieved per query")] = 5,
     aggregation: Annotated[str, typer.Option(help="mean or attentive")] = "attentive",
     tau: Annotated[float, typer.Option(help="attentive temperature")] = 0.1,
@@ -229,20 +208,20 @@ def generate(
     from fints.guidance.mode import GuidanceMode
     from fints.guidance.preferences import parse_preference_flags
 
-    steering = steering_from_flags(
-        {
-            "strengths": {"attn": attn, "mlp": mlp, "block": block},
-            "relative": relative,
-            "top_k": top_k,
-            "aggregation": aggregation,
-            "tau": tau,
-            "icl_k": icl_k,
-        }
-    )
+    flags = {
+        "strengths": given_strengths(attn, mlp, block),
+        "relative": relative,
+        "top_k": top_k,
+        "aggregation": aggregation,
+        "tau": tau,
+        "icl_k": icl_k,
+    }
+    steering_from_flags(flags)  # a bad flag fails before the store opens
     prefs = parse_preference_flags(prefer or [], guidance, guidance_top_k)
     name = None if user == "-" else user
     with _store(store) as db:
-        engine = _engine(db, model, dtype, None, template, steering=steering)
+        engine = _engine(db, model, dtype, None, template)
+        steering = engine.steering = user_steering(engine, name, tenant, flags)
         if classifiers is not None:
             library = ClassifierLibrary(classifiers)
             engine.modes = [

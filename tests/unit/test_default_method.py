@@ -157,3 +157,27 @@ def test_a_context_dictionary_is_still_served_extended_and_exported(
     assert again.steered and again.retrieved
     imported = new.dictionary("ann2")
     assert imported is not None and imported.meta.method == "context"
+
+
+def test_generate_steers_each_method_at_its_own_default_unless_a_flag_says_otherwise(
+    tiny: LoadedModel, store: Store
+) -> None:
+    from fints.cli_steering import user_steering
+
+    contrast = ExtractionConfig.for_model(tiny.num_layers, method="context")
+    Personalizer(tiny, store, encoder=HashEncoder(), extraction=contrast).add_history(
+        "ann", history("ann", 3)
+    )
+    engine = Personalizer(tiny, store, encoder=HashEncoder())
+    engine.add_history("cy", history("cy", 3))
+    as_trained = user_steering(engine, "cy", "default", {})
+    assert not as_trained.relative and set(as_trained.strengths.values()) == {1.0}
+    assert user_steering(engine, "nobody", "default", {}) == as_trained  # a new user's method
+    assert user_steering(engine, None, "default", {}) == as_trained
+    old = user_steering(engine, "ann", "default", {})
+    assert old.relative and set(old.strengths.values()) == {0.5}
+    flagged = user_steering(engine, "cy", "default", {"strengths": {"block": 2.0}, "top_k": 2})
+    assert flagged.strengths["block"] == 2.0 and flagged.strengths["attn"] == 1.0
+    assert flagged.top_k == 2 and not flagged.relative
+    [result] = engine.generate([GenerationRequest("cy", "cy asks 1", steering=as_trained)], OPTIONS)
+    assert result.steered

@@ -43,6 +43,12 @@ class MethodConfig:
         for a seeded draw of ``negative_k`` per item, where the method has one."""
         return max(64, 4 * getattr(self, "negative_k", 0))
 
+    def default_steering(self) -> dict[str, Any]:
+        """How this method's vectors are steered where the caller names no strengths
+        (``SteeringConfig.from_dict`` data; the CLI's ``generate``): a contrast vector is
+        5-30 % of the activation norm, so a fraction of the site's typical norm."""
+        return {"relative": True, "strengths": {"attn": 0.5, "mlp": 0.5, "block": 0.5}}
+
     @property
     def per_site(self) -> bool:
         """Whether an entry's vector at one site does not depend on the other sites (a

@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -80,6 +81,11 @@ class TrainedConfig(MethodConfig):
     @property
     def pool_size(self) -> int:
         return self.pool
+
+    def default_steering(self) -> dict[str, Any]:
+        """The vector as trained: absolute strength 1 (the library's and the server's
+        default too)."""
+        return {"relative": False, "strengths": {"attn": 1.0, "mlp": 1.0, "block": 1.0}}
 
     @property
     def per_site(self) -> bool:
