@@ -1,7 +1,7 @@
 """Decoding backends: what turns prepared prompts and mode additions into completions.
 
-``transformers`` (``model.generate`` with hooks and logits processors) is the one
-today; a vLLM backend registers beside it in :data:`BACKENDS`.
+``transformers`` (``model.generate`` with hooks and logits processors) and vLLM
+(:mod:`fints.vllm_engine`, an optional install) are registered in :data:`BACKENDS`.
 """
 
 from __future__ import annotations
@@ -51,5 +51,15 @@ class TransformersBackend:
         )
 
 
+def _vllm_backend(model: LoadedModel) -> Backend:
+    """vLLM (an optional install): paged attention, steering by the fints vLLM plugin."""
+    from fints.vllm_engine.backend import VllmBackend
+
+    return VllmBackend(model)
+
+
 #: Backends by name, each made from the loaded model.
-BACKENDS: dict[str, Callable[[LoadedModel], Backend]] = {"transformers": TransformersBackend}
+BACKENDS: dict[str, Callable[[LoadedModel], Backend]] = {
+    "transformers": TransformersBackend,
+    "vllm": _vllm_backend,
+}

@@ -21,11 +21,13 @@ from fints.layers import DecoderLayout
 from fints.sites import Site
 
 
-def _hidden(output: Any) -> torch.Tensor:
+def hidden_of(output: Any) -> torch.Tensor:
+    """A module's output tensor (the first element of a tuple output)."""
     return output[0] if isinstance(output, tuple) else output
 
 
-def _replace_hidden(output: Any, hidden: torch.Tensor) -> Any:
+def with_hidden(output: Any, hidden: torch.Tensor) -> Any:
+    """``output`` with its tensor (see :func:`hidden_of`) replaced by ``hidden``."""
     return (hidden, *output[1:]) if isinstance(output, tuple) else hidden
 
 
@@ -33,7 +35,7 @@ def _adder(site: Site, vector: torch.Tensor) -> Any:
     cache: dict[tuple[torch.dtype, torch.device], torch.Tensor] = {}
 
     def hook(_module: nn.Module, _inputs: Any, output: Any) -> Any:
-        hidden = _hidden(output)
+        hidden = hidden_of(output)
         if vector.shape[0] not in (1, hidden.shape[0]):
             raise InvalidInputError(
                 f"steering at {site}: {vector.shape[0]} vectors for a batch of "
@@ -43,7 +45,7 @@ def _adder(site: Site, vector: torch.Tensor) -> Any:
         key = (hidden.dtype, hidden.device)
         if key not in cache:
             cache[key] = vector.to(dtype=hidden.dtype, device=hidden.device).unsqueeze(1)
-        return _replace_hidden(output, hidden + cache[key])
+        return with_hidden(output, hidden + cache[key])
 
     return hook
 
