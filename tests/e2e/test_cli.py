@@ -40,12 +40,13 @@ def users(store_path: str) -> dict[str, int]:
 
 def test_add_build_generate_export_import_delete(store_path, tmp_path):
     data = demo_data_dir()
-    code, out = run(
-        "add", "zoe", str(data / "zoe.jsonl"), "--store", store_path, "--sites", "12.attn+mlp"
-    )
+    # the context contrast, named (the default, trained, first trains a tenant vector:
+    # minutes; tests/unit/test_default_method.py covers it)
+    contrast = ("--sites", "12.attn+mlp", "--contrast", "context")
+    code, out = run("add", "zoe", str(data / "zoe.jsonl"), "--store", store_path, *contrast)
     assert code == 0, out
     assert "added 10 items" in out and "extracted 10 entries" in out
-    code, out = run("build", "zoe", "--store", store_path, "--sites", "12.attn+mlp")
+    code, out = run("build", "zoe", "--store", store_path, *contrast)
     assert code == 0 and "already has its vectors" in out
     code, out = run(
         "generate",
