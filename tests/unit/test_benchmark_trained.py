@@ -92,6 +92,7 @@ def test_the_trained_rows_steer_at_the_defaults_a_new_user_gets(tiny: LoadedMode
     assert {s.role for s in specs} == {Role.DEFAULTS}
     assert [s.vector_source for s in specs] == ["own", "wrong", "others", "random"]
     assert not steers(specs)  # nothing to search
+    assert not any("," in s.label for s in specs)  # --rows takes comma-separated labels
     assert PRE_REGISTERED[TRAINED] == (
         Label.method_wrong_user("trained"),
         Label.method_others("trained"),

@@ -154,15 +154,15 @@ class Label:
 
     @staticmethod
     def method_wrong_user(method: str) -> str:
-        return f"control: {method} vectors, wrong user"
+        return f"control: {method} vectors of the wrong user"
 
     @staticmethod
     def method_others(method: str) -> str:
-        return f"control: {method} vectors, other users' mean"
+        return f"control: other users' mean {method} vector"
 
     @staticmethod
     def method_random(method: str) -> str:
-        return f"control: {method} vectors, random direction"
+        return f"control: {method} vectors in a random direction"
 
 
 #: The comparisons fixed before any run, per tested row (at most three each): the row
