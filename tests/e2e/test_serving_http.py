@@ -59,9 +59,28 @@ def personalizer(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Personali
     torch.set_num_threads(threads)
 
 
-@pytest.fixture(scope="module")
-def server(personalizer: Personalizer) -> Iterator[RunningServer]:
-    with RunningServer(create_app(personalizer, CONFIG)) as running:
+def _vllm_missing() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("vllm") is None
+
+
+ENGINES = [
+    "transformers",
+    pytest.param(
+        "vllm",
+        marks=pytest.mark.skipif(
+            _vllm_missing(), reason="vLLM is not installed: `make install-vllm` runs these tests"
+        ),
+    ),
+]
+
+
+@pytest.fixture(scope="module", params=ENGINES)
+def server(personalizer: Personalizer, request: pytest.FixtureRequest) -> Iterator[RunningServer]:
+    """The same tests on each generation engine (the store is shared: writes of the first
+    engine's run are there for the second)."""
+    with RunningServer(create_app(personalizer, replace(CONFIG, engine=request.param))) as running:
         yield running
 
 

@@ -128,13 +128,13 @@ def user_in_path(
 )
 async def health(request: Request) -> JSONResponse:
     server = server_of(request)
-    ok = server.batcher.running
+    ok = server.batcher.running and server.generation.running
     return JSONResponse(
         {
             "status": "ok" if ok else "unavailable",
             "model": server.model_id,
             "tenancy": "single-tenant" if server.tenants.single_tenant else "multi-tenant",
-            "queue_depth": server.batcher.depth,
+            "queue_depth": server.batcher.depth + server.generation.depth,
             "max_batch_size": server.config.max_batch_size,
         },
         status_code=200 if ok else 503,
@@ -254,7 +254,7 @@ async def _respond(
     tenant, slots = request.tenant, server.slots
     slots.acquire(tenant)
     try:
-        job = server.batcher.submit(
+        job = server.generation.submit(
             request, options, stream=body.stream, on_finished=lambda: slots.release(tenant)
         )
     except BaseException:

@@ -97,7 +97,7 @@ class VllmBackend:
             )
         rows = vllm_rows(prompts, additions, options, stops, self.eos)
         outputs = self.llm.generate(
-            [row.prompt for row in rows],  # type: ignore[misc]
+            [row.prompt for row in rows],  # type: ignore[arg-type]
             [SamplingParams(**row.sampling) for row in rows],
             use_tqdm=False,
         )

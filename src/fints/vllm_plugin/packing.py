@@ -25,6 +25,10 @@ from fints.sites import Site
 #: The key of a request's packed steering in ``SamplingParams.extra_args``.
 STEERING_KEY = "fints_steering"
 FORMAT_VERSION = 1
+#: The largest value a packed vector may hold. Hidden states are orders of magnitude
+#: smaller; a larger value overflows the model (inf, then NaN logits) and would take the
+#: engine, shared by every tenant, down with it.
+MAX_ABS = 1e4
 
 
 def pack_steering(vectors: Mapping[Site, torch.Tensor]) -> dict[str, Any]:
@@ -36,6 +40,13 @@ def pack_steering(vectors: Mapping[Site, torch.Tensor]) -> dict[str, Any]:
     if not torch.isfinite(stacked).all():
         bad = [str(s) for s in sites if not torch.isfinite(vectors[s]).all()]
         raise InvalidInputError(f"steering vector for {', '.join(bad)} contains NaN or inf")
+    if stacked.abs().max() > MAX_ABS:
+        bad = [str(s) for s, row in zip(sites, stacked, strict=True) if row.abs().max() > MAX_ABS]
+        raise InvalidInputError(
+            f"steering vector for {', '.join(bad)} exceeds {MAX_ABS:g} in absolute value: it "
+            "would overflow the model (lower fints.strengths, or use relative strengths)",
+            param="fints.strengths",
+        )
     raw = stacked.numpy().astype("<f4", copy=False).tobytes()
     return {
         "version": FORMAT_VERSION,

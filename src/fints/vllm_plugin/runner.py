@@ -46,7 +46,7 @@ def install() -> bool:
         return prepared
 
     setattr(_prepare_inputs, _MARK, True)
-    GPUModelRunner._prepare_inputs = _prepare_inputs
+    GPUModelRunner._prepare_inputs = _prepare_inputs  # type: ignore[method-assign]
     return True
 
 
@@ -57,7 +57,7 @@ def _extra_args(state: Any) -> Any:
 
 def bank_of(runner: Any) -> SteeringBank | None:
     """The runner's bank, made on first use (None for an architecture fints cannot steer)."""
-    bank = getattr(runner, _MARK, None)
+    bank: SteeringBank | bool | None = getattr(runner, _MARK, None)
     if bank is None:
         model = runner.get_model()
         config = runner.model_config.hf_config
@@ -73,4 +73,4 @@ def bank_of(runner: Any) -> SteeringBank | None:
                 device=runner.device,
             )
         setattr(runner, _MARK, bank)
-    return bank or None
+    return bank if isinstance(bank, SteeringBank) else None
