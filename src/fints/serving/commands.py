@@ -117,6 +117,13 @@ def serve(
     max_queue: Annotated[
         int, typer.Option(help="Requests and writes waiting for the model (503 beyond).")
     ] = 256,
+    engine: Annotated[
+        str,
+        typer.Option(
+            help="What decodes: transformers, or vllm (continuous batching; "
+            "`make install-vllm`, see docs/VLLM.md)."
+        ),
+    ] = "transformers",
     dtype: Annotated[str, typer.Option(help="auto, float32, bfloat16 or float16.")] = "auto",
     device: Annotated[str, typer.Option(help="cpu, cuda, ...")] = "cpu",
     threads: Annotated[
@@ -154,6 +161,7 @@ def serve(
                 max_concurrent_per_tenant=max_concurrent_per_tenant,
             ),
             max_queue=max_queue,
+            engine=engine,
             expire_after_s=None if expire_after_days is None else expire_after_days * 86400,
             api_keys=keys,
         )
@@ -172,15 +180,16 @@ def serve(
             device=device,
             item_prompt_tokens=item_prompt_tokens or None,
         )
+        app = create_app(personalizer, config)
     except FintsError as exc:
         raise command_failed(exc) from None
     log.info(
-        "serving %s on http://%s:%d (store %s, max batch %d)",
+        "serving %s on http://%s:%d (engine %s, store %s, max batch %d)",
         personalizer.model.name,
         host,
         port,
+        engine,
         personalizer.store.path,
         max_batch_size,
     )
-    app = create_app(personalizer, config)
     uvicorn.run(app, host=host, port=port, log_level=log_level.lower())

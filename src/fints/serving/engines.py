@@ -79,13 +79,14 @@ def _transformers(
 
 
 def _vllm(personalizer: Personalizer, metrics: ServingMetrics, batcher: Batcher) -> Generation:
+    from fints.vllm_engine.backend import VllmSettings, require_vllm
+
+    require_vllm()
     from vllm.engine.arg_utils import AsyncEngineArgs
     from vllm.v1.engine.async_llm import AsyncLLM
 
     from fints.serving.vllm_scheduler import VllmScheduler
-    from fints.vllm_engine.backend import VllmSettings, require_vllm
 
-    require_vllm()
     args = VllmSettings().engine_args(personalizer.model)
     engine = AsyncLLM.from_engine_args(AsyncEngineArgs(**args))
     return VllmScheduler(

@@ -29,6 +29,8 @@ class VllmSettings:
     max_model_len: int = 4096
     max_num_seqs: int = 64
     kv_cache_gib: float = 1.0  # CPU: memory reserved for the KV cache
+    # GPU: vLLM's share of the device (the transformers copy, for extraction, needs room)
+    gpu_memory_utilization: float = 0.6
     enforce_eager: bool = True  # the steering hooks are plain PyTorch
     extra: Mapping[str, Any] = field(default_factory=dict)
 
@@ -43,6 +45,8 @@ class VllmSettings:
         }
         if model.device.type == "cpu":
             args["kv_cache_memory_bytes"] = int(self.kv_cache_gib * 2**30)
+        else:
+            args["gpu_memory_utilization"] = self.gpu_memory_utilization
         return {**args, **self.extra}
 
 
