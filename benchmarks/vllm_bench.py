@@ -3,11 +3,11 @@
 Two parts, each printing ratios measured in this run on the same load:
 
 * ``engine``: one in-process ``vllm.LLM`` (prefix cache off); 16 prompts x ``--tokens``
-  forced new tokens (greedy, EOS ignored), plain vs steered with 16 distinct users' vectors (one packed
-  vector set per request), at the trained method's default site and at the contrast
-  method's (more sites: the heavier case). Rounds alternate the order (ABBA); the
-  median tokens/s of each arm is reported. The same prompts through transformers'
-  ``generate`` (fints' own backend, batched) give the engine ratio.
+  forced new tokens (greedy, EOS ignored), plain vs steered with 16 distinct users'
+  vectors (one packed vector set per request), at the trained method's default site
+  and at the contrast method's (more sites: the heavier case). Rounds alternate the
+  order (ABBA); the median tokens/s of each arm is reported. The same prompts through
+  transformers' ``generate`` (fints' own backend, batched) give the engine ratio.
 * ``http``: the fints server on each engine (same personalizer, store and users), N
   concurrent clients, each a distinct user, steered chat requests; throughput and
   p50/p99 latency per engine and concurrency.
