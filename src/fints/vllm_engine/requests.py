@@ -113,4 +113,3 @@ def completion_of(
         prompt_tokens=prompt_tokens,
         finish_reason="length" if finish_reason == "length" else "stop",
     )
-
