@@ -87,7 +87,10 @@ def _vllm(personalizer: Personalizer, metrics: ServingMetrics, batcher: Batcher)
 
     from fints.serving.vllm_scheduler import VllmScheduler
 
-    args = VllmSettings().engine_args(personalizer.model)
+    # room for the longest prompt the server accepts and the most new tokens a request
+    # may ask for (GenerationOptions allows 4096), so vLLM never refuses a checked request
+    settings = VllmSettings(max_model_len=batcher.max_prompt_tokens + 4096)
+    args = settings.engine_args(personalizer.model)
     engine = AsyncLLM.from_engine_args(AsyncEngineArgs(**args))
     return VllmScheduler(
         personalizer,
