@@ -13,7 +13,7 @@ import pytest
 
 from fints.engine import GenerationRequest, GenerationResult, PreparedBatch, UnknownUser
 from fints.errors import FintsError, InvalidInputError
-from fints.generation import GenerationOptions
+from fints.generation import Completion, GenerationOptions
 from fints.serving.api_errors import ApiError
 from fints.serving.api_spec import (
     ChatCompletionRequest,
@@ -302,21 +302,20 @@ class StandInPersonalizer:
         )
         self.fail = fail
         self.decoded: list[int] = []  # rows per decode call
+        self.backend = SimpleNamespace(decode=self._decode)
 
     def prepare(self, requests: list[GenerationRequest]) -> PreparedBatch:
         results = [GenerationResult(r.user, "", False, prompt_tokens=3) for r in requests]
         prompts = [[5, 6, 7] for _ in requests]
         return PreparedBatch(prompts=prompts, results=results, stops=[r.stop for r in requests])
 
-    def decode(
-        self, prepared: PreparedBatch, options: GenerationOptions, *, streamer: Any = None
-    ) -> list[GenerationResult]:
+    def _decode(
+        self, prompts: list[list[int]], additions: Any, options: GenerationOptions, **_: Any
+    ) -> list[Completion]:
         if self.fail is not None:
             raise self.fail
-        self.decoded.append(len(prepared.results))
-        for result in prepared.results:
-            result.text, result.completion_tokens, result.finish_reason = "ok", 2, "length"
-        return prepared.results
+        self.decoded.append(len(prompts))
+        return [Completion("ok", [8, 9], len(p), "length") for p in prompts]
 
 
 def run_batcher(personalizer: StandInPersonalizer, work: Any, **settings: Any) -> ServingMetrics:

@@ -27,7 +27,7 @@ from fints.engine import Personalizer
 from fints.serving import api_spec
 from fints.serving.api_errors import install_error_handlers
 from fints.serving.batcher import Batcher
-from fints.serving.limits import BodyLimit, TenantSlots
+from fints.serving.limits import BodyLimit, TenantGate, TenantSlots
 from fints.serving.metrics import ServingMetrics
 from fints.serving.routes import router
 from fints.serving.state import ServerConfig, ServerState
@@ -54,6 +54,7 @@ def create_app(personalizer: Personalizer, config: ServerConfig | None = None) -
             max_wait_ms=config.max_wait_ms,
             max_queue=config.max_queue,
             max_prompt_tokens=config.limits.max_prompt_tokens,
+            slice_tokens=config.slice_tokens,
         ),
         tenants=TenantResolver(config.api_keys),
         slots=TenantSlots(config.resources.max_concurrent_per_tenant),
@@ -63,6 +64,13 @@ def create_app(personalizer: Personalizer, config: ServerConfig | None = None) -
     app.state.fints = server
     install_error_handlers(app)
     _count_requests(app, metrics)
+    app.add_middleware(  # outermost: a tenant at its limit is answered before anything else
+        TenantGate,
+        slots=server.slots,
+        tenant_of=server.tenants.resolve,
+        refused=lambda path: metrics.requests.labels(route=path, status="429").inc(),
+        delay_s=config.resources.refusal_delay_ms / 1000,
+    )
     app.include_router(router)
     _document_statuses(app)
     return app

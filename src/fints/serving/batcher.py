@@ -1,23 +1,23 @@
 """Dynamic batching: many concurrent requests, one model, one worker thread.
 
-Requests wait in an asyncio queue. A collector task takes the first one, waits a
-few milliseconds for company (or not at all when the worker was busy and the
-queue filled meanwhile), and hands up to ``max_batch_size`` requests to the
-single worker thread that owns the model. The worker groups them by
-:class:`GenerationOptions` and runs each group as one
-:meth:`Personalizer.prepare` + :meth:`Personalizer.decode` (what
-:meth:`Personalizer.generate` does), every row steered with its own user's vectors.
+Requests wait in an asyncio queue. A collector task waits a few milliseconds for company
+(not when enough wait already), picks the next *round* (:mod:`fints.serving.slicing`: up
+to ``max_batch_size`` new requests and rows between two slices, tenants taking turns) and
+hands it to the single worker thread that owns the model. The worker prepares the new
+requests (a :meth:`Personalizer.prepare` per :class:`GenerationOptions`, every row steered
+with its own user's vectors) and decodes each group of rows (those of one prepared batch,
+with the same options) as one call of the personalizer's backend, the cheapest group
+first. While tenants contend, a long row decodes one slice of ``slice_tokens`` per round.
 
-Writes (adding history with extraction, forgetting a user) run on the same
-thread, one after another in arrival order, so extraction and generation never
-share the model at once, and a write acknowledged to a client is visible to every
-request sent after the acknowledgement. A write is a sequence of bounded steps
-(storing the items, then extracting a few items at a time); between two steps the
-worker decodes a batch of whatever generation requests wait, so decoding keeps
-its share while a long write runs (generation first, then one write step).
+Writes (adding history with extraction, forgetting a user) run on the same thread, one
+after another in arrival order, so extraction and generation never share the model at
+once, and a write acknowledged to a client is visible to every request sent after the
+acknowledgement. A write is a sequence of bounded steps (storing the items, then
+extracting a few items at a time); between two steps the worker decodes a round of
+whatever generation requests wait (generation first, then one write step).
 
-Streaming: a :class:`~fints.serving.streaming.RowStreamer` hands every streaming
-row its own text deltas, which reach the request through the row's asyncio queue.
+Streaming: a :class:`~fints.serving.streaming.RowStreamer` hands every streaming row its
+own text deltas (its detokenizer kept across slices) through the row's asyncio queue.
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ from typing import TypeVar
 from fints.engine import GenerationRequest, Personalizer, PreparedBatch
 from fints.generation import GenerationOptions, eos_token_ids
 from fints.serving.api_errors import ApiError
-from fints.serving.guards import FiniteGuard, nonfinite_rows, overflow
+from fints.serving.guards import FiniteGuard, nonfinite_rows, overflow, refusals
 from fints.serving.jobs import (
     Delta,
     Done,
@@ -48,7 +48,8 @@ from fints.serving.jobs import (
     one_step,
 )
 from fints.serving.metrics import ServingMetrics
-from fints.serving.streaming import RowStreamer
+from fints.serving.slicing import Row, cost, pick_fair, remember, sliceable, tenant_of
+from fints.serving.streaming import IncrementalDecoder, RowStreamer
 
 __all__ = [
     "Batcher",
@@ -63,9 +64,8 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
-
-
-# -- the batcher ------------------------------------------------------------------------
+SLICE_TOKENS = 8  # under contention, new tokens per round of a long row (serving.slicing)
+RECENT_S = 10.0  # a tenant with rows this recently still contends
 
 
 class Batcher:
@@ -80,17 +80,24 @@ class Batcher:
         max_wait_ms: float = 5.0,
         max_queue: int = 256,
         max_prompt_tokens: int = 2048,
+        slice_tokens: int | None = SLICE_TOKENS,
     ) -> None:
         if max_batch_size < 1 or max_wait_ms < 0 or max_queue < 1:
             raise ValueError("max_batch_size and max_queue must be >= 1, max_wait_ms >= 0")
+        if slice_tokens is not None and slice_tokens < 1:
+            raise ValueError("slice_tokens must be >= 1 or None (no slices)")
         self.personalizer = personalizer
         self.metrics = metrics
         self.max_batch_size = max_batch_size
         self.max_wait = max_wait_ms / 1000
         self.max_queue = max_queue
         self.max_prompt_tokens = max_prompt_tokens
+        self.slice_tokens = slice_tokens
         self._eos = eos_token_ids(personalizer.model)
         self._jobs: deque[GenerationJob] = deque()  # generation requests, in arrival order
+        self._rows: deque[Row] = deque()  # rows between two slices, in the order they came back
+        self._round: list[GenerationJob] = []  # the requests of the last round
+        self._seen: dict[str, float] = {}  # tenant -> when it last had a row in a round
         self._writes: deque[WriteJob] = deque()  # writes waiting for the current one
         self._write: WriteJob | None = None  # the write in progress (between its steps)
         self._wake: asyncio.Event | None = None
@@ -114,14 +121,17 @@ class Batcher:
             await self._task
         assert self._executor is not None
         gone = ApiError(503, "the server is shutting down", type="server_error")
-        while self._jobs:
-            self._jobs.popleft().emit(Failed(gone))
         writes = [*([self._write] if self._write else []), *self._writes]
         self._write, self._writes = None, deque()
         for write in writes:
             if not write.future.done():
                 write.future.set_exception(gone)
         await asyncio.get_running_loop().run_in_executor(None, self._executor.shutdown, True)
+        # waiting, between two slices, or in the last round (its unfinished rows are lost)
+        for job in [*self._jobs, *(row.job for row in self._rows), *self._round]:
+            if not job.answered:
+                job.emit(Failed(gone))
+        self._jobs, self._rows, self._round = deque(), deque(), []
         self._task = None
 
     @property
@@ -131,7 +141,7 @@ class Batcher:
     @property
     def depth(self) -> int:
         """Requests and writes waiting (a write in progress counts until it is answered)."""
-        return len(self._jobs) + len(self._writes) + (self._write is not None)
+        return len(self._jobs) + len(self._rows) + len(self._writes) + (self._write is not None)
 
     # -- submitting --
 
@@ -187,31 +197,44 @@ class Batcher:
     # -- the collector task --
 
     async def _collect(self) -> None:
-        """Generation first: a batch of the waiting requests, then one step of the current
-        write, and again; so a long write delays a request by one step at most."""
+        """Generation first: a round of the waiting requests and rows, then one step of the
+        current write, and again; so a long write delays a request by one step at most."""
         assert self._wake is not None
         loop = asyncio.get_running_loop()
         while True:
-            if not self._jobs and self._write is None and not self._writes:
+            if not self._jobs and not self._rows and self._write is None and not self._writes:
                 self._wake.clear()
                 await self._wake.wait()
                 continue
-            if self._jobs:
-                batch = await self._next_batch()
+            if self._jobs or self._rows:
+                fresh, rows, contended = await self._next_round()
                 self.metrics.queue_depth.set(self.depth)
-                await loop.run_in_executor(self._executor, self._run_batch, batch)
+                if fresh or rows:
+                    self._round = [*fresh, *(row.job for row in rows)]
+                    tenants = [job.request.tenant for job in self._round]
+                    self._seen = remember(self._seen, tenants, time.monotonic(), RECENT_S)
+                    self._rows += await loop.run_in_executor(
+                        self._executor, self._run_round, fresh, rows, contended
+                    )
             if self._write is None and self._writes:
                 self._write = self._writes.popleft()
             if self._write is not None:
                 await self._step_write(loop, self._write)
 
-    async def _next_batch(self) -> list[GenerationJob]:
-        if self.max_wait and len(self._jobs) < self.max_batch_size:
+    async def _next_round(self) -> tuple[list[GenerationJob], list[Row], bool]:
+        """The new requests and the rows of the next round (:func:`pick_fair`), and whether
+        tenants contend (then long rows decode one slice)."""
+        if self.max_wait and len(self._jobs) + len(self._rows) < self.max_batch_size:
             await asyncio.sleep(self.max_wait)  # a few ms for others to join
-        batch: list[GenerationJob] = []
-        while self._jobs and len(batch) < self.max_batch_size:
-            batch.append(self._jobs.popleft())
-        return batch
+        self._rows = deque(r for r in self._rows if not r.job.abandoned)
+        self._jobs = deque(j for j in self._jobs if not j.abandoned)
+        waiting: list[Row | GenerationJob] = [*self._rows, *self._jobs]  # the rows came first
+        picked, contended = pick_fair(waiting, tenant_of, self.max_batch_size, set(self._seen))
+        chosen = {id(x) for x in picked}
+        self._rows = deque(r for r in self._rows if id(r) not in chosen)
+        self._jobs = deque(j for j in self._jobs if id(j) not in chosen)
+        fresh = [x for x in picked if isinstance(x, GenerationJob)]
+        return fresh, [x for x in picked if isinstance(x, Row)], contended
 
     async def _step_write(self, loop: asyncio.AbstractEventLoop, job: WriteJob) -> None:
         """One step of ``job``; answers it when it ends (returns or raises)."""
@@ -235,19 +258,56 @@ class Batcher:
 
     # -- the worker thread --
 
-    def _run_batch(self, jobs: list[GenerationJob]) -> None:
+    def _run_round(self, fresh: list[GenerationJob], rows: list[Row], contended: bool) -> list[Row]:
+        """One round: prepare the new requests, then decode one slice of every row (a
+        group per prepared batch and options, the cheapest first). Returns the rows that
+        are not done."""
+        rows = [*rows, *self._start(fresh)]
+        slice_tokens = self.slice_tokens if contended else None
+        groups: dict[tuple[int, GenerationOptions], list[Row]] = {}
+        for row in rows:
+            if not row.job.abandoned:
+                groups.setdefault((id(row.origin), row.options(slice_tokens)), []).append(row)
+        unfinished: list[Row] = []
+        for (_, options), group in sorted(groups.items(), key=lambda g: cost(g[1], g[0][1])):
+            try:
+                unfinished += self._run_slice(options, group)
+            except BaseException as exc:  # never let one batch take the worker down
+                log.exception("batch of %d failed", len(group))
+                for row in group:
+                    if not row.job.answered:
+                        self._fail(row.job, exc)
+        return unfinished
+
+    def _start(self, jobs: list[GenerationJob]) -> list[Row]:
+        """Prepare new requests (a batch per options) into rows; each is told it started."""
         groups: dict[GenerationOptions, list[GenerationJob]] = {}
         for job in jobs:
             if not job.abandoned:
                 groups.setdefault(job.options, []).append(job)
+        rows: list[Row] = []
+        tokenizer = self.personalizer.model.tokenizer
         for options, group in groups.items():
+            start = time.perf_counter()
+            for job in group:
+                self.metrics.queue_seconds.observe(start - job.enqueued_at)
             try:
-                self._run_group(options, group)
-            except BaseException as exc:  # never let one batch take the worker down
-                log.exception("batch of %d failed", len(group))
+                prepared, group = self._prepare(group)
+            except BaseException as exc:
+                log.exception("preparing a batch of %d failed", len(group))
                 for job in group:
                     if not job.answered:
                         self._fail(job, exc)
+                continue
+            if prepared is None:
+                continue
+            self.metrics.steering_seconds.observe(time.perf_counter() - start)
+            can_slice = sliceable(prepared, options)
+            for i, (job, result) in enumerate(zip(group, prepared.results, strict=True)):
+                job.emit(Started(replace(result), len(group)))
+                decoder = IncrementalDecoder(tokenizer) if job.stream else None
+                rows.append(Row(job, prepared, i, can_slice, decoder=decoder))
+        return rows
 
     def _fail(self, job: GenerationJob, error: BaseException) -> None:
         """Answer one request with ``error`` and count it."""
@@ -273,18 +333,7 @@ class Batcher:
                 return None, []
             jobs = kept
             prepared = p.prepare([j.request for j in jobs])
-        refused: dict[int, ApiError] = {}
-        for i, ids in enumerate(prepared.prompts):
-            if len(ids) > self.max_prompt_tokens:
-                refused[i] = ApiError(
-                    400,
-                    f"the prompt is {len(ids)} tokens long; this server "
-                    f"accepts at most {self.max_prompt_tokens}",
-                    param="messages" if not jobs[i].request.raw_prompt else "prompt",
-                    code="context_length_exceeded",
-                )
-        for i, sites in nonfinite_rows(prepared).items():
-            refused.setdefault(i, overflow(f"its steering vectors are NaN or inf at {sites}"))
+        refused = refusals(prepared, [j.request.raw_prompt for j in jobs], self.max_prompt_tokens)
         for i in sorted(refused):
             self._fail(jobs[i], refused[i])
         if refused:
@@ -295,39 +344,56 @@ class Batcher:
             jobs = [jobs[i] for i in rows]
         return prepared, jobs
 
-    def _run_group(self, options: GenerationOptions, jobs: list[GenerationJob]) -> None:
+    def _run_slice(self, options: GenerationOptions, group: list[Row]) -> list[Row]:
+        """Decode ``options.max_new_tokens`` more tokens of rows of one prepared batch; answer
+        the rows that are done, return the others."""
         m = self.metrics
-        start = time.perf_counter()
-        for job in jobs:
-            m.queue_seconds.observe(start - job.enqueued_at)
-        prepared, jobs = self._prepare(jobs)
-        if prepared is None:
-            return
-        m.steering_seconds.observe(time.perf_counter() - start)
-        size = len(jobs)
+        tokenizer = self.personalizer.model.tokenizer
+        origin = group[0].origin
+        prepared = origin.select([row.index for row in group])
+        size = len(group)
         m.batch_size.observe(size)
-        for job, result in zip(jobs, prepared.results, strict=True):
-            job.emit(Started(replace(result), size))
         streamer = None
-        if any(j.stream for j in jobs):
-            sinks = [_delta_sink(j) if j.stream else None for j in jobs]
-            streamer = RowStreamer(self.personalizer.model.tokenizer, self._eos, sinks)
-        guard = FiniteGuard(len(jobs), self._eos)
-        prepared = replace(prepared, additions=[*prepared.additions, guard])
+        if any(row.decoder for row in group):
+            streamer = RowStreamer(
+                tokenizer,
+                self._eos,
+                [_delta_sink(row.job) if row.decoder else None for row in group],
+                decoders=[row.decoder for row in group],
+                open_rows=[row.remaining > options.max_new_tokens for row in group],
+            )
+        guard = FiniteGuard(size, self._eos)
         began = time.perf_counter()
-        results = self.personalizer.decode(prepared, options, streamer=streamer)
+        completions = self.personalizer.backend.decode(
+            [row.prompt for row in group],
+            [*prepared.additions, guard],
+            options,
+            streamer=streamer,
+            stops=prepared.stops,
+        )
         elapsed = time.perf_counter() - began
-        tokens = sum(r.completion_tokens for r in results)
+        tokens = sum(len(c.token_ids) for c in completions)
         m.generation_seconds.observe(elapsed)
         m.tokens_per_second.observe(tokens / max(elapsed, 1e-9))
         m.completion_tokens.inc(tokens)
-        m.prompt_tokens.inc(sum(r.prompt_tokens for r in results))
-        for job, result, broken in zip(jobs, results, guard.broken_rows(), strict=True):
+        unfinished: list[Row] = []
+        for row, completion, broken in zip(group, completions, guard.broken_rows(), strict=True):
             if broken:  # ended by the guard: its text is not the model's
-                self._fail(job, overflow("its logits became NaN or inf while decoding"))
+                self._fail(row.job, overflow("its logits became NaN or inf while decoding"))
                 continue
+            done = row.advance(completion, tokenizer, options.max_new_tokens)
+            if done is None:
+                unfinished.append(row)
+                continue
+            if row.decoder is not None and (tail := row.decoder.finish()):
+                row.job.emit(Delta(tail))
+            result = origin.results[row.index]
+            result.text, result.finish_reason = done.text, done.finish_reason
+            result.completion_tokens = len(done.token_ids)
+            m.prompt_tokens.inc(result.prompt_tokens)
             m.generations.labels(steered=str(result.steered).lower()).inc()
-            job.emit(Done(result, size))
+            row.job.emit(Done(result, size))
+        return unfinished
 
 
 def _delta_sink(job: GenerationJob) -> Callable[[str], None]:

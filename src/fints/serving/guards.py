@@ -92,6 +92,26 @@ class FiniteGuard:
         return [bool(b) for b in self.processor.broken.tolist()]
 
 
+def refusals(
+    prepared: PreparedBatch, raw: Sequence[bool], max_prompt_tokens: int
+) -> dict[int, ApiError]:
+    """The rows that must fail alone before decoding: a prompt over ``max_prompt_tokens``
+    (``raw[row]``: the prompt is the request's raw text), or NaN/inf steering vectors."""
+    refused: dict[int, ApiError] = {}
+    for i, ids in enumerate(prepared.prompts):
+        if len(ids) > max_prompt_tokens:
+            refused[i] = ApiError(
+                400,
+                f"the prompt is {len(ids)} tokens long; this server accepts at most "
+                f"{max_prompt_tokens}",
+                param="prompt" if raw[i] else "messages",
+                code="context_length_exceeded",
+            )
+    for i, sites in nonfinite_rows(prepared).items():
+        refused.setdefault(i, overflow(f"its steering vectors are NaN or inf at {sites}"))
+    return refused
+
+
 def nonfinite_rows(prepared: PreparedBatch) -> dict[int, list[str]]:
     """Rows whose per-row vectors (a mode's ``vectors``: ``{site: [batch, hidden]}``) hold
     NaN or inf, with those sites. The hooks refuse such a vector for the whole batch, so

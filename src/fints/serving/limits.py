@@ -2,7 +2,8 @@
 OpenAI-format error naming the limit (its ``code`` is ``<limit>_exceeded`` or says what).
 
 * requests in progress per tenant (``max_concurrent_per_tenant``): 429
-  ``concurrency_limit_exceeded`` (:class:`TenantSlots`);
+  ``concurrency_limit_exceeded`` (:class:`TenantSlots`; :class:`TenantGate` answers it
+  before the request is parsed when the tenant is known to be at its limit);
 * the request body (``max_request_bytes``): 413 ``request_too_large`` (:class:`BodyLimit`);
 * tokens per history item text (``max_item_tokens``): 413 ``item_too_large``
   (:func:`check_item_tokens`);
@@ -16,8 +17,9 @@ The prompt (``max_prompt_tokens``) and ``max_tokens`` limits are 400s
 
 from __future__ import annotations
 
+import asyncio
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, fields
 from typing import Any
 
@@ -37,12 +39,17 @@ class ResourceLimits:
     max_item_tokens: int = 8_192  # tokens of one item's input or of its output (413)
     max_request_bytes: int = 64 * 2**20  # a request body (413)
     max_concurrent_per_tenant: int = 64  # requests of one tenant waiting or running (429)
+    #: a tenant at max_concurrent_per_tenant is answered 429 after this delay (the
+    #: Retry-After it is told), so a client that ignores Retry-After is answered about as
+    #: often as one that honours it, instead of as fast as it can send (0: at once)
+    refusal_delay_ms: int = 1000
 
     def __post_init__(self) -> None:
         for f in fields(self):
             value = getattr(self, f.name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise InvalidInputError(f"{f.name} must be an integer >= 1, got {value!r}")
+            least = 0 if f.name == "refusal_delay_ms" else 1
+            if isinstance(value, bool) or not isinstance(value, int) or value < least:
+                raise InvalidInputError(f"{f.name} must be an integer >= {least}, got {value!r}")
 
 
 @dataclass
@@ -53,18 +60,23 @@ class TenantSlots:
     limit: int
     counts: dict[str, int] = field(default_factory=dict)
 
+    def full(self, tenant: str) -> bool:
+        return self.counts.get(tenant, 0) >= self.limit
+
+    def refusal(self, tenant: str) -> ApiError:
+        return ApiError(
+            429,
+            f"too many requests in progress: this tenant has {self.counts.get(tenant, 0)}, "
+            f"the limit max_concurrent_per_tenant is {self.limit}; retry when one has finished",
+            type="rate_limit_error",
+            code="concurrency_limit_exceeded",
+            headers={"retry-after": "1"},
+        )
+
     def acquire(self, tenant: str) -> None:
-        held = self.counts.get(tenant, 0)
-        if held >= self.limit:
-            raise ApiError(
-                429,
-                f"too many requests in progress: this tenant has {held}, the limit "
-                f"max_concurrent_per_tenant is {self.limit}; retry when one has finished",
-                type="rate_limit_error",
-                code="concurrency_limit_exceeded",
-                headers={"retry-after": "1"},
-            )
-        self.counts[tenant] = held + 1
+        if self.full(tenant):
+            raise self.refusal(tenant)
+        self.counts[tenant] = self.counts.get(tenant, 0) + 1
 
     def release(self, tenant: str) -> None:
         held = self.counts.get(tenant, 0) - 1
@@ -130,22 +142,87 @@ class BodyLimit:
         await self.app(scope, counted, send)
 
 
+#: The routes that take a slot of the tenant (generation).
+GENERATION_PATHS = frozenset({"/v1/chat/completions", "/v1/completions"})
+
+
+class TenantGate:
+    """ASGI middleware: a generation request of a tenant that holds all its slots is
+    answered 429 at once, before its body is parsed and its prompt built (what the route
+    would answer, for a fraction of the work), so a client that ignores Retry-After takes
+    little from the event loop and the model thread. The route's
+    :meth:`TenantSlots.acquire` stays the check that counts; ``tenant_of(authorization,
+    x-fints-tenant)`` resolves the tenant as the route does (an error: left to the route).
+    The answer waits ``delay_s`` first (a coroutine asleep, no work): a client that sends
+    again at once is answered no faster than one that honours Retry-After.
+    ``refused(path)`` is called for each request answered here (to count it)."""
+
+    def __init__(
+        self,
+        app: ASGIApp,
+        slots: TenantSlots,
+        tenant_of: Callable[[str | None, str | None], str],
+        refused: Callable[[str], None] = lambda path: None,
+        delay_s: float = 0.0,
+    ) -> None:
+        self.app = app
+        self.slots = slots
+        self.tenant_of = tenant_of
+        self.refused = refused
+        self.delay_s = delay_s
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        tenant = self._full_tenant(scope)
+        if tenant is None:
+            await self.app(scope, receive, send)
+            return
+        message: Message = {"more_body": True}
+        while message.get("more_body", False):  # read the body: the connection stays usable
+            message = await receive()
+            if message["type"] != "http.request":
+                return  # the client went away
+        if self.delay_s:
+            await asyncio.sleep(self.delay_s)
+        await _send_error(send, self.slots.refusal(tenant))
+        self.refused(scope["path"])
+
+    def _full_tenant(self, scope: Scope) -> str | None:
+        if (
+            scope["type"] != "http"
+            or not self.slots.counts
+            or scope.get("method") != "POST"
+            or scope.get("path") not in GENERATION_PATHS
+        ):
+            return None
+        headers = dict(scope.get("headers") or [])
+        auth, asked = headers.get(b"authorization"), headers.get(b"x-fints-tenant")
+        try:
+            tenant = self.tenant_of(
+                auth.decode("latin-1") if auth is not None else None,
+                asked.decode("latin-1") if asked is not None else None,
+            )
+        except Exception:  # no key, a bad key, another tenant named: the route answers
+            return None
+        return tenant if self.slots.full(tenant) else None
+
+
 async def _refuse(send: Send, limit: int) -> None:
     error = ApiError(
         413,
         f"the request body is larger than {limit} bytes, the limit max_request_bytes",
         code="request_too_large",
     )
+    await _send_error(send, error, close=True)
+
+
+async def _send_error(send: Send, error: ApiError, *, close: bool = False) -> None:
     body = json.dumps(error.body()).encode()
-    await send(
-        {
-            "type": "http.response.start",
-            "status": 413,
-            "headers": [
-                (b"content-type", b"application/json"),
-                (b"content-length", str(len(body)).encode()),
-                (b"connection", b"close"),
-            ],
-        }
-    )
+    headers = [
+        (b"content-type", b"application/json"),
+        (b"content-length", str(len(body)).encode()),
+        *((k.encode("latin-1"), v.encode("latin-1")) for k, v in (error.headers or {}).items()),
+    ]
+    if close:
+        headers.append((b"connection", b"close"))
+    await send({"type": "http.response.start", "status": error.status, "headers": headers})
     await send({"type": "http.response.body", "body": body})

@@ -29,49 +29,13 @@ from fints.engine import Personalizer
 from fints.errors import FintsError
 from fints.history import ITEM_PROMPT_TOKENS
 from fints.serving.app import ServerConfig, create_app
+from fints.serving.batcher import SLICE_TOKENS
 from fints.serving.factory import build_personalizer, command_failed, set_threads
 from fints.serving.inprocess import RunningServer
+from fints.serving.limits import ResourceLimits
+from fints.serving.loaddata import QUERIES, STYLES, TOPICS
 from fints.serving.loadreport import LoadReport, Phase, PhaseResult, merge_phases
-from fints.serving.stalltest import scenario_command
-
-TOPICS = [
-    "cats",
-    "the sea",
-    "bread",
-    "rain",
-    "books",
-    "music",
-    "trains",
-    "gardens",
-    "coffee",
-    "mountains",
-    "winter",
-    "markets",
-]
-STYLES = [
-    lambda t: f"Arr matey! {t} be a fine treasure, savvy? Yo ho ho, ye landlubber!",
-    lambda t: f"Dear reader, {t} merit careful and courteous consideration. Yours faithfully.",
-    lambda t: f"{t}. Good. Done.",
-    lambda t: f"OMG {t} are SO amazing!!! Totally love love love {t}!!!",
-    lambda t: f"Softly, {t} drift through the quiet evening, a verse of gentle light.",
-    lambda t: f"Per the analysis, {t} exhibit three measurable properties; see table 2.",
-    lambda t: f"Yo, {t}? Straight fire, no cap, fam.",
-    lambda t: f"In my grandmother's day, {t} were simpler, and we were grateful for them.",
-]
-QUERIES = [
-    "Tell me about dogs.",
-    "What makes a good breakfast?",
-    "Describe a thunderstorm.",
-    "How do I learn to paint?",
-    "What is your favourite season?",
-    "Tell me about the moon.",
-    "Why do people travel?",
-    "Describe a busy city street.",
-    "What is a good hobby?",
-    "Tell me about friendship.",
-    "How should I spend a rainy day?",
-    "Describe the ocean.",
-]
+from fints.serving.stalltest import AbuseSettings, scenario_command
 
 
 @dataclass(frozen=True)
@@ -360,6 +324,15 @@ def loadtest(
     extract_chunk_items: Annotated[
         int, typer.Option(help="write-stall: items extracted per write step (0: all at once).")
     ] = 1,
+    slice_tokens: Annotated[
+        int, typer.Option(help="abusive: the server's slice_tokens (0: requests decode whole).")
+    ] = SLICE_TOKENS,
+    refusal_delay_ms: Annotated[
+        int, typer.Option(help="abusive: how long a 429 for the concurrency limit waits.")
+    ] = ResourceLimits().refusal_delay_ms,
+    abuser_in_process: Annotated[
+        bool, typer.Option(help="abusive: the abuser in threads of the server's process.")
+    ] = False,
 ) -> None:
     """A bounded load benchmark: latency, throughput, batching and steering cost."""
     logging.basicConfig(level="WARNING")
@@ -368,7 +341,14 @@ def loadtest(
     if scenario != "load":
         raise typer.Exit(
             scenario_command(
-                scenario, item_prompt_tokens, extract_chunk_items, model=model, dtype=dtype
+                scenario,
+                item_prompt_tokens,
+                extract_chunk_items,
+                model=model,
+                dtype=dtype,
+                abuse=AbuseSettings(
+                    slice_tokens or None, refusal_delay_ms, not abuser_in_process, rounds
+                ),
             )
         )
     try:

@@ -14,7 +14,7 @@ from __future__ import annotations
 import tempfile
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -203,6 +203,16 @@ def run_stall_in_process(
             personalizer.store.close()
 
 
+@dataclass(frozen=True)
+class AbuseSettings:
+    """The server settings ``--scenario abusive`` runs with (see :class:`AbuseSpec`)."""
+
+    slice_tokens: int | None
+    refusal_delay_ms: int
+    abuser_process: bool
+    rounds: int = 1
+
+
 def scenario_command(
     scenario: str,
     item_prompt_tokens: int,
@@ -210,6 +220,7 @@ def scenario_command(
     *,
     model: str | None,
     dtype: str,
+    abuse: AbuseSettings | None = None,
 ) -> int:
     """``fints loadtest --scenario write-stall|abusive``: print the report; the exit status
     (0: no errors). 0 for either write-stall setting means no bound (as before issue 25)."""
@@ -226,7 +237,8 @@ def scenario_command(
                 dtype=dtype,
             )
         elif scenario == "abusive":
-            report = run_abuse_in_process(AbuseSpec(), model=model, dtype=dtype)
+            spec = AbuseSpec() if abuse is None else AbuseSpec(**asdict(abuse))
+            report = run_abuse_in_process(spec, model=model, dtype=dtype)
         else:
             raise FintsError(f"--scenario must be load, write-stall or abusive, got {scenario!r}")
     except FintsError as exc:

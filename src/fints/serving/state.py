@@ -14,7 +14,7 @@ from fastapi import Request
 
 from fints.engine import Personalizer, UnknownUser
 from fints.errors import InvalidInputError
-from fints.serving.batcher import Batcher
+from fints.serving.batcher import SLICE_TOKENS, Batcher
 from fints.serving.limits import ResourceLimits, TenantSlots
 from fints.serving.metrics import ServingMetrics
 from fints.serving.payloads import Limits
@@ -31,6 +31,9 @@ class ServerConfig:
     max_batch_size: int = 8
     max_wait_ms: float = 5.0
     max_queue: int = 256
+    # under contention (several tenants), a row decodes at most this many new tokens per
+    # round, then yields to the others (None: rows decode whole); see serving.slicing
+    slice_tokens: int | None = SLICE_TOKENS
     # a request naming a user without history: serve it unsteered, or answer 404 (ERROR)
     unknown_user: UnknownUser = UnknownUser.UNSTEERED
     extract_on_write: bool = True  # extract vectors when history is added (off: store only)
@@ -52,6 +55,8 @@ class ServerConfig:
                 f"max_queue and max_batch_size must be >= 1, got {self.max_queue} and "
                 f"{self.max_batch_size}"
             )
+        if self.slice_tokens is not None and self.slice_tokens < 1:
+            raise InvalidInputError(f"slice_tokens must be >= 1 or None, got {self.slice_tokens}")
         if self.extract_chunk_items is not None and self.extract_chunk_items < 1:
             raise InvalidInputError(
                 f"extract_chunk_items must be >= 1, got {self.extract_chunk_items}"

@@ -53,6 +53,10 @@ class RowStreamer(BaseStreamer):
     ``sinks[row]`` receives the row's deltas (None: the row does not stream).
     A row ends at its first end-of-sequence token (:func:`~fints.generation.eos_token_ids`),
     as in :func:`~fints.generation.generate_batch`.
+
+    A row decoded in slices (:mod:`fints.serving.slicing`) brings its own ``decoders[row]``
+    from slice to slice, and is ``open``: the end of a slice does not finish its text
+    (whoever finishes the row calls the decoder's :meth:`~IncrementalDecoder.finish`).
     """
 
     def __init__(
@@ -60,10 +64,15 @@ class RowStreamer(BaseStreamer):
         tokenizer: Any,
         eos_ids: set[int],
         sinks: Sequence[Callable[[str], None] | None],
+        decoders: Sequence[IncrementalDecoder | None] | None = None,
+        open_rows: Sequence[bool] = (),
     ) -> None:
         self._sinks = list(sinks)
-        self._decoders = [IncrementalDecoder(tokenizer) if s else None for s in sinks]
+        self._decoders = list(
+            decoders or [IncrementalDecoder(tokenizer) if s else None for s in sinks]
+        )
         self._finished = [s is None for s in sinks]
+        self._open = list(open_rows) or [False] * len(sinks)
         self._eos = eos_ids
         self._prompt_seen = False
 
@@ -85,7 +94,7 @@ class RowStreamer(BaseStreamer):
 
     def end(self) -> None:
         for row in range(len(self._sinks)):
-            if not self._finished[row]:
+            if not self._finished[row] and not self._open[row]:
                 self._finish(row)
 
     def _finish(self, row: int) -> None:

@@ -1,0 +1,218 @@
+"""Step-level scheduling (issue 25): fair rounds across tenants, and long rows decoded in
+slices under contention, token for token what decoding them whole gives (greedy, float32,
+a tiny random llama behind the real batcher)."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from fints.engine import GenerationRequest, GenerationResult, Personalizer
+from fints.generation import GenerationOptions
+from fints.serving.batcher import Batcher, Delta, Done
+from fints.serving.metrics import ServingMetrics
+from fints.serving.slicing import pick_fair, sliceable
+from fints.store import Store
+from tests.unit.benchmark_fixtures import HashEncoder, tiny_llama
+from tests.unit.test_hardening_serving import QUERY, user_dictionary
+from tests.unit.test_serving_units import sample
+
+# -- picking a round --------------------------------------------------------------------------
+
+
+def tenant_of(item: str) -> str:
+    return item[0]
+
+
+def test_one_tenant_alone_gets_the_whole_batch_in_arrival_order() -> None:
+    picked, contended = pick_fair(["a1", "a2", "a3", "a4"], tenant_of, 3, set())
+    assert picked == ["a1", "a2", "a3"] and not contended
+
+
+def test_tenants_take_turns_and_each_gets_its_share_under_contention() -> None:
+    queue = ["a1", "a2", "a3", "a4", "b1", "c1", "c2"]
+    picked, contended = pick_fair(queue, tenant_of, 8, set())
+    # 3 tenants share 8 rows: at most 2 each, oldest tenant first, one row per turn
+    assert contended and picked == ["a1", "b1", "c1", "a2", "c2"]
+
+
+def test_a_tenant_answered_in_the_last_round_counts_as_contending() -> None:
+    """The abusive pattern: the others were just answered and are about to come back; the
+    tenant that waits alone still gets only its share and its rows decode a slice."""
+    picked, contended = pick_fair(["a1", "a2"], tenant_of, 8, {"b", "c", "d", "e"})
+    assert contended and picked == ["a1"]  # 8 rows // 5 tenants
+
+
+def test_seeded_sampling_is_never_sliced() -> None:
+    from fints.engine import PreparedBatch
+
+    prepared = PreparedBatch([[1]], [GenerationResult(None, "", False)], [()])
+    assert sliceable(prepared, GenerationOptions())
+    assert sliceable(prepared, GenerationOptions(temperature=0.7))
+    assert not sliceable(prepared, GenerationOptions(temperature=0.7, seed=3))
+
+
+# -- the batcher --------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def personalizer(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Personalizer]:
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    model = tiny_llama()
+    store = Store(Path(tmp_path_factory.mktemp("slicing")) / "store.sqlite")
+    made = Personalizer(model, store, encoder=HashEncoder())
+    made.import_dictionary(user_dictionary(model, "alice", 4.0, 0), tenant="A")
+    yield made
+    store.close()
+    torch.set_num_threads(threads)
+
+
+#: a steered row (tenant A), an unsteered one of another tenant, and a raw prompt
+REQUESTS = [
+    GenerationRequest("alice", QUERY, tenant="A"),
+    GenerationRequest("bob", "bob asks about the weather", tenant="B"),
+    GenerationRequest(None, "Once upon a time", tenant="C", raw_prompt=True),
+]
+
+
+def serve(
+    personalizer: Personalizer,
+    requests: list[GenerationRequest],
+    options: GenerationOptions,
+    *,
+    slice_tokens: int | None,
+    stream: bool = False,
+) -> tuple[list[GenerationResult], list[str], ServingMetrics]:
+    """Submit all requests at once (so their tenants contend); results, the streamed text
+    per row, metrics."""
+    metrics = ServingMetrics()
+
+    async def main() -> tuple[list[GenerationResult], list[str]]:
+        batcher = Batcher(personalizer, metrics, max_wait_ms=0, slice_tokens=slice_tokens)
+        await batcher.start()
+        try:
+            jobs = [batcher.submit(r, options, stream=stream) for r in requests]
+            results, streamed = [], []
+            for job in jobs:
+                text = ""
+                while True:
+                    event = await job.next_event()
+                    if isinstance(event, Delta):
+                        text += event.text
+                    if isinstance(event, Done):
+                        results.append(event.result)
+                        break
+                streamed.append(text)
+            return results, streamed
+        finally:
+            await batcher.stop()
+
+    results, streamed = asyncio.run(main())
+    return results, streamed, metrics
+
+
+def whole(
+    personalizer: Personalizer, requests: list[GenerationRequest], options: GenerationOptions
+) -> list[GenerationResult]:
+    """Each request decoded alone, in one piece."""
+    return [personalizer.generate([r], options)[0] for r in requests]
+
+
+def essentials(results: list[GenerationResult]) -> list[tuple[Any, ...]]:
+    return [(r.text, r.completion_tokens, r.finish_reason, r.steered) for r in results]
+
+
+def test_a_sliced_row_has_the_tokens_of_a_whole_one(personalizer: Personalizer) -> None:
+    options = GenerationOptions(max_new_tokens=13)
+    expected = whole(personalizer, REQUESTS, options)
+    results, streamed, metrics = serve(personalizer, REQUESTS, options, slice_tokens=4, stream=True)
+    assert essentials(results) == essentials(expected)
+    assert all(r.completion_tokens == 13 for r in results)  # a random model: no end of turn
+    assert streamed == [r.text for r in expected]  # the deltas across slices add up
+    assert sample(metrics, "fints_batch_size_count") == 4  # 13 tokens: slices of 4, 4, 4, 1
+
+
+def test_without_slices_the_rows_decode_in_one_piece(personalizer: Personalizer) -> None:
+    options = GenerationOptions(max_new_tokens=13)
+    results, _, metrics = serve(personalizer, REQUESTS, options, slice_tokens=None)
+    assert essentials(results) == essentials(whole(personalizer, REQUESTS, options))
+    assert sample(metrics, "fints_batch_size_count") == 1
+
+
+def test_a_request_of_two_slices_or_less_decodes_whole(personalizer: Personalizer) -> None:
+    options = GenerationOptions(max_new_tokens=8)
+    results, _, metrics = serve(personalizer, REQUESTS, options, slice_tokens=4)
+    assert essentials(results) == essentials(whole(personalizer, REQUESTS, options))
+    assert sample(metrics, "fints_batch_size_count") == 1
+
+
+@pytest.mark.parametrize("seam", [3, 4, 8])
+def test_a_stop_sequence_across_two_slices_ends_the_row_where_whole_decoding_does(
+    personalizer: Personalizer, seam: int
+) -> None:
+    """The stop is the text around the end of the row's ``seam``-th token, and slices of
+    ``seam`` tokens put it across two slices."""
+    options = GenerationOptions(max_new_tokens=20)
+    prepared = personalizer.prepare(REQUESTS[2:])  # the raw prompt: varied text
+    tokens = personalizer.backend.decode(prepared.prompts, prepared.additions, options)[0]
+    decode = personalizer.model.tokenizer.decode
+    text = decode(tokens.token_ids, skip_special_tokens=True).lstrip()
+    at = len(decode(tokens.token_ids[:seam], skip_special_tokens=True).lstrip())
+    stop = text[at - 2 : at + 2]
+    assert text.find(stop) == at - 2, (text, stop)  # its first place
+    requests = [
+        GenerationRequest(r.user, r.query, tenant=r.tenant, raw_prompt=r.raw_prompt, stop=(stop,))
+        for r in REQUESTS
+    ]
+    expected = whole(personalizer, requests, options)
+    assert expected[2].finish_reason == "stop" and expected[2].text == text[: at - 2].rstrip()
+    for slice_tokens in (seam, 1, 5):
+        results, _, _ = serve(personalizer, requests, options, slice_tokens=slice_tokens)
+        assert essentials(results) == essentials(expected)
+
+
+def test_a_short_request_is_answered_between_the_slices_of_a_long_one(
+    personalizer: Personalizer,
+) -> None:
+    """Tenant A asks for 40 tokens, tenant B for 2 at once and then 2 again when answered:
+    with slices B's second request overtakes A; decoded whole, A goes first."""
+
+    def order(slice_tokens: int | None) -> list[str]:
+        finished: list[str] = []
+
+        async def main() -> None:
+            batcher = Batcher(
+                personalizer, ServingMetrics(), max_wait_ms=0, slice_tokens=slice_tokens
+            )
+            await batcher.start()
+            try:
+                long = batcher.submit(
+                    GenerationRequest("alice", QUERY * 3, tenant="A"),
+                    GenerationOptions(max_new_tokens=40),
+                    stream=False,
+                )
+
+                async def answered(name: str, job: Any) -> None:
+                    await job.result()
+                    finished.append(name)
+
+                waiting = asyncio.ensure_future(answered("A", long))
+                short = GenerationRequest("bob", "hi", tenant="B")
+                for n in (1, 2):
+                    job = batcher.submit(short, GenerationOptions(max_new_tokens=2), stream=False)
+                    await answered(f"B{n}", job)
+                await waiting
+            finally:
+                await batcher.stop()
+
+        asyncio.run(main())
+        return finished
+
+    assert order(4) == ["B1", "B2", "A"]
+    assert order(None) == ["B1", "A", "B2"]
