@@ -23,9 +23,11 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import replace
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -77,9 +79,9 @@ def engine_part(model: LoadedModel, args: argparse.Namespace) -> dict[str, Any]:
     options = GenerationOptions(max_new_tokens=args.tokens, ignore_eos=True)
     tokens = len(prompts) * args.tokens
     site_sets = {
-        "trained (15.block)": [Site(15, "block")],
+        "trained (15.block)": [Site.parse("15.block")],
         "contrast (attn+mlp, 6 layers)": [
-            Site(layer, c) for layer in range(10, 22, 2) for c in ("attn", "mlp")
+            Site.parse(f"{layer}.{c}") for layer in range(10, 22, 2) for c in ("attn", "mlp")
         ],
     }
     arms: dict[str, Callable[[], Any]] = {
@@ -88,9 +90,9 @@ def engine_part(model: LoadedModel, args: argparse.Namespace) -> dict[str, Any]:
     }
     for name, sites in site_sets.items():
         addition = distinct_vectors(model, sites, len(prompts))
-        arms[f"vllm steered, {name}"] = lambda a=addition: backend.decode(prompts, [a], options)
-        arms[f"transformers steered, {name}"] = lambda a=addition: generate_batch(
-            model, prompts, options, decorations=[a.decoration(model)]
+        arms[f"vllm steered, {name}"] = partial(backend.decode, prompts, [addition], options)
+        arms[f"transformers steered, {name}"] = partial(
+            generate_batch, model, prompts, options, decorations=[addition.decoration(model)]
         )
     for fn in arms.values():  # warm up: first-call costs stay out of the figures
         fn()
@@ -114,14 +116,15 @@ def http_part(model: LoadedModel, args: argparse.Namespace) -> dict[str, Any]:
     from fints.serving.loadreport import Phase
     from fints.serving.loadtest import LoadSpec, run_phase, seed_users
 
-    store = Store(Path(args.out) / "http-store.sqlite")
+    folder = tempfile.TemporaryDirectory(prefix="fints-vllm-bench-")
+    store = Store(Path(folder.name) / "store.sqlite")
     extraction = ExtractionConfig.for_model(model.num_layers, method="context")
     personalizer = Personalizer(model, store, extraction=extraction)
     results: dict[str, Any] = {}
     seeded = False
     for engine in args.engines:
         config = ServerConfig(engine=engine, max_batch_size=16, max_queue=1024)
-        config = replace(config, limits=replace(config.limits, max_tokens=args.tokens))
+        config = replace(config, limits=replace(config.limits, max_tokens=max(args.tokens, 128)))
         app = create_app(personalizer, config)
         with RunningServer(app) as server:
             for clients in args.clients:
@@ -152,6 +155,7 @@ def http_part(model: LoadedModel, args: argparse.Namespace) -> dict[str, Any]:
             )
             ratios[f"{clients} clients: p99 vllm / transformers"] = a["p99_s"] / b["p99_s"]
     store.close()
+    folder.cleanup()
     return {"rows": results, "ratios": ratios}
 
 

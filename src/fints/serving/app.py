@@ -24,9 +24,11 @@ from fastapi.responses import Response
 from pydantic import BaseModel
 
 from fints.engine import Personalizer
+from fints.errors import InvalidInputError
 from fints.serving import api_spec
 from fints.serving.api_errors import install_error_handlers
 from fints.serving.batcher import Batcher
+from fints.serving.engines import ENGINES
 from fints.serving.limits import BodyLimit, TenantGate, TenantSlots
 from fints.serving.metrics import ServingMetrics
 from fints.serving.routes import router
@@ -41,21 +43,27 @@ log = logging.getLogger("fints.serving")
 def create_app(personalizer: Personalizer, config: ServerConfig | None = None) -> FastAPI:
     """An app serving ``personalizer``; its batcher runs while the app's lifespan does."""
     config = config or ServerConfig()
+    if config.engine not in ENGINES:
+        raise InvalidInputError(
+            f"unknown engine {config.engine!r}: expected one of {sorted(ENGINES)}", param="engine"
+        )
     metrics = ServingMetrics()
+    batcher = Batcher(
+        personalizer,
+        metrics,
+        max_batch_size=config.max_batch_size,
+        max_wait_ms=config.max_wait_ms,
+        max_queue=config.max_queue,
+        max_prompt_tokens=config.limits.max_prompt_tokens,
+        slice_tokens=config.slice_tokens,
+    )
     server = ServerState(
         personalizer=personalizer,
         config=config,
         model_id=config.model_id or personalizer.model.name,
         metrics=metrics,
-        batcher=Batcher(
-            personalizer,
-            metrics,
-            max_batch_size=config.max_batch_size,
-            max_wait_ms=config.max_wait_ms,
-            max_queue=config.max_queue,
-            max_prompt_tokens=config.limits.max_prompt_tokens,
-            slice_tokens=config.slice_tokens,
-        ),
+        batcher=batcher,
+        generation=ENGINES[config.engine](personalizer, metrics, batcher),
         tenants=TenantResolver(config.api_keys),
         slots=TenantSlots(config.resources.max_concurrent_per_tenant),
     )
@@ -128,6 +136,7 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
     else:
         log.info("multi-tenant mode: %d tenant(s)", len(server.tenants.tenants))
     await server.batcher.start()
+    await server.generation.start()
     expiry = None
     if server.config.expire_after_s is not None:
         expiry = asyncio.create_task(_expire_periodically(server), name="fints-expiry")
@@ -138,6 +147,7 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
             expiry.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await expiry
+        await server.generation.stop()
         await server.batcher.stop()
 
 

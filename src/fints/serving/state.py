@@ -9,6 +9,7 @@ from __future__ import annotations
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 from fastapi import Request
 
@@ -31,6 +32,7 @@ class ServerConfig:
     max_batch_size: int = 8
     max_wait_ms: float = 5.0
     max_queue: int = 256
+    engine: str = "transformers"  # what decodes: a name in fints.serving.engines.ENGINES
     # under contention (several tenants), a row decodes at most this many new tokens per
     # round, then yields to the others (None: rows decode whole); see serving.slicing
     slice_tokens: int | None = SLICE_TOKENS
@@ -78,7 +80,8 @@ class ServerState:
     config: ServerConfig
     model_id: str  # what clients send as "model"
     metrics: ServingMetrics
-    batcher: Batcher
+    batcher: Batcher  # writes (and generation, on the transformers engine)
+    generation: Any  # fints.serving.engines.Generation: what generation requests go to
     tenants: TenantResolver
     slots: TenantSlots  # requests in progress per tenant
     created: int = field(default_factory=lambda: int(time.time()))
