@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import inspect
 import json
 from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
@@ -164,6 +165,9 @@ class Backbone:
             config.layer_types = config.layer_types[:layers]
         model.requires_grad_(False)
         self.decoder = decoder.eval()
+        # transformers >= 5.20 calls the KV cache ``cache``, earlier ``past_key_values``
+        known = inspect.signature(decoder.forward).parameters
+        self._cache_name = "cache" if "cache" in known else "past_key_values"
         table: Any = model.get_input_embeddings().weight
         self.embeddings: torch.Tensor = table.detach()  # [vocab, hidden]
         self.layers = layers
@@ -190,10 +194,10 @@ class Backbone:
         out = self.decoder(
             input_ids=input_ids,
             attention_mask=attention_mask,
-            cache=cache,
             use_cache=True,
+            **{self._cache_name: cache},
         )
-        return out.last_hidden_state.float(), out.cache
+        return out.last_hidden_state.float(), getattr(out, self._cache_name)
 
 
 class GuidanceClassifier:
