@@ -35,7 +35,7 @@ from typing import TypeVar
 from fints.engine import GenerationRequest, Personalizer, PreparedBatch
 from fints.generation import GenerationOptions, eos_token_ids
 from fints.serving.api_errors import ApiError
-from fints.serving.guards import FiniteGuard, nonfinite_rows, overflow, refusals
+from fints.serving.guards import FiniteGuard, nonfinite_rows, overflow, queue_full, refusals
 from fints.serving.jobs import (
     Delta,
     Done,
@@ -179,15 +179,7 @@ class Batcher:
         if self._wake is None or not self.running:
             raise ApiError(503, "the model worker is not running", type="server_error")
         if self.depth >= self.max_queue:
-            raise ApiError(
-                503,
-                f"the server is overloaded ({self.max_queue} requests waiting, the limit "
-                "max_queue); retry later",
-                type="overloaded_error",
-                param="max_queue",
-                code="queue_full",
-                headers={"retry-after": "1"},
-            )
+            raise queue_full(self.max_queue)
 
     def _woken(self) -> None:
         assert self._wake is not None

@@ -92,6 +92,19 @@ class FiniteGuard:
         return [bool(b) for b in self.processor.broken.tolist()]
 
 
+def queue_full(max_queue: int) -> ApiError:
+    """The 503 for a request beyond ``max_queue`` requests waiting or in progress."""
+    return ApiError(
+        503,
+        f"the server is overloaded ({max_queue} requests waiting, the limit max_queue); "
+        "retry later",
+        type="overloaded_error",
+        param="max_queue",
+        code="queue_full",
+        headers={"retry-after": "1"},
+    )
+
+
 def refusals(
     prepared: PreparedBatch, raw: Sequence[bool], max_prompt_tokens: int
 ) -> dict[int, ApiError]:

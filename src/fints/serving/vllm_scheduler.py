@@ -29,7 +29,7 @@ from typing import Any
 from fints.engine import GenerationRequest, GenerationResult, Personalizer, PreparedBatch
 from fints.generation import GenerationOptions, eos_token_ids
 from fints.serving.api_errors import ApiError
-from fints.serving.guards import nonfinite_rows, overflow
+from fints.serving.guards import queue_full, refusals
 from fints.serving.jobs import Delta, Done, Failed, GenerationJob, Started
 from fints.serving.metrics import ServingMetrics
 from fints.serving.streaming import IncrementalDecoder
@@ -95,15 +95,7 @@ class VllmScheduler:
         if not self.running:
             raise ApiError(503, "the vLLM engine is not running", type="server_error")
         if self.depth >= self.max_queue:
-            raise ApiError(
-                503,
-                f"the server is overloaded ({self.max_queue} requests in progress, the limit "
-                "max_queue); retry later",
-                type="overloaded_error",
-                param="max_queue",
-                code="queue_full",
-                headers={"retry-after": "1"},
-            )
+            raise queue_full(self.max_queue)
         job = GenerationJob(request, options, stream, asyncio.get_running_loop())
         job.on_finished = on_finished
         task = asyncio.create_task(self._run(job), name="fints-vllm-request")
@@ -185,15 +177,7 @@ class VllmScheduler:
     def _prepare(self, job: GenerationJob) -> PreparedBatch:
         """On the preparing thread: the row's vectors and prompt, or the reason it is refused."""
         prepared = self.personalizer.prepare([job.request])
-        tokens = len(prepared.prompts[0])
-        if tokens > self.max_prompt_tokens:
-            raise ApiError(
-                400,
-                f"the prompt is {tokens} tokens long; this server accepts at most "
-                f"{self.max_prompt_tokens}",
-                param="prompt" if job.request.raw_prompt else "messages",
-                code="context_length_exceeded",
-            )
-        for sites in nonfinite_rows(prepared).values():
-            raise overflow(f"its steering vectors are NaN or inf at {sites}")
+        refused = refusals(prepared, [job.request.raw_prompt], self.max_prompt_tokens)
+        if refused:
+            raise refused[0]
         return prepared
