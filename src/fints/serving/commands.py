@@ -16,6 +16,7 @@ import typer
 from fints.errors import FintsError
 from fints.history import ITEM_PROMPT_TOKENS
 from fints.serving.app import ServerConfig, create_app
+from fints.serving.batcher import SLICE_TOKENS
 from fints.serving.factory import (
     build_personalizer,
     command_failed,
@@ -110,6 +111,17 @@ def serve(
     max_concurrent_per_tenant: Annotated[
         int, typer.Option(help="Requests of one tenant waiting or running (429 beyond).")
     ] = ResourceLimits.max_concurrent_per_tenant,
+    refusal_delay_ms: Annotated[
+        int,
+        typer.Option(help="How long a 429 for a tenant at its concurrency limit waits (ms)."),
+    ] = ResourceLimits.refusal_delay_ms,
+    slice_tokens: Annotated[
+        int,
+        typer.Option(
+            help="Under contention, new tokens a long row decodes per round before it yields "
+            "to other tenants (0: rows decode whole)."
+        ),
+    ] = SLICE_TOKENS,
     expire_after_days: Annotated[
         float | None,
         typer.Option(help="Forget history items older than this many days (default: never)."),
@@ -159,7 +171,9 @@ def serve(
                 max_item_tokens=max_item_tokens,
                 max_request_bytes=max_request_bytes,
                 max_concurrent_per_tenant=max_concurrent_per_tenant,
+                refusal_delay_ms=refusal_delay_ms,
             ),
+            slice_tokens=slice_tokens or None,
             max_queue=max_queue,
             engine=engine,
             expire_after_s=None if expire_after_days is None else expire_after_days * 86400,
