@@ -89,6 +89,10 @@ def test_generation_options_take_the_request_or_the_default() -> None:
     assert generation_options(chat(), limits).max_new_tokens == 8
     assert generation_options(chat(max_completion_tokens=20), limits).max_new_tokens == 20
     assert generation_options(chat(temperature=0.7, seed=3), limits).temperature == 0.7
+    assert generation_options(chat(), limits).repetition_penalty == 1.0
+    assert generation_options(chat(repetition_penalty=1.2), limits).repetition_penalty == 1.2
+    with pytest.raises(ValueError, match="repetition_penalty"):  # below 1 rewards repeats
+        chat(repetition_penalty=0.5)
 
 
 def test_generation_options_refuse_too_many_or_no_tokens() -> None:

@@ -160,6 +160,8 @@ class _GenerationRequestBody(_Body):
         },
     )
     top_p: float | None = Field(default=None, gt=0, le=1)
+    #: > 1 makes tokens already in the row less likely (1: off); vLLM's extension of the API
+    repetition_penalty: float | None = Field(default=None, ge=1, le=10)
     seed: int | None = Field(default=None, ge=MIN_SEED, le=MAX_SEED)
     stream: bool = False
     stream_options: StreamOptions | None = None

@@ -156,6 +156,7 @@ def generation_options(
             temperature=temperature,
             top_p=1.0 if body.top_p is None else body.top_p,
             seed=body.seed,
+            repetition_penalty=body.repetition_penalty or 1.0,
         )
     except InvalidInputError as exc:
         raise ApiError(400, str(exc), param=exc.param, code="invalid_value") from None
