@@ -172,6 +172,9 @@ def generate(
     dtype: DtypeOpt = "auto",
     template: TemplateOpt = "generic",
     max_tokens: Annotated[int, typer.Option(help="new tokens per answer")] = 64,
+    repetition_penalty: Annotated[
+        float, typer.Option(help="> 1 makes repeated tokens less likely (1: off)")
+    ] = 1.0,
     attn: Annotated[float | None, typer.Option(help="strength at attn sites (alpha)")] = None,
     mlp: Annotated[float | None, typer.Option(help="strength at mlp sites (beta)")] = None,
     block: Annotated[float | None, typer.Option(help="strength at block sites")] = None,
@@ -238,7 +241,10 @@ def generate(
                 GenerationRequest(name, q, tenant=tenant, steering=unsteered, stop=stops)
                 for q in queries
             ]
-        results = engine.generate(requests, GenerationOptions(max_new_tokens=max_tokens))
+        options = GenerationOptions(
+            max_new_tokens=max_tokens, repetition_penalty=repetition_penalty
+        )
+        results = engine.generate(requests, options)
     personalized, plain = results[: len(queries)], results[len(queries) :]
     if as_json:
         for q, r in zip(queries, personalized, strict=True):

@@ -70,6 +70,11 @@ def test_add_build_generate_export_import_delete(store_path, tmp_path):
     assert code == 0, out
     cut = json.loads(out[out.index('{"query"') :].splitlines()[0])["text"]
     assert cut == line["text"][: line["text"].index(word)]
+    code, out = run(
+        "generate", "zoe", "Hi", "--store", store_path, "--no-compare",
+        "--repetition-penalty", "0.5",
+    )  # fmt: skip
+    assert code != 0 and "repetition_penalty must be in [1, 10]" in out, out
     code, out = run("export", "zoe", str(tmp_path / "zoe"), "--store", store_path)
     assert code == 0 and (tmp_path / "zoe" / "vectors.safetensors").is_file()
     code, out = run("import", str(tmp_path / "zoe"), "--as", "zoe2", "--store", store_path)
