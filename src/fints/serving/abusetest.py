@@ -58,6 +58,7 @@ class AbuseSpec:
     #: decode whole; ResourceLimits.refusal_delay_ms)
     slice_tokens: int | None = SLICE_TOKENS
     refusal_delay_ms: int = ResourceLimits().refusal_delay_ms
+    engine: str = "transformers"  # what decodes (ServerConfig.engine)
 
     def __post_init__(self) -> None:
         if not 1 <= self.clients <= MAX_CLIENTS:
@@ -202,7 +203,8 @@ def run_abuse_in_process(
         f"{spec.abusive_threads} chats of {spec.limit_tokens} tokens in flight "
         f"(max_concurrent_per_tenant {spec.limit_concurrent}), from "
         f"{'a process of its own' if spec.abuser_process else 'threads of the server process'}"
-        f"; slice_tokens {spec.slice_tokens}, refusal_delay_ms {spec.refusal_delay_ms}"
+        f"; slice_tokens {spec.slice_tokens}, refusal_delay_ms {spec.refusal_delay_ms}, "
+        f"engine {spec.engine}"
     )
     with tempfile.TemporaryDirectory(prefix="fints-abusetest-") as tmp:
         personalizer = build_personalizer(model=model, store=Path(tmp) / "a.sqlite", dtype=dtype)
@@ -210,6 +212,7 @@ def run_abuse_in_process(
             api_keys=KEYS,
             max_wait_ms=20.0,
             slice_tokens=spec.slice_tokens,
+            engine=spec.engine,
             limits=Limits(max_tokens=spec.limit_tokens, default_max_tokens=spec.max_tokens),
             resources=ResourceLimits(
                 max_concurrent_per_tenant=spec.limit_concurrent,

@@ -333,6 +333,9 @@ def loadtest(
     abuser_in_process: Annotated[
         bool, typer.Option(help="abusive: the abuser in threads of the server's process.")
     ] = False,
+    engine: Annotated[
+        str, typer.Option(help="abusive: what decodes, transformers or vllm (docs/VLLM.md).")
+    ] = "transformers",
 ) -> None:
     """A bounded load benchmark: latency, throughput, batching and steering cost."""
     logging.basicConfig(level="WARNING")
@@ -347,7 +350,7 @@ def loadtest(
                 model=model,
                 dtype=dtype,
                 abuse=AbuseSettings(
-                    slice_tokens or None, refusal_delay_ms, not abuser_in_process, rounds
+                    slice_tokens or None, refusal_delay_ms, not abuser_in_process, rounds, engine
                 ),
             )
         )

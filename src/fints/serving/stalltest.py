@@ -211,6 +211,7 @@ class AbuseSettings:
     refusal_delay_ms: int
     abuser_process: bool
     rounds: int = 1
+    engine: str = "transformers"
 
 
 def scenario_command(
