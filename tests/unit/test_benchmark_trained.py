@@ -5,12 +5,10 @@ and the rows a new user's default gets, with their controls; on a tiny random ll
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 import pytest
 import torch
 
-import fints.extraction.trained as trained_module
 from fints.benchmark.banks import BenchContext, benchmark_sites
 from fints.benchmark.labels import PRE_REGISTERED, Label, Role
 from fints.benchmark.methods import make_method
@@ -19,10 +17,10 @@ from fints.benchmark.presets import PRESETS
 from fints.benchmark.rows import default_method_rows, rows_for_test, steers
 from fints.benchmark.search import SearchSpace, Selection, default_fints
 from fints.benchmark.settings import BenchSettings
-from fints.extraction import TrainedConfig
 from fints.models import LoadedModel
 from fints.sites import parse_sites
 from tests.unit.benchmark_fixtures import HashEncoder, fixture_task, tiny_llama
+from tests.unit.test_default_method import shared_trainings
 
 TRAINED = Label.method_defaults("trained")
 CONTROLS = [
@@ -37,28 +35,13 @@ def tiny() -> LoadedModel:
     return tiny_llama()
 
 
-def count_shared_trainings(monkeypatch: pytest.MonkeyPatch) -> list[int]:
-    """How many examples each training of a shared vector saw (one entry per training)."""
-    shared = TrainedConfig().training("shared")
-    calls: list[int] = []
-    train = trained_module.train_vectors
-
-    def counting(model: Any, sites: Any, examples: Any, **kwargs: Any) -> Any:
-        if kwargs.get("config") == shared:
-            calls.append(len(examples))
-        return train(model, sites, examples, **kwargs)
-
-    monkeypatch.setattr(trained_module, "train_vectors", counting)
-    return calls
-
-
 def test_trained_banks_use_the_methods_sites_and_one_shared_vector_for_all_users(
     tiny: LoadedModel, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     task = fixture_task(max_history=3, max_new_tokens=2)
     sites = benchmark_sites(tiny.num_layers, (1,))
     ctx = BenchContext(tiny, HashEncoder(), task, sites, tmp_path, progress=False)
-    shared = count_shared_trainings(monkeypatch)
+    shared = shared_trainings(monkeypatch)
     banks = {user: ctx.bank(user, "trained") for user in task.users}
     histories = {i.item_id for u in task.users.values() for i in u.history}
     assert shared == [len(histories)]  # once, on every user's history (the tenant's)
