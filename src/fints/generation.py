@@ -143,17 +143,25 @@ def generate_batch(
         if at_stop is not None and (end is None or at_stop < end):
             end = at_stop
         tokens = new if end is None else new[:end]
-        text = str(tok.decode(tokens, skip_special_tokens=True)).lstrip()
-        cut, found = cut_at_stop(text, stops[row]) if at_stop is not None and stops else ("", False)
+        row_stops = stops[row] if at_stop is not None and stops else ()
         completions.append(
             Completion(
-                text=cut if found else text.rstrip(),  # all before the stop, as streamed
+                text=completion_text(tok, tokens, row_stops),
                 token_ids=tokens,
                 prompt_tokens=len(prompt),
                 finish_reason="length" if end is None else "stop",
             )
         )
     return completions
+
+
+def completion_text(tokenizer: Any, tokens: Sequence[int], stops: Sequence[str] = ()) -> str:
+    """A row's new tokens as every backend reports them: decoded without special tokens,
+    stripped, and cut before the first of ``stops`` (all before the stop, as streamed;
+    pass none when the row did not end on one)."""
+    text = str(tokenizer.decode(list(tokens), skip_special_tokens=True)).lstrip()
+    cut, found = cut_at_stop(text, stops)
+    return cut if found else text.rstrip()
 
 
 @contextmanager

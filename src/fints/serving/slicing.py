@@ -27,11 +27,11 @@ from dataclasses import dataclass, field, replace
 from typing import Any, TypeVar
 
 from fints.engine import PreparedBatch
-from fints.generation import Completion, GenerationOptions
+from fints.generation import Completion, GenerationOptions, completion_text
 from fints.modes import SteeringAddition
 from fints.serving.jobs import GenerationJob
 from fints.serving.streaming import IncrementalDecoder
-from fints.stopping import StopSequences, cut_at_stop
+from fints.stopping import StopSequences
 
 Item = TypeVar("Item")
 
@@ -91,7 +91,7 @@ class Row:
         if not ended and not last:
             return None
         return Completion(
-            text=completion_text(tokenizer, self.generated, self.stops, stopped=ended),
+            text=completion_text(tokenizer, self.generated, self.stops if ended else ()),
             token_ids=list(self.generated),
             prompt_tokens=len(self.origin.prompts[self.index]),
             finish_reason="stop" if ended else "length",
@@ -131,18 +131,6 @@ def stop_reached(
         if criterion.stopped_at[0] is not None:
             return n
     return None
-
-
-def completion_text(
-    tokenizer: Any, tokens: Sequence[int], stops: Sequence[str], *, stopped: bool
-) -> str:
-    """The text of a row's tokens as :func:`~fints.generation.generate_batch` makes it."""
-    text = str(tokenizer.decode(list(tokens), skip_special_tokens=True)).lstrip()
-    if stopped and stops:
-        cut, found = cut_at_stop(text, stops)
-        if found:
-            return cut
-    return text.rstrip()
 
 
 def remember(

@@ -13,9 +13,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from fints.errors import InvalidInputError
-from fints.generation import Completion, GenerationOptions
+from fints.generation import Completion, GenerationOptions, completion_text
 from fints.modes import Addition, SteeringAddition
-from fints.stopping import cut_at_stop
 from fints.vllm_plugin.packing import STEERING_KEY, pack_steering, steering_salt
 
 
@@ -105,10 +104,8 @@ def completion_of(
     tokens = list(token_ids)
     if tokens and tokens[-1] in eos:
         tokens = tokens[:-1]
-    text = str(tokenizer.decode(tokens, skip_special_tokens=True)).lstrip()
-    cut, found = cut_at_stop(text, stops) if stops else ("", False)
     return Completion(
-        text=cut if found else text.rstrip(),
+        text=completion_text(tokenizer, tokens, stops),
         token_ids=tokens,
         prompt_tokens=prompt_tokens,
         finish_reason="length" if finish_reason == "length" else "stop",
