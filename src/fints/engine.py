@@ -184,7 +184,8 @@ class Personalizer:
         self, user: str, *, tenant: str = DEFAULT_TENANT, progress: bool = True
     ) -> ExtractionResult | None:
         """Extract entries for every item of ``user`` that has none for this model yet."""
-        results = list(self.build_steps(user, tenant=tenant, progress=progress))
+        steps = self.build_steps(user, tenant=tenant, progress=progress)
+        results = [r for r in steps if r is not None]
         return results[0] if results else None
 
     def build_steps(
@@ -194,10 +195,12 @@ class Personalizer:
         tenant: str = DEFAULT_TENANT,
         chunk_items: int | None = None,
         progress: bool = False,
-    ) -> Iterator[ExtractionResult]:
-        """:meth:`build` in steps of at most ``chunk_items`` pending items (None: one step),
-        each stored before the next starts: a caller may do other work between steps (the
-        server decodes). Methods that refit the whole user run in one step."""
+    ) -> Iterator[ExtractionResult | None]:
+        """:meth:`build` in bounded steps, so a caller may do other work between them
+        (the server decodes): chunks of at most ``chunk_items`` pending items (None: one
+        chunk), each stored before the next starts and yielded; methods that refit the
+        whole user run as one chunk but yield ``None`` after each piece of at most
+        ``chunk_items`` examples of their training (:mod:`fints.steps`)."""
         pending = self.store.items_without_entries(tenant, user, self.model.fingerprint)
         if not self.store.has_user(tenant, user):
             raise UnknownUserError(f"unknown user {user!r} in tenant {tenant!r}")
@@ -220,13 +223,14 @@ class Personalizer:
         extractor = Extractor(self.model, self.encoder, self.template, extraction)
         for start in range(0, len(pending), max(1, step)):
             chunk = self._clipped(pending[start : start + step])
-            result = extractor.extract(
+            result = yield from extractor.extract_steps(
                 history if settings.rebuilds_all else chunk,
                 history,
                 pool,
                 progress=progress,
                 previous=self._current(user, tenant, extraction) if settings.rebuilds_all else None,
                 shared=self._method_state.setdefault(tenant, {}),
+                piece_items=chunk_items,
             )
             if result.entries:
                 self.store.put_entries(tenant, user, result.meta, result.entries)

@@ -28,6 +28,7 @@ from tqdm.auto import tqdm
 from fints.errors import InvalidInputError
 from fints.models import LoadedModel
 from fints.sites import Site, check_layers_in_range
+from fints.steps import Steps, run_to_end
 from fints.target_nll import (
     Example,
     PackedBatch,
@@ -124,7 +125,12 @@ def holdout_latest(
 
 
 class _Objective:
-    """Per-example NLL of fixed batches as a function of the site vectors."""
+    """Per-example NLL of fixed batches as a function of the site vectors.
+
+    Each batch is packed in pieces of at most ``piece_items`` examples (None: whole), so
+    that the work between two ``yield``\\ s stays bounded; the gradient of a batch is
+    accumulated over its pieces.
+    """
 
     def __init__(
         self,
@@ -134,39 +140,65 @@ class _Objective:
         config: TrainingConfig,
         cached: bool,
         order_seed: int | None,
+        piece_items: int | None = None,
     ) -> None:
         self.model, self.sites, self.cached = model, tuple(sites), cached
         index = list(range(len(examples)))
         if order_seed is not None:
             random.Random(order_seed).shuffle(index)
         pad_id = model.tokenizer.pad_token_id or 0
-        self.batches: list[PackedBatch] = [
-            pack(
-                [examples[i] for i in index[s : s + config.batch_size]],
-                pad_id,
-                max_target_tokens=config.max_target_tokens,
+        self.batches: list[list[PackedBatch]] = []
+        for s in range(0, len(index), config.batch_size):
+            batch = [examples[i] for i in index[s : s + config.batch_size]]
+            size = piece_items or len(batch)
+            self.batches.append(
+                [
+                    pack(batch[p : p + size], pad_id, max_target_tokens=config.max_target_tokens)
+                    for p in range(0, len(batch), size)
+                ]
             )
-            for s in range(0, len(index), config.batch_size)
-        ]
+        self.states: list[list[UpperState | None]] = []
+        self.examples = sum(piece.size for pieces in self.batches for piece in pieces)
+
+    def capture(self) -> Steps[None]:
+        """Run the layers below the lowest site once per piece (cached path); a piece a step."""
         lowest = min(site.layer for site in self.sites)
-        self.states: list[UpperState | None] = [
-            capture_below(model, b, lowest) if cached else None for b in self.batches
-        ]
+        for pieces in self.batches:
+            states: list[UpperState | None] = []
+            for piece in pieces:
+                states.append(capture_below(self.model, piece, lowest) if self.cached else None)
+                yield
+            self.states.append(states)
 
-    def per_example(self, values: torch.Tensor, k: int) -> torch.Tensor:
-        batch, state = self.batches[k], self.states[k]
-        rows = {s: values[i].unsqueeze(0).expand(batch.size, -1) for i, s in enumerate(self.sites)}
+    def per_example(self, values: torch.Tensor, k: int, p: int) -> torch.Tensor:
+        piece, state = self.batches[k][p], self.states[k][p]
+        rows = {s: values[i].unsqueeze(0).expand(piece.size, -1) for i, s in enumerate(self.sites)}
         if state is not None:
-            return upper_nll(self.model, batch, state, rows)
-        return forward_nll(self.model, batch, rows)
+            return upper_nll(self.model, piece, state, rows)
+        return forward_nll(self.model, piece, rows)
 
-    def loss(self, values: torch.Tensor, k: int) -> torch.Tensor:
-        return self.per_example(values, k).mean()
+    def backward(self, values: torch.Tensor, k: int) -> Steps[float]:
+        """Add the gradient of batch ``k``'s mean NLL to ``values.grad``, a piece a step;
+        return that mean."""
+        pieces = self.batches[k]
+        size = sum(piece.size for piece in pieces)
+        total = 0.0
+        for p in range(len(pieces)):
+            nll = self.per_example(values, k, p)
+            (nll.sum() / size).backward()
+            total += float(nll.detach().sum())
+            yield
+        return total / size
 
-    @torch.no_grad()
-    def mean_nll(self, values: torch.Tensor) -> float:
-        total = sum(float(self.per_example(values, k).sum()) for k in range(len(self.batches)))
-        return total / sum(b.size for b in self.batches)
+    def mean_nll(self, values: torch.Tensor) -> Steps[float]:
+        """The mean NLL over every example, a piece a step."""
+        total = 0.0
+        for k, pieces in enumerate(self.batches):
+            for p in range(len(pieces)):
+                with torch.no_grad():  # closed before the yield: grad mode never leaks
+                    total += float(self.per_example(values, k, p).sum())
+                yield
+        return total / self.examples
 
 
 def _use_cache(model: LoadedModel, path: ForwardPath) -> bool:
@@ -217,63 +249,95 @@ def train_vectors(
     it can. ``on_step(step, values)`` sees the vectors after every update (a copy on the
     CPU; for sweeps that evaluate several stopping points of one run).
     """
+    return run_to_end(
+        training_steps(
+            model,
+            sites,
+            examples,
+            init=init,
+            config=config,
+            valid=valid,
+            progress=progress,
+            path=path,
+            on_step=on_step,
+        )
+    )
+
+
+def training_steps(
+    model: LoadedModel,
+    sites: Sequence[Site],
+    examples: Sequence[Example],
+    *,
+    init: torch.Tensor | None = None,
+    config: TrainingConfig | None = None,
+    valid: Sequence[Example] | None = None,
+    progress: bool = False,
+    path: ForwardPath = "auto",
+    on_step: Callable[[int, torch.Tensor], None] | None = None,
+    piece_items: int | None = None,
+) -> Steps[TrainedVectors]:
+    """:func:`train_vectors` in steps (:mod:`fints.steps`): it yields after every forward
+    and backward pass over at most ``piece_items`` examples (None: a whole batch), so a
+    caller can run other work on the model between them. Same vectors either way (up to
+    the rounding of a gradient summed over pieces)."""
     config = config or TrainingConfig()
     sites = tuple(sites)
     if not sites or len(set(sites)) != len(sites):
         raise InvalidInputError(f"sites must be non-empty and distinct, got {sites}")
     if not examples:
         raise InvalidInputError("no training examples")
+    if piece_items is not None and piece_items < 1:
+        raise InvalidInputError(f"piece_items must be >= 1, got {piece_items}")
     check_layers_in_range(sites, model.num_layers)
     shape = (len(sites), model.hidden_size)
     anchor = torch.zeros(shape) if init is None else init.detach().float().cpu().clone()
     if tuple(anchor.shape) != shape or not torch.isfinite(anchor).all():
         raise InvalidInputError(f"init must be finite and {list(shape)}, got {list(anchor.shape)}")
     cached = _use_cache(model, path)
+    train = _Objective(model, sites, examples, config, cached, config.seed, piece_items)
+    check = _Objective(model, sites, valid, config, cached, None, piece_items) if valid else None
     with _FrozenEval(model.model):
-        return _train(
-            model, sites, examples, anchor, config, valid or (), cached, progress, on_step
-        )
+        yield from train.capture()
+        if check is not None:
+            yield from check.capture()
+        return (yield from _train(train, check, anchor, config, progress, on_step))
 
 
 def _train(
-    model: LoadedModel,
-    sites: tuple[Site, ...],
-    examples: Sequence[Example],
+    train: _Objective,
+    check: _Objective | None,
     anchor: torch.Tensor,
     config: TrainingConfig,
-    valid: Sequence[Example],
-    cached: bool,
     progress: bool,
     on_step: Callable[[int, torch.Tensor], None] | None = None,
-) -> TrainedVectors:
-    train = _Objective(model, sites, examples, config, cached, config.seed)
-    check = _Objective(model, sites, valid, config, cached, None) if valid else None
-    device_anchor = anchor.to(model.device)
+) -> Steps[TrainedVectors]:
+    device_anchor = anchor.to(train.model.device)
     values = device_anchor.clone().requires_grad_(True)
     optimizer = torch.optim.Adam([values], lr=config.lr)
     rng = random.Random(config.seed + 1)
     order: list[int] = []
     train_losses: list[float] = []
-    valid_losses = [check.mean_nll(values)] if check else []
+    valid_losses = [(yield from check.mean_nll(values))] if check else []
     best, best_step, stale, steps_run = values.detach().clone(), 0, 0, 0
     bar = tqdm(total=config.steps, desc="training vectors", unit="step", disable=not progress)
     for step in range(1, config.steps + 1):
         if not order:
             order = list(range(len(train.batches)))
             rng.shuffle(order)
-        data = train.loss(values, order.pop())
-        loss = data + config.l2 * (values - device_anchor).pow(2).sum()
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        data = yield from train.backward(values, order.pop())
+        if config.l2:
+            (config.l2 * (values - device_anchor).pow(2).sum()).backward()
         optimizer.step()
-        train_losses.append(data.item())
+        train_losses.append(data)
         steps_run = step
         if on_step is not None:
             on_step(step, values.detach().float().cpu().clone())
         if check is None:
             best, best_step = values.detach().clone(), step
         else:
-            valid_losses.append(check.mean_nll(values))
+            valid_losses.append((yield from check.mean_nll(values)))
             if valid_losses[-1] < min(valid_losses[:-1]):
                 best, best_step, stale = values.detach().clone(), step, 0
             else:
@@ -287,7 +351,7 @@ def _train(
             break
     bar.close()
     return TrainedVectors(
-        sites=sites,
+        sites=train.sites,
         values=best.float().cpu(),
         train_losses=tuple(train_losses),
         valid_losses=tuple(valid_losses),

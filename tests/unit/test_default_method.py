@@ -92,14 +92,14 @@ def shared_trainings(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     """The number of examples of every training of a shared vector from now on."""
     shared = TrainedConfig().training("shared")
     calls: list[int] = []
-    train = trained_module.train_vectors
+    train = trained_module.training_steps
 
     def counting(model: Any, sites: Any, examples: Any, **kwargs: Any) -> Any:
         if kwargs.get("config") == shared:
             calls.append(len(examples))
         return train(model, sites, examples, **kwargs)
 
-    monkeypatch.setattr(trained_module, "train_vectors", counting)
+    monkeypatch.setattr(trained_module, "training_steps", counting)
     return calls
 
 

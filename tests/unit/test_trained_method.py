@@ -152,3 +152,23 @@ def test_trained_targets_end_with_the_end_of_turn_token_only_when_the_output_fit
     assert short_target[-1] == eos and eos not in short_target[:-1]
     assert len(long_target) == 40 and eos not in long_target  # cut: no false end
     assert context.target_ids(short.output) == short_target[:-1]  # contrast methods: no end
+
+
+def test_a_first_build_in_steps_yields_between_training_pieces_and_stores_the_same(
+    tiny: LoadedModel, engine: Personalizer, tmp_path: Path
+) -> None:
+    """The server runs a build a step at a time and decodes between steps: the tenant's
+    first trained build (its shared vector) must not be one step of minutes."""
+    engine.add_history("ann", history("ann", 6), build=False)
+    steps = list(engine.build_steps("ann", chunk_items=2))
+    pieces = [s for s in steps if s is None]
+    # 6 examples in batches of 4 = pieces of 2 + 2 and 2: every Adam step is 1-2 pieces,
+    # after 3 + 2 captures for the shared and the user stage, and 3 site-norm pieces
+    assert len(pieces) >= FAST["shared_steps"] + FAST["steps"] + 5 + 3
+    assert [s for s in steps if s is not None][-1] is steps[-1]  # stored once, at the end
+    with Store(tmp_path / "whole.sqlite") as store:
+        whole = Personalizer(tiny, store, encoder=HashEncoder(), extraction=engine.extraction)
+        whole.add_history("ann", history("ann", 6))
+        a, b = whole.dictionary("ann"), engine.dictionary("ann")
+        assert a is not None and b is not None and a.item_ids == b.item_ids
+        torch.testing.assert_close(a.vectors, b.vectors, rtol=1e-4, atol=1e-5)

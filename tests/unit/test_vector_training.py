@@ -12,12 +12,15 @@ from fints.errors import InvalidInputError
 from fints.layers import resolve_layout
 from fints.models import LoadedModel
 from fints.sites import Site
+from fints.steps import Steps, run_to_end
 from fints.target_nll import capture_below, forward_nll, pack, target_nll, upper_nll
 from fints.vector_training import (
+    TrainedVectors,
     TrainingConfig,
     _Objective,
     holdout_latest,
     train_vectors,
+    training_steps,
 )
 from tests.conftest import VOCAB, tiny_model
 
@@ -191,7 +194,12 @@ def test_early_stopping_keeps_the_best_valid_step(monkeypatch: pytest.MonkeyPatc
     def train(steps: int, patience: int | None, script: bool):
         if script:
             values = iter(scripted)
-            monkeypatch.setattr(_Objective, "mean_nll", lambda self, v: next(values))
+
+            def scripted_nll(self: _Objective, v: torch.Tensor) -> Steps[float]:
+                yield
+                return next(values)
+
+            monkeypatch.setattr(_Objective, "mean_nll", scripted_nll)
         config = TrainingConfig(steps=steps, lr=0.1, l2=0.0, patience=patience)
         result = train_vectors(model, [site], examples, config=config,
                                valid=valid if script else None)  # fmt: skip
@@ -265,10 +273,39 @@ def test_max_target_tokens_cuts_the_targets() -> None:
     objective = _Objective(
         model, [Site(1, "block")], examples, TrainingConfig(max_target_tokens=2), True, None
     )
-    assert objective.batches[0].counts.tolist() == [2.0, 2.0, 2.0]
+    assert objective.batches[0][0].counts.tolist() == [2.0, 2.0, 2.0]
     short = [(p, t[:2]) for p, t in examples]
     expected = target_nll(model, [p for p, _ in short], [t for _, t in short]).mean()
-    assert objective.mean_nll(torch.zeros(1, 32)) == pytest.approx(float(expected), abs=1e-5)
+    run_to_end(objective.capture())
+    mean = run_to_end(objective.mean_nll(torch.zeros(1, 32)))
+    assert mean == pytest.approx(float(expected), abs=1e-5)
+
+
+@pytest.mark.parametrize("path", ["cached", "full"])
+def test_training_in_pieces_gives_the_same_vectors_in_more_steps(path: str) -> None:
+    """The server trains in pieces of a few examples so that it decodes between them."""
+    model = tiny("llama")
+    examples, valid = patterned(10, 6), patterned(3, 6, seed=5)
+    config = TrainingConfig(steps=4, lr=0.1, l2=1e-2, batch_size=8, patience=None)
+    whole = train_vectors(model, [Site(1, "block")], examples, config=config, valid=valid,
+                          path=path)  # fmt: skip
+    steps = training_steps(model, [Site(1, "block")], examples, config=config, valid=valid,
+                           path=path, piece_items=3)  # fmt: skip
+    pauses = 0
+    while True:
+        try:
+            next(steps)
+        except StopIteration as stop:
+            pieces: TrainedVectors = stop.value
+            break
+        pauses += 1
+        assert torch.is_grad_enabled()  # no grad mode leaks out of a piece
+        assert not any(p.requires_grad for p in model.model.parameters())
+    # batches of 8 and 2 in pieces of 3: 3 + 1 captures, 1 valid capture, and per step
+    # 3 or 1 backward pieces plus 1 valid piece, after one valid pass before training
+    assert pauses >= 4 + 1 + 1 + 4 * 2
+    torch.testing.assert_close(pieces.values, whole.values, atol=1e-5, rtol=1e-4)
+    assert pieces.valid_losses == pytest.approx(whole.valid_losses, abs=1e-5)
 
 
 def test_holdout_latest_and_bad_inputs() -> None:

@@ -9,6 +9,7 @@ line: ``register(MyConfig, MyMethod)``; nothing else in fints names methods.
 from __future__ import annotations
 
 import hashlib
+import inspect
 import random
 from collections.abc import Callable, Mapping, MutableMapping, Sequence
 from dataclasses import dataclass, field, fields
@@ -24,6 +25,7 @@ from fints.models import LoadedModel
 from fints.prompts import PromptTemplate, pad_batch
 from fints.recording import record_means
 from fints.sites import Site, default_sites
+from fints.steps import Steps
 
 
 @dataclass(frozen=True)
@@ -128,15 +130,27 @@ class Registered:
     """A method: its config class and the function that turns a job into entry sides."""
 
     config: type[MethodConfig]
-    run: Callable[[MethodContext, Any, ExtractionJob], Sides]
+    run: Callable[[MethodContext, Any, ExtractionJob], Steps[Sides]]  # always in steps
 
 
 #: Extraction methods by name: filled by each method's module, read by :mod:`.extractor`.
 METHODS: dict[str, Registered] = {}
 
 
-def register(config: type[C], run: Callable[[MethodContext, C, ExtractionJob], Sides]) -> None:
-    METHODS[config.name] = Registered(config, run)
+def register(
+    config: type[C], run: Callable[[MethodContext, C, ExtractionJob], Sides | Steps[Sides]]
+) -> None:
+    """Register a method. ``run`` returns the sides, or is a generator function that
+    yields between bounded pieces of work (long ones: the server decodes between them)."""
+    if inspect.isgeneratorfunction(run):
+        METHODS[config.name] = Registered(config, run)
+        return
+
+    def at_once(context: MethodContext, settings: Any, job: ExtractionJob) -> Steps[Sides]:
+        return run(context, settings, job)  # type: ignore[return-value]
+        yield
+
+    METHODS[config.name] = Registered(config, at_once)
 
 
 def method_names() -> tuple[str, ...]:
@@ -178,6 +192,8 @@ class MethodContext:
     #: Tenant-level state a method may keep between users (e.g. a shared vector); the
     #: caller owns it and clears it when the tenant's data changes under it.
     shared: MutableMapping[str, Any] = field(default_factory=dict)
+    #: The most examples a method in steps handles between two yields (None: a batch).
+    piece_items: int | None = None
 
     def target_ids(self, text: str, *, end: bool = False) -> list[int]:
         """``text``'s tokens, at most ``max_target_tokens``; with ``end``, followed by the

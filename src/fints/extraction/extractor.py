@@ -18,6 +18,7 @@ from fints.models import LoadedModel
 from fints.prompts import PromptTemplate
 from fints.sites import check_layers_in_range
 from fints.steering import SteeringVector
+from fints.steps import Steps, run_to_end
 
 
 class Extractor:
@@ -63,6 +64,30 @@ class Extractor:
         """Entries for ``items``; own context comes from ``history`` (the user's items),
         other users' from ``negative_pool``. ``previous`` is the user's current dictionary
         (methods that refit the user start from it); ``shared`` the tenant's method state."""
+        return run_to_end(
+            self.extract_steps(
+                items,
+                history,
+                negative_pool,
+                progress=progress,
+                previous=previous,
+                shared=shared,
+            )
+        )
+
+    def extract_steps(
+        self,
+        items: Sequence[HistoryItem],
+        history: Sequence[HistoryItem],
+        negative_pool: Sequence[HistoryItem],
+        *,
+        progress: bool = True,
+        previous: UserDictionary | None = None,
+        shared: MutableMapping[str, Any] | None = None,
+        piece_items: int | None = None,
+    ) -> Steps[ExtractionResult]:
+        """:meth:`extract` in steps (:mod:`fints.steps`): methods that run long (trained
+        vectors) yield after each piece of at most ``piece_items`` examples."""
         if not items:
             raise InvalidInputError("no history items to extract from")
         cfg = self.config
@@ -82,9 +107,10 @@ class Extractor:
             cfg.seed,
             advance=bar.update,
             shared={} if shared is None else shared,
+            piece_items=piece_items,
         )
         with bar:
-            sides = METHODS[cfg.method].run(
+            sides = yield from METHODS[cfg.method].run(
                 context, cfg.settings, ExtractionJob(items, history, negative_pool, previous)
             )
         site_norms = sides.norms.mean(dim=0) if len(sides.kept) else torch.zeros(len(cfg.sites))

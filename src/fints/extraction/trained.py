@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -25,7 +26,9 @@ from fints.extraction.base import ExtractionJob, MethodConfig, MethodContext, Si
 from fints.history import HistoryItem
 from fints.prompts import build_prompt_ids
 from fints.sites import Site, default_sites
-from fints.vector_training import TrainingConfig, holdout_latest, train_vectors
+from fints.steps import Steps
+from fints.target_nll import Example
+from fints.vector_training import TrainingConfig, holdout_latest, training_steps
 
 
 @dataclass(frozen=True)
@@ -133,7 +136,7 @@ def _examples(
 
 def shared_vector(
     context: MethodContext, config: TrainedConfig, pool: list[HistoryItem]
-) -> torch.Tensor:
+) -> Steps[torch.Tensor]:
     """The tenant's task direction, trained once on ``pool`` and kept in ``context.shared``
     until the pool has doubled (or the caller clears it, e.g. when a user is deleted)."""
     shape = (len(context.sites), context.model.hidden_size)
@@ -150,10 +153,23 @@ def shared_vector(
     cached = context.shared.get(key)
     if cached is not None and len(pool) <= 2 * cached[1]:
         return cached[0]
-    trained = train_vectors(
-        context.model, context.sites, _examples(context, pool), config=config.training("shared")
-    )
-    context.shared[key] = (trained.values, len(pool))
+    trained = yield from _train(context, _examples(context, pool), config.training("shared"))
+    context.shared[key] = (trained, len(pool))
+    return trained
+
+
+def _train(
+    context: MethodContext,
+    examples: Sequence[Example],
+    config: TrainingConfig,
+    init: torch.Tensor | None = None,
+    valid: Sequence[Example] | None = None,
+) -> Steps[torch.Tensor]:
+    """Vectors at the context's sites, trained in pieces of ``context.piece_items``."""
+    trained = yield from training_steps(
+        context.model, context.sites, examples, init=init, config=config, valid=valid,
+        piece_items=context.piece_items,
+    )  # fmt: skip
     return trained.values
 
 
@@ -162,7 +178,7 @@ def _user_vector(
     config: TrainedConfig,
     job: ExtractionJob,
     new: list[HistoryItem],
-) -> torch.Tensor:
+) -> Steps[torch.Tensor]:
     """The user's vector: trained from the shared one on the whole history (early-stopped
     on the latest items), or, with a current dictionary, updated from its mean vector on
     the new items and the latest ``replay`` old ones: a few steps, not a retraining."""
@@ -173,13 +189,14 @@ def _user_vector(
             if config.replay
             else []
         )
-        return train_vectors(
-            context.model,
-            context.sites,
-            _examples(context, new + old),
-            init=job.previous.vectors.mean(dim=0).to(torch.float32),
-            config=config.training("incremental"),
-        ).values
+        return (
+            yield from _train(
+                context,
+                _examples(context, new + old),
+                config.training("incremental"),
+                init=job.previous.vectors.mean(dim=0).to(torch.float32),
+            )
+        )
     examples = _examples(context, list(job.history))
     # without early stopping every item trains and the last update is kept
     train, valid = (
@@ -187,23 +204,19 @@ def _user_vector(
         if config.patience is not None
         else (examples, [])
     )
-    return train_vectors(
-        context.model,
-        context.sites,
-        train,
-        init=shared_vector(context, config, list(job.pool)),
-        config=config.training("user"),
-        valid=valid,
-    ).values
+    shared = yield from shared_vector(context, config, list(job.pool))
+    return (yield from _train(context, train, config.training("user"), init=shared, valid=valid))
 
 
-def trained_vectors(context: MethodContext, config: TrainedConfig, job: ExtractionJob) -> Sides:
+def trained_vectors(
+    context: MethodContext, config: TrainedConfig, job: ExtractionJob
+) -> Steps[Sides]:
     """Entries for every item of ``job.items`` (the whole history: a new item moves the
-    user's vector, so every entry is rewritten)."""
+    user's vector, so every entry is rewritten), in steps of ``context.piece_items``."""
     items = list(job.items)
     known = set(job.previous.item_ids) if job.previous is not None else set()
     new = [i for i in items if i.item_id not in known]
-    user = _user_vector(context, config, job, new)
+    user = yield from _user_vector(context, config, job, new)
     vectors = user.expand(len(items), -1, -1).clone()
     previous = job.previous
     if config.item_steps:  # each item's own refinement; old ones keep theirs, moved along
@@ -212,26 +225,22 @@ def trained_vectors(context: MethodContext, config: TrainedConfig, job: Extracti
             if previous is not None and moved is not None and item.item_id in known:
                 vectors[n] = previous.vectors[previous.item_ids.index(item.item_id)] + moved
                 continue
-            vectors[n] = train_vectors(
-                context.model,
-                context.sites,
-                _examples(context, [item]),
-                init=user,
-                config=config.training("item"),
-            ).values
+            vectors[n] = yield from _train(
+                context, _examples(context, [item]), config.training("item"), init=user
+            )
     context.advance(len(items))
     return Sides(
         kept=list(range(len(items))),
         positive=vectors,  # the entries are the whole vectors: shared + delta
         negative=torch.zeros_like(vectors),
-        norms=_site_norms(context, items, job.previous),
+        norms=(yield from _site_norms(context, items, job.previous)),
         skipped=[],
     )
 
 
 def _site_norms(
     context: MethodContext, items: list[HistoryItem], previous: UserDictionary | None
-) -> torch.Tensor:
+) -> Steps[torch.Tensor]:
     """``[items, sites]`` typical activation norms over each output (for relative strengths):
     recorded for new items, the dictionary's recorded norms for the others."""
     norms = torch.zeros(len(items), len(context.sites))
@@ -239,10 +248,12 @@ def _site_norms(
     if known:
         norms[:] = previous.site_norms  # type: ignore[union-attr]
     todo = [n for n, i in enumerate(items) if i.item_id not in known]
-    for start in range(0, len(todo), context.batch_size):
-        chunk = todo[start : start + context.batch_size]
+    size = context.piece_items or context.batch_size
+    for start in range(0, len(todo), size):
+        chunk = todo[start : start + size]
         prompts, targets = zip(*_examples(context, [items[n] for n in chunk]), strict=True)
         norms[chunk] = context.means(list(prompts), list(targets))[1]
+        yield
     return norms
 
 

@@ -43,13 +43,11 @@ from fints.serving.jobs import (
     GenerationJob,
     Started,
     WriteJob,
-    WriteSteps,
-    advance,
-    one_step,
 )
 from fints.serving.metrics import ServingMetrics
 from fints.serving.slicing import Row, cost, pick_fair, remember, sliceable, tenant_of
 from fints.serving.streaming import IncrementalDecoder, RowStreamer
+from fints.steps import Steps, advance, one_step
 
 __all__ = [
     "Batcher",
@@ -58,7 +56,6 @@ __all__ = [
     "Failed",
     "GenerationJob",
     "Started",
-    "WriteSteps",
     "nonfinite_rows",
 ]
 
@@ -166,7 +163,7 @@ class Batcher:
         """Run ``fn`` on the model thread, after the writes before it, as one step."""
         return await self.run_steps(one_step(fn))
 
-    async def run_steps(self, steps: WriteSteps[T]) -> T:
+    async def run_steps(self, steps: Steps[T]) -> T:
         """Run a write of several steps on the model thread, after the writes before it;
         the worker decodes waiting requests between two steps. Returns its result."""
         future: asyncio.Future[T] = asyncio.get_running_loop().create_future()

@@ -6,15 +6,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import Callable, Generator
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import Any
 
 from fints.engine import GenerationRequest, GenerationResult
 from fints.generation import GenerationOptions
-
-T = TypeVar("T")
-
+from fints.steps import Steps
 
 # -- events from the worker to one request --------------------------------------------------
 
@@ -91,28 +89,8 @@ class GenerationJob:
                 return event.result, event.batch_size
 
 
-#: A write in steps: each ``next()`` runs one bounded piece on the model thread; the
-#: generator's return value is the write's result.
-WriteSteps = Generator[None, None, T]
-
-
 @dataclass
 class WriteJob:
-    steps: WriteSteps[Any]
+    steps: Steps[Any]  # a write: each piece runs on the model thread (fints.steps)
     future: asyncio.Future[Any]
     enqueued_at: float = field(default_factory=time.perf_counter)
-
-
-def one_step(fn: Callable[[], T]) -> WriteSteps[T]:
-    """A write of one step: ``fn``."""
-    return fn()
-    yield  # a generator: the body runs on the model thread at the first next()
-
-
-def advance(steps: WriteSteps[Any]) -> tuple[bool, Any]:
-    """One step of a write: ``(done, result)``. (A StopIteration cannot cross a future.)"""
-    try:
-        next(steps)
-    except StopIteration as stop:
-        return True, stop.value
-    return False, None

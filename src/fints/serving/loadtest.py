@@ -322,8 +322,14 @@ def loadtest(
         int, typer.Option(help="write-stall: tokens per item text in a prompt (0: all).")
     ] = ITEM_PROMPT_TOKENS,
     extract_chunk_items: Annotated[
-        int, typer.Option(help="write-stall: items extracted per write step (0: all at once).")
+        int,
+        typer.Option(
+            help="write-stall: items (trained: training examples) per write step (0: all at once)."
+        ),
     ] = 1,
+    method: Annotated[
+        str, typer.Option(help="write-stall: the extraction method of the writes.")
+    ] = "context",
     slice_tokens: Annotated[
         int, typer.Option(help="abusive: the server's slice_tokens (0: requests decode whole).")
     ] = SLICE_TOKENS,
@@ -352,6 +358,7 @@ def loadtest(
                 abuse=AbuseSettings(
                     slice_tokens or None, refusal_delay_ms, not abuser_in_process, rounds, engine
                 ),
+                method=method,
             )
         )
     try:

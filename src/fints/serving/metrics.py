@@ -94,7 +94,7 @@ class ServingMetrics:
         )
         self.extraction_seconds = Histogram(
             "fints_extraction_seconds",
-            "Per step of a write: extracting a chunk of history items",
+            "Per step of a write: extracting a chunk of history items, or a piece of training",
             buckets=_LATENCY_BUCKETS,
             registry=r,
         )

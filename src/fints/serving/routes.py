@@ -37,7 +37,7 @@ from fints.serving.api_spec import (
     ModelList,
     StoredInteraction,
 )
-from fints.serving.batcher import Failed, GenerationJob, Started, WriteSteps
+from fints.serving.batcher import Failed, GenerationJob, Started
 from fints.serving.limits import check_item_tokens
 from fints.serving.payloads import (
     chat_prompt,
@@ -54,6 +54,7 @@ from fints.serving.payloads import (
 )
 from fints.serving.responses import CHAT, COMPLETION, Shape, json_response, stream_response
 from fints.serving.state import ServerState, server_of
+from fints.steps import Steps
 
 router = APIRouter()
 
@@ -320,7 +321,7 @@ async def add_interactions(
     )
     await run_in_threadpool(check_item_tokens, p.model.tokenizer, items, limits.max_item_tokens)
 
-    def write() -> WriteSteps[list[str]]:
+    def write() -> Steps[list[str]]:
         """Store the items (one transaction), then extract ``chunk`` items per step."""
         ids = p.store.add_items(tenant, user, items, max_items=limits.max_items_per_user)
         if extract:

@@ -2,8 +2,9 @@
 chats (``fints loadtest --write-stall``).
 
 One client of tenant ``chat`` sends 1-token chat requests back to back; after a few
-seconds a client of tenant ``write`` adds one item whose input and output are each
-``item_chars`` long (the documented limit: 20,000), then another user of that tenant
+seconds a client of the empty tenant ``write`` adds one item whose input and output are
+each ``item_chars`` long (the documented limit: 20,000): the tenant's first build (with
+trained vectors, its shared vector is trained then); then another user of that tenant
 adds one short item (it draws the large item as other-user context). The report gives
 both writes' latency and the chat latency before and while the writes ran: the longest
 chat while they ran, less the usual one, is the stall the writes caused.
@@ -99,9 +100,8 @@ def run_write_stall(url: str, model: str, spec: StallSpec, title: str) -> StallR
     report = StallReport(title)
     timeout = spec.timeout_s
     with httpx.Client(base_url=url, headers=_headers(WRITE_KEY), timeout=timeout) as writer:
-        for user in ("stall-big", "stall-later", "stall-other"):
+        for user in ("stall-big", "stall-later"):
             writer.delete(f"/v1/users/{user}")
-        _ok(writer.post("/v1/users/stall-other/interactions", json=_items("other", 2)))
     with httpx.Client(base_url=url, headers=_headers(CHAT_KEY), timeout=timeout) as chatter:
         chatter.delete("/v1/users/chatter")
         _ok(chatter.post("/v1/users/chatter/interactions", json=_items("chat", 3)))
@@ -172,12 +172,13 @@ def run_stall_in_process(
     extract_chunk_items: int | None,
     model: str | None = None,
     dtype: str = "auto",
+    method: str = "context",
 ) -> StallReport:
     """The scenario on an in-process server with :data:`KEYS` and a fresh store."""
     title = (
         f"fints loadtest --write-stall: one item of 2 x {spec.item_chars:,} characters added "
-        "while tenant chat sends 1-token chats; item tokens per prompt: "
-        f"{item_prompt_tokens or 'unbounded'}, items extracted per write step: "
+        f"while tenant chat sends 1-token chats; method {method}; item tokens per prompt: "
+        f"{item_prompt_tokens or 'unbounded'}, items (or training examples) per write step: "
         f"{extract_chunk_items or 'all (one step)'}"
     )
     with tempfile.TemporaryDirectory(prefix="fints-stalltest-") as tmp:
@@ -186,7 +187,7 @@ def run_stall_in_process(
             store=Path(tmp) / "stall.sqlite",
             dtype=dtype,
             item_prompt_tokens=item_prompt_tokens,
-            method="context",  # extracted in chunks between decode batches (trained: one step)
+            method=method,
         )
         config = ServerConfig(
             api_keys=KEYS, extract_chunk_items=extract_chunk_items, max_wait_ms=5.0
@@ -222,6 +223,7 @@ def scenario_command(
     model: str | None,
     dtype: str,
     abuse: AbuseSettings | None = None,
+    method: str = "context",
 ) -> int:
     """``fints loadtest --scenario write-stall|abusive``: print the report; the exit status
     (0: no errors). 0 for either write-stall setting means no bound (as before issue 25)."""
@@ -236,6 +238,7 @@ def scenario_command(
                 extract_chunk_items=extract_chunk_items or None,
                 model=model,
                 dtype=dtype,
+                method=method,
             )
         elif scenario == "abusive":
             spec = AbuseSpec() if abuse is None else AbuseSpec(**asdict(abuse))
