@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import replace
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -136,37 +137,44 @@ def train_style(
     tenant: Annotated[str, typer.Option(help="tenant namespace")] = "default",
     name: Annotated[
         str | None,
-        typer.Option(help="preference name (default style-USER, what 'own-style' looks up)"),
+        typer.Option(
+            help="also save it in the classifier folder as this preference (default: only "
+            "in the user's folder, where 'own-style' finds it)"
+        ),
     ] = None,
     model: BackboneOpt = None,
+    dtype: Annotated[str, typer.Option(help="float32, bfloat16, float16 or auto")] = "float32",
     layers: LayersOpt = 10,
     max_tokens: MaxTokensOpt = 48,
     epochs: EpochsOpt = 8,
     classifiers: ClassifiersOpt = None,
 ) -> None:
-    """Train USER's style classifier: USER's history outputs against other users'.
+    """Train USER's style classifier now: USER's history outputs (class 'own') against
+    other users' of the tenant ('other'), a fifth of each held out.
 
-    Classes USER and 'other', outputs of the same tenant; a fifth of each held out."""
-    from fints.guidance.recipes import style_classifier_name, style_texts
+    Requests asking for 'own-style' train it themselves when it is missing or older than
+    the user's history; this command does it ahead of time (and shows the accuracy)."""
+    from fints.guidance.library import ClassifierLibrary, check_classifier_name
+    from fints.guidance.user_style import StyleSettings, style_layers, train_user_style
+    from fints.models import load_model
     from fints.paths import default_store_path
     from fints.store import Store
 
     with Store(store or default_store_path()) as db:
-        own = [i.output for i in db.items(tenant, user)]
-        others = [i.output for u in db.users(tenant) if u != user for i in db.items(tenant, u)]
-    train, test = style_texts(own, others, user)
-    extra = {"data": {"recipe": "style", "user": user, "tenant": tenant}}
-    _train_and_save(
-        name or style_classifier_name(tenant, user),
-        train,
-        test,
-        model,
-        layers,
-        max_tokens,
-        epochs,
-        classifiers,
-        extra,
-    )
+        if not db.has_user(tenant, user):
+            raise typer.BadParameter(f"unknown user {user!r} in tenant {tenant!r}")
+        with console.status(f"loading {model or 'smollm2'}"):
+            loaded = load_model(model, dtype=dtype)
+        settings = StyleSettings(layers=layers, epochs=epochs, max_tokens=max_tokens)
+        library = ClassifierLibrary(classifiers)
+        backbone = library.backbone_of(loaded, style_layers(loaded, settings))
+        with _progress() as update:
+            clf = train_user_style(db, backbone, tenant, user, settings, update)
+        folder = db.files_dir(tenant, user)
+    if name is not None:
+        clf.config = replace(clf.config, name=check_classifier_name(name))
+        library.save(clf)
+    _show(clf.config.to_dict(), folder)
 
 
 @guidance_app.command("list")

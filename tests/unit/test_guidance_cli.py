@@ -9,8 +9,9 @@ from pathlib import Path
 from typer.testing import CliRunner
 
 from fints.cli import app
-from fints.guidance.classifier import Backbone
+from fints.guidance.classifier import Backbone, read_config
 from fints.guidance.library import ClassifierLibrary
+from fints.guidance.user_style import style_folder
 from fints.history import HistoryItem
 from fints.store import Store
 from tests.unit.benchmark_fixtures import tiny_llama
@@ -53,9 +54,17 @@ def test_train_style_saves_a_users_style_classifier(tmp_path: Path) -> None:
         )
     classifiers = tmp_path / "classifiers"
     args = ["guidance", "train-style", "pirate", "--store", str(store), "--model", str(folder)]
-    out = runner.invoke(app, [*args, "--layers", "2", "--classifiers", str(classifiers)])
+    args += ["--layers", "2", "--classifiers", str(classifiers)]
+    out = runner.invoke(app, args)
     assert out.exit_code == 0, out.output
-    config = ClassifierLibrary(classifiers).config("style-pirate")
-    assert config.classes == ("other", "pirate") and config.layers == 2
+    with Store(store) as db:
+        config = read_config(style_folder(db, "default", "pirate"))  # where own-style looks
+    assert config.classes == ("other", "own") and config.layers == 2
     assert config.metrics["test"]["texts"] == 4  # a fifth of each side held out
-    assert config.metrics["data"] == {"recipe": "style", "user": "pirate", "tenant": "default"}
+    assert config.metrics["data"]["own"] == 10 and config.metrics["data"]["others"] == 10
+    assert ClassifierLibrary(classifiers).names() == []
+    out = runner.invoke(app, [*args, "--name", "pirate-style"])  # a named copy as well
+    assert out.exit_code == 0, out.output
+    assert ClassifierLibrary(classifiers).config("pirate-style").classes == ("other", "own")
+    out = runner.invoke(app, [*args[:2], "nobody", *args[3:]])
+    assert out.exit_code != 0 and "unknown user 'nobody'" in out.output

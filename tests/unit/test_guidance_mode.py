@@ -200,35 +200,3 @@ def test_a_classifier_of_another_backbone_is_refused(library: ClassifierLibrary)
 def test_a_default_engine_runs_guidance(model: LoadedModel, engine: Personalizer) -> None:
     default = Personalizer(model, engine.store, encoder=HashEncoder())
     assert any(isinstance(m, GuidanceMode) for m in default.modes)
-
-
-def test_own_style_guides_each_row_with_its_users_classifier(
-    engine: Personalizer, library: ClassifierLibrary
-) -> None:
-    backbone = library.get("mood").backbone
-    library.save(random_classifier(backbone, "style-alice", ("alice", "other"), seed=5))
-    q = "alice wrote about topic 3"
-    off = SteeringConfig(enabled=False)
-    own, explicit, plain = texts(
-        engine,
-        [
-            GenerationRequest("alice", q, steering=off, preferences=OWN),
-            GenerationRequest(
-                "alice", q, steering=off, preferences=Preferences({"style-alice": {"alice": 4.0}})
-            ),
-            GenerationRequest("alice", q, steering=off),
-        ],
-    )
-    assert own == explicit != plain
-    with pytest.raises(InvalidInputError, match=r"'style-bob'.*train-style"):
-        texts(engine, [GenerationRequest("bob", q, preferences=OWN)])
-    with pytest.raises(InvalidInputError, match="needs a user"):
-        texts(engine, [GenerationRequest(None, q, preferences=OWN)])
-    with pytest.raises(InvalidInputError, match="takes one class, 'own'"):
-        texts(
-            engine,
-            [GenerationRequest("alice", q, preferences=Preferences({"own-style": {"x": 1}}))],
-        )
-
-
-OWN = Preferences({"own-style": {"own": 4.0}})

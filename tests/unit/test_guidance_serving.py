@@ -33,6 +33,9 @@ CONFIG = ServerConfig(
 )
 
 
+STORES: dict[str, Store] = {}  # the module's server's store, by name
+
+
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningServer]:
     threads = torch.get_num_threads()
@@ -48,7 +51,7 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningServer]:
     (folder / "classifier.json").write_text(
         json.dumps({**config, "tokenizer_fingerprint": "f" * 32})
     )
-    store = Store(Path(tmp) / "store.sqlite")
+    store = STORES["served"] = Store(Path(tmp) / "store.sqlite")
     engine = Personalizer(
         model, store, encoder=HashEncoder(), modes=("steering", GuidanceMode(library))
     )
@@ -122,7 +125,7 @@ def test_bad_guidance_settings_are_400s(client: httpx.Client) -> None:
         assert "guidance" in response.json()["error"]["param"]
 
 
-def test_own_style_without_a_style_classifier_is_a_400(client: httpx.Client) -> None:
+def test_own_style_without_enough_history_is_a_400(client: httpx.Client) -> None:
     body = {
         "model": MODEL,
         "prompt": "Hi",
@@ -130,10 +133,33 @@ def test_own_style_without_a_style_classifier_is_a_400(client: httpx.Client) -> 
         "fints": {"preferences": {"own-style": {"own": 0.5}}},
     }
     response = client.post("/v1/completions", json={**body, "user": "nobody"})
+    assert response.status_code == 404 and "unknown user 'nobody'" in response.text
+    one = {"items": [{"input": "q", "output": "a single answer"}]}
+    assert client.post("/v1/users/lonely/interactions", json=one).status_code == 200
+    response = client.post("/v1/completions", json={**body, "user": "lonely"})
     assert response.status_code == 400, response.text
-    assert "style-A-nobody" in response.json()["error"]["message"]  # tenant A
+    assert "'own-style' for user 'lonely' needs >= 2" in response.json()["error"]["message"]
     anonymous = client.post("/v1/completions", json=body)
     assert anonymous.status_code == 400 and "needs a user" in anonymous.text
     wrong = {**body, "fints": {"preferences": {"own-style": {"mine": 1}}}}
     response = client.post("/v1/completions", json={**wrong, "user": "nobody"})
     assert response.status_code == 400 and response.json()["error"]["param"] == "fints.preferences"
+
+
+def test_a_user_added_over_http_gets_own_style_without_a_training_step(
+    client: httpx.Client,
+) -> None:
+    """The first request asking for 'own-style' trains the user's classifier."""
+    for user, words in (("pirate", "arr matey"), ("prof", "indeed one notes")):
+        items = [{"input": f"q{i}", "output": f"{words} {i} {words}"} for i in range(5)]
+        added = client.post(f"/v1/users/{user}/interactions", json={"items": items})
+        assert added.status_code == 200, added.text
+    body = {"model": MODEL, "prompt": "Hi", "max_tokens": 4, "user": "pirate"}
+    guided = client.post(
+        "/v1/completions", json={**body, "fints": {"preferences": {"own-style": {"own": 2}}}}
+    )
+    assert guided.status_code == 200, guided.text
+    store = STORES["served"]
+    assert (store.files_dir("A", "pirate") / "style" / "classifier.json").is_file()
+    deleted = client.delete("/v1/users/pirate")
+    assert deleted.status_code == 200 and not store.files_dir("A", "pirate").exists()

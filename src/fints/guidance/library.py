@@ -65,12 +65,9 @@ class ClassifierLibrary:
     def _path(self, name: str) -> Path:
         path = self.folder / check_classifier_name(name)
         if not (path / CONFIG_FILE).is_file():
-            hint = " (`fints guidance train-style USER` trains a user's)" * name.startswith(
-                "style-"
-            )
             raise InvalidInputError(
                 f"unknown preference {name!r}: the classifiers in {self.folder} are "
-                f"{self.names()}{hint}",
+                f"{self.names()} (and 'own-style', the requesting user's)",
                 param="preferences",
             )
         return path
@@ -96,6 +93,17 @@ class ClassifierLibrary:
         with self._lock:
             return self._backbones.setdefault(backbone.key, backbone)
 
+    def backbone_of(self, model: LoadedModel, layers: int) -> Backbone:
+        """The first ``layers`` layers of a loaded model as a backbone, made once (a copy
+        of the model) and kept for the classifiers trained on it."""
+        with self._lock:
+            found = self._backbones.get((model.fingerprint, layers))
+        if found is not None:
+            return found
+        backbone = Backbone(model, layers)
+        with self._lock:
+            return self._backbones.setdefault(backbone.key, backbone)
+
     def get(self, name: str) -> GuidanceClassifier:
         """The classifier ``name`` (reloaded when its files change on disk)."""
         path = self._path(name)
@@ -104,10 +112,15 @@ class ClassifierLibrary:
             cached = self._classifiers.get(name)
         if cached is not None and cached[0] == stamp:
             return cached[1]
-        classifier = load_classifier(path, self.backbone(read_config(path)))
+        classifier = self.load(path)
         with self._lock:
             self._classifiers[name] = (stamp, classifier)
         return classifier
+
+    def load(self, path: Path) -> GuidanceClassifier:
+        """The classifier saved in ``path``, on its backbone, not kept (a user's own style
+        classifier is read from the user's folder each time: gone when the user is)."""
+        return load_classifier(path, self.backbone(read_config(path)))
 
     def save(self, classifier: GuidanceClassifier) -> Path:
         path = classifier.save(self.folder / check_classifier_name(classifier.name))

@@ -4,7 +4,7 @@ row's :class:`~fints.guidance.preferences.Preferences` become one
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -16,12 +16,20 @@ from fints.guidance.classifier import tokenizer_fingerprint
 from fints.guidance.library import ClassifierLibrary
 from fints.guidance.preferences import Preferences
 from fints.guidance.processor import GuidanceProcessor, GuidanceSpec
-from fints.guidance.recipes import style_classifier_name
+from fints.guidance.user_style import (
+    OWN,
+    StyleSettings,
+    style_folder,
+    style_is_current,
+    style_layers,
+    train_user_style,
+)
 
 if TYPE_CHECKING:
     from fints.guidance.classifier import GuidanceClassifier
     from fints.models import LoadedModel
     from fints.modes import BatchRows, RowOwner
+    from fints.store import Store
 
 
 @dataclass(frozen=True)
@@ -45,19 +53,21 @@ class GuidanceAddition:
 
 def guidance_spec(
     preferences: Sequence[Preferences | None],
-    classifiers: Sequence[GuidanceClassifier],
+    classifiers: Mapping[str, GuidanceClassifier],
 ) -> GuidanceSpec:
-    """Per classifier a ``[rows, classes]`` weight matrix; per row its ``top_k`` (0: full).
-    A class a classifier does not know is refused, naming the known ones."""
-    by_name = {c.name: n for n, c in enumerate(classifiers)}
-    weights = [torch.zeros(len(preferences), len(c.classes)) for c in classifiers]
+    """Per classifier (by preference name) a ``[rows, classes]`` weight matrix; per row
+    its ``top_k`` (0: full). A class a classifier does not know is refused, naming the
+    known ones."""
+    names = sorted(classifiers)
+    by_name = {name: n for n, name in enumerate(names)}
+    weights = [torch.zeros(len(preferences), len(classifiers[n].classes)) for n in names]
     top_k = torch.zeros(len(preferences), dtype=torch.long)
     for row, prefs in enumerate(preferences):
         if prefs is None:
             continue
         top_k[row] = prefs.top_k if prefs.method == "topk" else 0
         for dim, classes in prefs.weights.items():
-            clf = classifiers[by_name[dim]]
+            clf = classifiers[dim]
             for name, weight in classes.items():
                 if name not in clf.classes:
                     raise InvalidInputError(
@@ -66,12 +76,12 @@ def guidance_spec(
                         param="preferences",
                     )
                 weights[by_name[dim]][row, clf.classes.index(name)] = weight
-    return GuidanceSpec(tuple(classifiers), tuple(weights), top_k)
+    return GuidanceSpec(tuple(classifiers[n] for n in names), tuple(weights), top_k)
 
 
 #: The preference naming the requesting user's own style classifier: ``{"own-style":
-#: {"own": 0.5}}`` guides towards ``style_classifier_name(tenant, user)``'s user class.
-OWN_STYLE, OWN = "own-style", "own"
+#: {"own": 0.5}}`` guides towards the user's class of it (:mod:`.user_style`).
+OWN_STYLE = "own-style"
 
 
 def _check_own(classes: Any) -> None:
@@ -83,8 +93,14 @@ def _check_own(classes: Any) -> None:
         )
 
 
+def own_key(owner: RowOwner) -> str:
+    """The name a row's own style classifier goes by in a batch (no library name can be
+    it: those hold no ':')."""
+    return f"{OWN_STYLE}:{owner.tenant}:{owner.user}"
+
+
 def own_style(prefs: Preferences | None, owner: RowOwner | None) -> Preferences | None:
-    """``prefs`` with ``own-style`` replaced by the row's user's style classifier."""
+    """``prefs`` with ``own-style`` renamed to the row's user's classifier (:func:`own_key`)."""
     if prefs is None or OWN_STYLE not in prefs.weights:
         return prefs
     _check_own(prefs.weights[OWN_STYLE])
@@ -94,19 +110,23 @@ def own_style(prefs: Preferences | None, owner: RowOwner | None) -> Preferences 
             param="preferences",
         )
     weights = {d: dict(c) for d, c in prefs.weights.items() if d != OWN_STYLE}
-    name = style_classifier_name(owner.tenant, owner.user)
-    weights[name] = {owner.user: prefs.weights[OWN_STYLE][OWN]}
+    weights[own_key(owner)] = dict(prefs.weights[OWN_STYLE])
     return Preferences(weights, prefs.method, prefs.top_k)
 
 
 class GuidanceMode:
     """Looks up each asked-for classifier in ``library`` (default: ``$FINTS_HOME/
-    classifiers``) and checks it reads the generator's tokenizer."""
+    classifiers``) and checks it reads the generator's tokenizer; a user's own style
+    classifier comes from the user's folder in the store, trained there first when it is
+    missing or older than the user's history (``style``: how)."""
 
     name: ClassVar[str] = "guidance"
 
-    def __init__(self, library: ClassifierLibrary | None = None) -> None:
+    def __init__(
+        self, library: ClassifierLibrary | None = None, style: StyleSettings | None = None
+    ) -> None:
         self.library = library or ClassifierLibrary()
+        self.style = style or StyleSettings()
         self._fingerprints: dict[int, tuple[Any, str]] = {}  # id(tokenizer) -> fingerprint
 
     def _fingerprint(self, tokenizer: Any) -> str:
@@ -125,7 +145,7 @@ class GuidanceMode:
         for dim, classes in preferences.weights.items():
             if dim == OWN_STYLE:
                 _check_own(classes)
-                continue  # resolved per row, from the row's user
+                continue  # the user's own, on the generator's layers: same tokenizer
             config = self.library.config(dim)
             unknown = sorted(set(classes) - set(config.classes))
             if unknown:
@@ -142,17 +162,38 @@ class GuidanceMode:
                     param="preferences",
                 )
 
+    def own_classifier(
+        self, model: LoadedModel, store: Store, owner: RowOwner
+    ) -> GuidanceClassifier:
+        """The row's user's style classifier, trained now if missing or out of date."""
+        backbone = self.library.backbone_of(model, style_layers(model, self.style))
+        if not style_is_current(store, owner.tenant, owner.user, backbone):
+            train_user_style(store, backbone, owner.tenant, owner.user, self.style)
+        return self.library.load(style_folder(store, owner.tenant, owner.user))
+
     def prepare(self, rows: BatchRows) -> GuidanceAddition | None:
         asked = list(rows.preferences) or [None] * len(rows.configs)
         if not any(p is not None and p.active for p in asked):
             return None
         owners = list(rows.owners) or [None] * len(asked)
-        preferences = [own_style(p, o) for p, o in zip(asked, owners, strict=True)]
         if rows.model is not None:
-            for prefs in [p for p in preferences if p is not None]:
+            for prefs in [p for p in asked if p is not None]:
                 self.check(prefs, rows.model.tokenizer)
-        names = sorted({d for p in preferences if p is not None for d in p.weights})
-        classifiers = [self.library.get(n) for n in names]
+        preferences = [own_style(p, o) for p, o in zip(asked, owners, strict=True)]
+        classifiers: dict[str, GuidanceClassifier] = {}
+        for wanted, owner in zip(asked, owners, strict=True):
+            if wanted is None or OWN_STYLE not in wanted.weights or owner is None:
+                continue
+            if rows.model is None or rows.store is None:
+                raise InvalidInputError(
+                    f"preference {OWN_STYLE!r} needs the generator and the user's store",
+                    param="preferences",
+                )
+            key = own_key(owner)
+            if key not in classifiers:
+                classifiers[key] = self.own_classifier(rows.model, rows.store, owner)
+        for name in {d for p in preferences if p is not None for d in p.weights} - set(classifiers):
+            classifiers[name] = self.library.get(name)
         spec = guidance_spec(preferences, classifiers)
         described = tuple(p.describe() if p is not None and p.active else "" for p in preferences)
         return GuidanceAddition(spec, described)

@@ -105,11 +105,6 @@ def length_labels(pairs: Sequence[MoodPair]) -> tuple[list[MoodPair], list[str]]
     return kept, ["concise" if len(p.response.split()) <= low else "long" for p in kept]
 
 
-def style_classifier_name(tenant: str, user: str) -> str:
-    """Where a user's style classifier is kept (``fints guidance train-style``'s default)."""
-    return f"style-{user}" if tenant == "default" else f"style-{tenant}-{user}"
-
-
 def style_texts(
     own: Sequence[str], others: Sequence[str], user: str, seed: int = 0, test_share: float = 0.2
 ) -> tuple[LabelledTexts, LabelledTexts]:
