@@ -198,10 +198,21 @@ def generate(
     ] = None,
     guidance: Annotated[str, typer.Option(help="guidance scoring: full or topk")] = "full",
     guidance_top_k: Annotated[int, typer.Option(help="candidates rescored by topk")] = 20,
+    guidance_plausible: Annotated[float, typer.Option(help="guidance picks p >= this x max p")] = 0,
     classifiers: Annotated[
         Path | None, typer.Option(help="classifier folder (default $FINTS_HOME/classifiers)")
     ] = None,
-    compare: Annotated[bool, typer.Option(help="also show the unsteered answer")] = True,
+    adapter: Annotated[
+        bool | None,
+        typer.Option(
+            "--adapter/--no-adapter",
+            help="the user's LoRA adapter (fints lora train): default if they have one; "
+            "--adapter requires it, --no-adapter leaves it off",
+        ),
+    ] = None,
+    compare: Annotated[
+        bool, typer.Option(help="also show the plain answer (no steering, adapter, guidance)")
+    ] = True,
     as_json: Annotated[bool, typer.Option("--json", help="print JSON lines")] = False,
 ) -> None:
     """Personalized answers for USER (all queries decoded in one batch)."""
@@ -220,7 +231,7 @@ def generate(
         "icl_k": icl_k,
     }
     steering_from_flags(flags)  # a bad flag fails before the store opens
-    prefs = parse_preference_flags(prefer or [], guidance, guidance_top_k)
+    prefs = parse_preference_flags(prefer or [], guidance, guidance_top_k, guidance_plausible)
     name = None if user == "-" else user
     with _store(store) as db:
         engine = _engine(db, model, dtype, None, template)
@@ -232,13 +243,17 @@ def generate(
             ]
         stops = tuple(stop or ())
         requests = [
-            GenerationRequest(name, q, tenant=tenant, stop=stops, preferences=prefs)
+            GenerationRequest(
+                name, q, tenant=tenant, stop=stops, preferences=prefs, adapter=adapter
+            )
             for q in queries
         ]
         if compare:
             unsteered = steering.with_(enabled=False)
             requests += [
-                GenerationRequest(name, q, tenant=tenant, steering=unsteered, stop=stops)
+                GenerationRequest(
+                    name, q, tenant=tenant, steering=unsteered, stop=stops, adapter=False
+                )
                 for q in queries
             ]
         options = GenerationOptions(
@@ -256,6 +271,7 @@ def generate(
                         "steered": r.steered,
                         "note": r.note,
                         "retrieved": r.retrieved,
+                        "adapter": r.adapter,
                     }
                 )
             )
@@ -263,11 +279,12 @@ def generate(
     table = Table(show_lines=True, expand=True)
     table.add_column("query", ratio=1)
     if compare:
-        table.add_column("unsteered", ratio=2)
+        table.add_column("plain", ratio=2)
     table.add_column(f"personalized for {user}", ratio=2)
     for n, (q, r) in enumerate(zip(queries, personalized, strict=True)):
         cells = [q, plain[n].text] if compare else [q]
-        table.add_row(*cells, r.text + (f"\n[dim]({r.note})[/]" if r.note else ""))
+        notes = [r.note] * bool(r.note) + [f"LoRA adapter of {r.adapter}"] * bool(r.adapter)
+        table.add_row(*cells, r.text + (f"\n[dim]({'; '.join(notes)})[/]" if notes else ""))
     console.print(table)
 
 

@@ -34,6 +34,11 @@ def run(*args: str) -> tuple[int, str]:
     return result.exit_code, result.output
 
 
+def answer(out: str) -> dict:
+    """The JSON line ``generate --json`` printed (progress bars share the captured output)."""
+    return json.loads(out[out.rindex('{"query"') :].splitlines()[0])
+
+
 def test_train_show_import_and_delete(model_dir: Path, tmp_path: Path) -> None:
     db = tmp_path / "store.sqlite"
     with Store(db) as store:
@@ -48,6 +53,17 @@ def test_train_show_import_and_delete(model_dir: Path, tmp_path: Path) -> None:
     code, out = run("lora", "train", "--task", "chat", *common, "--config", str(settings))
     assert code == 0, out
     assert "ann" in out and "ben" in out
+
+    ask = ("generate", "ann", "hello", *common, "--max-tokens", "2", "--json", "--no-compare")
+    code, out = run(*ask)
+    assert code == 0, out
+    assert answer(out)["adapter"] == "ann"  # served with their adapter
+    code, out = run(*ask, "--no-adapter")
+    assert code == 0 and answer(out)["adapter"] is None, out
+    with Store(db) as store:
+        store.add_items("default", "cy", history("cy"))
+    code, out = run(*ask[:1], "cy", *ask[2:], "--adapter")
+    assert code == 1 and "cy" in out and "adapter" in out, out
 
     code, out = run("lora", "show", "ann", *common)
     assert code == 0, out
