@@ -185,3 +185,38 @@ def test_recorded_users_and_nll_are_used(tmp_path):
     line = summary_markdown([summary]).splitlines()[2]
     assert "| 60 (10) |" in line
     assert f"{Label.RANDOM_DIRECTION}: -0.1000 [-0.1000, -0.1000] p(Holm)=0.0039" in line
+
+
+def test_a_run_with_trained_vectors_only_is_summarized_on_them(tmp_path):
+    """`fints bench --default-methods trained` runs without a validated Fints row: the
+    summary evaluates the trained row, with its pre-registered comparisons."""
+    rng = np.random.default_rng(1)
+    base = rng.uniform(0.1, 0.3, 40)
+    zeros = np.zeros(40)
+    trained = Label.method_defaults("trained")
+    rows = {
+        trained: _row(Role.DEFAULTS, base + 0.04, zeros),
+        Label.method_wrong_user("trained"): _row(Role.DEFAULTS, base + 0.01, zeros),
+        Label.method_others("trained"): _row(Role.DEFAULTS, base + 0.02, zeros),
+        Label.NONE: _row(Role.BASELINE, base, zeros),
+        Label.icl(3): _row(Role.BASELINE, base + 0.06, zeros),
+    }
+    task = {
+        "name": "headlines",
+        "rows": {label: summary for label, (summary, _) in rows.items()},
+        "per_query": {label: scores for label, (_, scores) in rows.items()},
+    }
+    folder = tmp_path / "trained-only"
+    folder.mkdir()
+    (folder / "results.json").write_text(
+        json.dumps({"header": {"model": "smollm2"}, "tasks": [task]})
+    )
+    (summary,), skipped = summarize_run(folder)
+    assert skipped == [] and summary.chosen == trained
+    assert [c.label for c in summary.comparisons] == [Label.NONE, Label.icl(3)]
+    assert summary.versus(Label.NONE).diffs[Metric.ROUGEL].mean == pytest.approx(0.04)
+    assert summary.versus(Label.icl(3)).diffs[Metric.ROUGEL].mean == pytest.approx(-0.02)
+    minus = [p.minus for p in summary.preregistered]
+    assert minus == [Label.method_wrong_user("trained"), Label.method_others("trained"),
+                     Label.icl(3)]  # fmt: skip
+    assert "trained vectors" in summary_markdown([summary])
