@@ -94,7 +94,10 @@ def serve(
     ] = True,
     extract_chunk_items: Annotated[
         int,
-        typer.Option(help="Items extracted per step of a write; requests are decoded between."),
+        typer.Option(
+            help="Items extracted (trained vectors: examples trained on) per step of a write; "
+            "requests are decoded between."
+        ),
     ] = 1,
     item_prompt_tokens: Annotated[
         int, typer.Option(help="Tokens of an item's input or output in any prompt (0: all).")
