@@ -16,6 +16,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from fints.cli_errors import clear_errors
+from fints.errors import InvalidInputError
 
 guidance_app = typer.Typer(
     help="Preference classifiers for classifier-guided decoding (CLIPer).",
@@ -205,8 +206,17 @@ def bench(
     model: Annotated[str | None, typer.Option(help="the generator (default smollm2)")] = None,
     classifiers: ClassifiersOpt = None,
     n_prompts: Annotated[int, typer.Option(help="held-out test prompts")] = 5,
+    n_valid_prompts: Annotated[
+        int, typer.Option(help="validation prompts (0: none): the setting is chosen on them")
+    ] = 5,
     moods: Annotated[str | None, typer.Option(help="comma-separated (default: all)")] = None,
     alphas: Annotated[str, typer.Option(help="guidance weights")] = "0.1,0.3,0.5,1",
+    plausible: Annotated[
+        str, typer.Option(help="plausibility constraints validated with every alpha")
+    ] = "0",
+    test_alphas: Annotated[
+        str | None, typer.Option(help="rows 'guided a=...' on the test prompts (default alphas)")
+    ] = None,
     method: Annotated[str, typer.Option(help="full or topk")] = "full",
     top_k: Annotated[int, typer.Option(help="candidates for topk")] = 20,
     max_tokens: Annotated[int, typer.Option(help="new tokens per answer")] = 40,
@@ -216,14 +226,18 @@ def bench(
     ] = 0,
 ) -> None:
     """Attribute success of guidance on held-out moodswapper prompts (TF-IDF judge)."""
-    from fints.benchmark.guidance import GuidanceBenchConfig, markdown, run_guidance_bench
+    from fints.benchmark.guidance import GuidanceBenchConfig, run_guidance_bench
+    from fints.benchmark.guidance_report import markdown
     from fints.guidance.library import ClassifierLibrary
     from fints.models import load_model
 
     config = GuidanceBenchConfig(
-        alphas=tuple(float(a) for a in alphas.split(",")),
+        alphas=_floats(alphas),
         moods=tuple(moods.split(",")) if moods else None,
         n_prompts=n_prompts,
+        n_valid_prompts=n_valid_prompts,
+        plausibles=_floats(plausible),
+        test_alphas=_floats(test_alphas) if test_alphas is not None else None,
         max_new_tokens=max_tokens,
         method=method,
         top_k=top_k,
@@ -242,9 +256,19 @@ def bench(
         "classifier": result.classifier,
         "cost": result.cost,
         "seconds": result.seconds,
+        "validation": result.validation,
         "answers": [a.__dict__ for a in result.answers],
+        "validation_answers": [a.__dict__ for a in result.valid_answers],
     }
     (out / "results.json").write_text(json.dumps(data, indent=1) + "\n")
     text = markdown(result)
     (out / "results.md").write_text(text + "\n")
     console.print(text, markup=False)
+
+
+def _floats(text: str) -> tuple[float, ...]:
+    """``"0.5,1"`` -> ``(0.5, 1.0)``; an empty list (``""``) is ``()``."""
+    try:
+        return tuple(float(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise InvalidInputError(f"expected comma-separated numbers, got {text!r}") from None

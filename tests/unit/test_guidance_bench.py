@@ -1,6 +1,7 @@
 """The CLIPer benchmark end to end on a tiny random llama (random classifiers named like
 the real ones): every condition per test prompt and mood, the plain answer counted once
-per mood, judge hits, perplexities and the Markdown report."""
+per mood, judge hits, perplexities, the setting chosen on validation prompts apart from
+the test prompts, and the Markdown report."""
 
 from __future__ import annotations
 
@@ -9,7 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from fints.benchmark.guidance import GuidanceBenchConfig, markdown, run_guidance_bench
+from fints.benchmark.guidance import GuidanceBenchConfig, run_guidance_bench
+from fints.benchmark.guidance_report import markdown
+from fints.benchmark.guidance_select import Scored, Setting, select_setting
 from fints.guidance.classifier import Backbone
 from fints.guidance.library import ClassifierLibrary
 from fints.guidance.recipes import held_out, read_moods
@@ -29,6 +32,8 @@ def result(tmp_path_factory: pytest.TempPathFactory):
     config = GuidanceBenchConfig(
         alphas=(0.5, 5.0),
         n_prompts=2,
+        n_valid_prompts=2,
+        plausibles=(0.0, 0.9),
         max_new_tokens=3,
         batch_size=7,
         cost_rows=2,
@@ -45,6 +50,7 @@ def test_every_condition_answers_every_prompt_and_mood(result) -> None:
         "guided a=0.5",
         "guided a=5",
         "guided a=0.5 + concise",
+        result.validation["selection"]["label"],
     }
     assert {a.condition for a in result.answers} == conditions
     for condition in conditions:
@@ -74,6 +80,37 @@ def test_guidance_changes_answers_and_scores_are_sane(result) -> None:
     assert "vs_none" not in table["none"] and "vs_prompting" not in table["prompting"]
     report = markdown(result)
     assert "| guided a=5 |" in report and "tok/s" in report
+
+
+def test_the_setting_is_chosen_on_validation_prompts_apart_from_the_test(result) -> None:
+    v = result.validation
+    test = {a.prompt for a in result.answers}
+    valid = {a.prompt for a in result.valid_answers}
+    assert valid == set(v["prompts"]) and len(valid) == 2 and len(test) == 2
+    assert not valid & test and all(held_out(q) for q in valid)
+    grid = {a.condition for a in result.valid_answers}
+    assert grid == {
+        "none",
+        "guided a=0.5",
+        "guided a=5",
+        "guided a=0.5 rho=0.9",
+        "guided a=5 rho=0.9",
+    }
+    assert len(v["scored"]) == 4
+    scored = [
+        Scored(Setting(s["alpha"], s["plausible"]), s["mood_rate"], s["ppl_ratio"])
+        for s in v["scored"]
+    ]
+    again = select_setting(scored, v["none_rate"], v["max_ppl_ratio"])
+    assert again.label == v["selection"]["label"] and again.rule == v["selection"]["rule"]
+    assert set(v["comparisons"]) == {"none", "prompting", "icl"}
+    for c in v["comparisons"].values():
+        assert c["lo_simultaneous"] <= c["lo"] <= c["mean"] <= c["hi"] <= c["hi_simultaneous"]
+        assert c["p"] <= c["p_holm"] <= 1
+    assert isinstance(v["target_met"], bool)
+    report = markdown(result)
+    assert "## Validation" in report and "Rule (fixed before" in report
+    assert v["selection"]["label"] in report and "Target" in report
 
 
 def test_moodswapper_prompts_are_held_out_by_hash() -> None:

@@ -125,6 +125,24 @@ def test_bad_guidance_settings_are_400s(client: httpx.Client) -> None:
         assert "guidance" in response.json()["error"]["param"]
 
 
+@pytest.mark.parametrize("bad", [-0.1, 1.5, float("nan"), "INF", "x", True])
+def test_a_bad_plausibility_constraint_is_a_400_naming_it(client: httpx.Client, bad: Any) -> None:
+    how = {"method": "topk", "plausible": bad}
+    response = complete(client, {"preferences": {"mood": {"happy": 1}}, "guidance": how})
+    assert response.status_code == 400, response.text
+    assert response.json()["error"]["param"] == "fints.guidance.plausible", response.text
+
+
+def test_the_plausibility_constraint_over_http(client: httpx.Client) -> None:
+    plain = text(complete(client))
+    guided = {"preferences": {"mood": {"sad": 5.0}}}
+    for how in ({"plausible": 1}, {"method": "topk", "top_k": 30, "plausible": 1.0}):
+        assert text(complete(client, {**guided, "guidance": how})) == plain  # only the argmax
+    assert text(complete(client, {**guided, "guidance": {"plausible": 0}})) == text(
+        complete(client, guided)
+    )
+
+
 def test_own_style_without_enough_history_is_a_400(client: httpx.Client) -> None:
     body = {
         "model": MODEL,

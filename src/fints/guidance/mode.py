@@ -56,16 +56,18 @@ def guidance_spec(
     classifiers: Mapping[str, GuidanceClassifier],
 ) -> GuidanceSpec:
     """Per classifier (by preference name) a ``[rows, classes]`` weight matrix; per row
-    its ``top_k`` (0: full). A class a classifier does not know is refused, naming the
-    known ones."""
+    its ``top_k`` (0: full) and ``plausible`` (0: off). A class a classifier does not know
+    is refused, naming the known ones."""
     names = sorted(classifiers)
     by_name = {name: n for n, name in enumerate(names)}
     weights = [torch.zeros(len(preferences), len(classifiers[n].classes)) for n in names]
     top_k = torch.zeros(len(preferences), dtype=torch.long)
+    plausible = torch.zeros(len(preferences), dtype=torch.float64)
     for row, prefs in enumerate(preferences):
         if prefs is None:
             continue
         top_k[row] = prefs.top_k if prefs.method == "topk" else 0
+        plausible[row] = prefs.plausible
         for dim, classes in prefs.weights.items():
             clf = classifiers[dim]
             for name, weight in classes.items():
@@ -76,7 +78,7 @@ def guidance_spec(
                         param="preferences",
                     )
                 weights[by_name[dim]][row, clf.classes.index(name)] = weight
-    return GuidanceSpec(tuple(classifiers[n] for n in names), tuple(weights), top_k)
+    return GuidanceSpec(tuple(classifiers[n] for n in names), tuple(weights), top_k, plausible)
 
 
 #: The preference naming the requesting user's own style classifier: ``{"own-style":
@@ -111,7 +113,7 @@ def own_style(prefs: Preferences | None, owner: RowOwner | None) -> Preferences 
         )
     weights = {d: dict(c) for d, c in prefs.weights.items() if d != OWN_STYLE}
     weights[own_key(owner)] = dict(prefs.weights[OWN_STYLE])
-    return Preferences(weights, prefs.method, prefs.top_k)
+    return Preferences(weights, prefs.method, prefs.top_k, prefs.plausible)
 
 
 class GuidanceMode:

@@ -1,6 +1,7 @@
 """What a request asks of guidance: per preference dimension (a classifier's name), a
-weight (alpha) per class, and how candidates are scored (the full vocabulary or the
-base distribution's top k, FUDGE-style)."""
+weight (alpha) per class, how candidates are scored (the full vocabulary or the base
+distribution's top k, FUDGE-style) and which candidates are plausible enough to choose
+(``plausible`` = rho: base probability at least rho times the step's largest)."""
 
 from __future__ import annotations
 
@@ -21,11 +22,15 @@ MAX_TOP_K = 1024
 @dataclass(frozen=True)
 class Preferences:
     """``weights[dimension][class]`` = alpha >= 0; ``method`` ``full`` scores every vocabulary
-    token, ``topk`` only the base distribution's ``top_k`` best (the rest are dropped)."""
+    token, ``topk`` only the base distribution's ``top_k`` best (the rest are dropped);
+    ``plausible`` = rho in [0, 1]: only tokens whose base probability is at least rho times
+    the step's most likely token's may be chosen (contrastive decoding's adaptive
+    plausibility constraint; 0: every token, as without it)."""
 
     weights: Mapping[str, Mapping[str, float]] = field(default_factory=dict)
     method: GuidanceMethod = "full"
     top_k: int = 20
+    plausible: float = 0.0
 
     def __post_init__(self) -> None:
         if not isinstance(self.weights, Mapping):
@@ -66,6 +71,14 @@ class Preferences:
             raise InvalidInputError(
                 f"guidance.top_k must be an integer in 1..{MAX_TOP_K}, got {k!r}", param="guidance"
             )
+        rho = self.plausible
+        number = isinstance(rho, int | float) and not isinstance(rho, bool)
+        if not number or not math.isfinite(rho) or not 0 <= rho <= 1:
+            raise InvalidInputError(
+                f"guidance.plausible must be a finite number in [0, 1], got {rho!r}",
+                param="guidance.plausible",
+            )
+        object.__setattr__(self, "plausible", float(rho))
 
     @property
     def active(self) -> bool:
@@ -80,18 +93,20 @@ class Preferences:
             if w > 0
         ]
         how = "full vocabulary" if self.method == "full" else f"top {self.top_k}"
+        if self.plausible > 0:
+            how += f", plausible >= {self.plausible:g} x max"
         return f"guided ({how}): " + ", ".join(parts)
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "preferences": {d: dict(c) for d, c in self.weights.items()},
-            "guidance": {"method": self.method, "top_k": self.top_k},
+            "guidance": {"method": self.method, "top_k": self.top_k, "plausible": self.plausible},
         }
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> Preferences | None:
-        """From ``{"preferences": {...}, "guidance": {"method": ..., "top_k": ...}}`` (both
-        optional); None when no preferences are given."""
+        """From ``{"preferences": {...}, "guidance": {"method": ..., "top_k": ...,
+        "plausible": ...}}`` (both optional); None when no preferences are given."""
         if not isinstance(data, Mapping):
             raise InvalidInputError(f"guidance settings must be an object, got {data!r}")
         weights = data.get("preferences")
@@ -102,18 +117,21 @@ class Preferences:
                 f"got {how!r}",
                 param="guidance",
             )
-        unknown = sorted(set(how) - {"method", "top_k"})
+        unknown = sorted(set(how) - {"method", "top_k", "plausible"})
         if unknown:
             raise InvalidInputError(
-                f"unknown guidance setting(s) {unknown}: expected method, top_k", param="guidance"
+                f"unknown guidance setting(s) {unknown}: expected method, top_k, plausible",
+                param="guidance",
             )
         if weights is None:
             return None
-        return cls(weights, how.get("method", "full"), how.get("top_k", 20))
+        return cls(
+            weights, how.get("method", "full"), how.get("top_k", 20), how.get("plausible", 0.0)
+        )
 
 
 def parse_preference_flags(
-    flags: list[str], method: str = "full", top_k: int = 20
+    flags: list[str], method: str = "full", top_k: int = 20, plausible: float = 0.0
 ) -> Preferences | None:
     """Preferences from ``DIMENSION=CLASS:WEIGHT`` strings (``mood=happy:0.5``)."""
     weights: dict[str, dict[str, float]] = {}
@@ -130,4 +148,6 @@ def parse_preference_flags(
                 param="preferences",
             )
         weights.setdefault(dim, {})[name] = value
-    return Preferences(weights, method, top_k) if weights else None  # type: ignore[arg-type]
+    if not weights:
+        return None
+    return Preferences(weights, method, top_k, plausible)  # type: ignore[arg-type]

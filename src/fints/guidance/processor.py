@@ -6,10 +6,14 @@ step the processor turns that row's scores into
     log p_base(v) + sum_d sum_c alpha[d, r, c] * log p_d(c | prefix, v)
 
 for every vocabulary token (``full``) or for the base distribution's top ``k`` tokens
-only, the rest dropped (``topk``, FUDGE). Rows with no weight above zero are returned
-as they came, bit for bit. The classifiers read only what the generator has written so
-far (after their lead token), one new token per step, with one KV cache per backbone:
-classifiers sharing a backbone share its forward pass.
+only, the rest dropped (``topk``, FUDGE). A row's ``plausible`` = rho > 0 drops, besides,
+every token whose base probability is below rho times the step's largest (the adaptive
+plausibility constraint of contrastive decoding, Li et al. 2023): guidance reorders the
+plausible candidates only, and the base distribution's argmax is always among them.
+Rows with no weight above zero are returned as they came, bit for bit. The classifiers
+read only what the generator has written so far (after their lead token), one new token
+per step, with one KV cache per backbone: classifiers sharing a backbone share its
+forward pass.
 """
 
 from __future__ import annotations
@@ -28,13 +32,26 @@ from fints.guidance.classifier import Backbone, GuidanceClassifier
 @dataclass(frozen=True)
 class GuidanceSpec:
     """Per batch: the classifiers, each one's per-row class weights ``[batch, classes]``,
-    and per row ``top_k`` (0: score the full vocabulary)."""
+    per row ``top_k`` (0: score the full vocabulary) and ``plausible`` (rho in [0, 1]; left
+    out: 0 for every row, no constraint)."""
 
     classifiers: tuple[GuidanceClassifier, ...]
     weights: tuple[torch.Tensor, ...]
     top_k: torch.Tensor  # [batch], long
+    plausible: torch.Tensor | None = None  # [batch], float
 
     def __post_init__(self) -> None:
+        rho = self.plausible
+        if rho is None:
+            rho = torch.zeros(len(self.top_k), dtype=torch.float64)
+        rho = torch.as_tensor(rho, dtype=torch.float64)
+        if rho.shape != self.top_k.shape:
+            raise InvalidInputError(
+                f"plausible must be one number per row, [{len(self.top_k)}], got {tuple(rho.shape)}"
+            )
+        if not torch.isfinite(rho).all() or (rho < 0).any() or (rho > 1).any():
+            raise InvalidInputError("plausible must be finite and in [0, 1]")
+        object.__setattr__(self, "plausible", rho)
         if len(self.classifiers) != len(self.weights):
             raise InvalidInputError("one weight matrix per classifier")
         for clf, w in zip(self.classifiers, self.weights, strict=True):
@@ -54,12 +71,19 @@ class GuidanceSpec:
             flags |= (w > 0).any(-1)
         return flags
 
+    @property
+    def rho(self) -> torch.Tensor:
+        """``[batch]`` float64: each row's ``plausible``."""
+        assert self.plausible is not None  # filled in by __post_init__
+        return self.plausible
+
     def select(self, rows: Sequence[int]) -> GuidanceSpec:
         index = torch.tensor(list(rows), dtype=torch.long)
         return GuidanceSpec(
             self.classifiers,
             tuple(w.index_select(0, index) for w in self.weights),
             self.top_k.index_select(0, index),
+            self.rho.index_select(0, index),
         )
 
 
@@ -113,14 +137,27 @@ class GuidanceProcessor(LogitsProcessor):
         rows = self.rows.to(scores.device)
         base = scores[rows].float().log_softmax(-1)
         top_k = self.spec.top_k[self.rows]
+        floor = self._floor(base)
         out = scores.clone()
         full = (top_k == 0).nonzero().flatten()
         if len(full):
-            out[rows[full]] = self._full(base[full], hidden, full).to(out.dtype)
+            total = self._full(base[full], hidden, full)
+            if floor is not None:
+                total = total.masked_fill(base[full] < floor[full, None], float("-inf"))
+            out[rows[full]] = total.to(out.dtype)
         some = (top_k > 0).nonzero().flatten()
         if len(some):
-            out[rows[some]] = self._top_k(base[some], hidden, some, top_k[some]).to(out.dtype)
+            cut = None if floor is None else floor[some]
+            out[rows[some]] = self._top_k(base[some], hidden, some, top_k[some], cut).to(out.dtype)
         return out  # type: ignore[return-value]
+
+    def _floor(self, base: torch.Tensor) -> torch.Tensor | None:
+        """Per guided row the smallest plausible base log-probability, log(max p) + log(rho)
+        (-inf where rho = 0: no constraint); None when no row asks for one."""
+        rho = self.spec.rho[self.rows]
+        if not (rho > 0).any():
+            return None
+        return base.max(-1).values + rho.log().to(base.device, base.dtype)
 
     def _weights(self, n: int, sub: torch.Tensor) -> torch.Tensor:
         return self.spec.weights[n][self.rows[sub]]
@@ -144,6 +181,7 @@ class GuidanceProcessor(LogitsProcessor):
         hidden: dict[tuple[Any, ...], torch.Tensor],
         sub: torch.Tensor,
         ks: torch.Tensor,
+        floor: torch.Tensor | None = None,
     ) -> torch.Tensor:
         values, ids = base.topk(int(ks.max()), dim=-1)
         total = values.clone()
@@ -159,5 +197,8 @@ class GuidanceProcessor(LogitsProcessor):
             log_p = log_p.masked_fill((ids >= vocab)[..., None], 0.0)  # beyond its vocabulary
             total += (log_p * weights[:, None, :]).sum(-1)
         ranks = torch.arange(ids.shape[1], device=base.device)
-        total = total.masked_fill(ranks[None, :] >= ks.to(base.device)[:, None], float("-inf"))
+        dropped = ranks[None, :] >= ks.to(base.device)[:, None]
+        if floor is not None:
+            dropped |= values < floor[:, None]  # never the first: it is the max
+        total = total.masked_fill(dropped, float("-inf"))
         return torch.full_like(base, float("-inf")).scatter(1, ids, total)

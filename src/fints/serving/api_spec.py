@@ -98,10 +98,13 @@ class _Body(_Strict):
 
 
 class GuidanceOptions(_Strict):
-    """How guidance scores candidates: every vocabulary token, or the base top_k (FUDGE)."""
+    """How guidance scores candidates: every vocabulary token, or the base top_k (FUDGE);
+    ``plausible`` = rho > 0: only tokens with base probability >= rho x the step's largest
+    may be chosen (0: no constraint)."""
 
     method: Literal["full", "topk"] = "full"
     top_k: int = Field(default=20, ge=1, le=1024)
+    plausible: float = Field(default=0.0, ge=0, le=1, allow_inf_nan=False)
 
 
 class FintsOptions(_Strict):
