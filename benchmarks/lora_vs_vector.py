@@ -81,6 +81,7 @@ from trained_probe import (
     train_all,
     wrong_users,
 )
+from trained_report import comparison_line
 
 from fints.benchmark.stats import holm, user_bootstrap
 from fints.layers import resolve_layout
@@ -353,11 +354,7 @@ def markdown(result: dict[str, Any]) -> str:
         "|---|---|---|---|---|---|---|",
     ]
     for name, c in result["comparisons"].items():
-        holm_p = f"{c['p_holm']:.4f}" if "p_holm" in c else "-"
-        lines.append(
-            f"| {name} | {c['mean']:+.4f} | [{c['lo']:+.4f}, {c['hi']:+.4f}] | {c['mde']:.4f} | "
-            f"{c['users_a_better']}/{n} | {c['p']:.4f} | {holm_p} |"
-        )
+        lines.append(comparison_line(name, c, c["users_a_better"], n))
     lines += [
         "",
         "## Cost per author (medians; one thread)",

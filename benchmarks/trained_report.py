@@ -54,6 +54,15 @@ def report(
     }
 
 
+def comparison_line(name: str, c: dict[str, Any], better: int, users: int) -> str:
+    """One table row of a paired comparison: difference, interval, MDE, users better, p's."""
+    holm_p = f"{c['p_holm']:.4f}" if "p_holm" in c else "-"
+    return (
+        f"| {name} | {c['mean']:+.4f} | [{c['lo']:+.4f}, {c['hi']:+.4f}] | {c['mde']:.4f} | "
+        f"{better}/{users} | {c['p']:.4f} | {holm_p} |"
+    )
+
+
 def markdown(result: dict[str, Any]) -> str:
     lines = [
         f"# Trained steering vectors: shared + per-user delta ({result['args']['task']}, SmolLM2)",
@@ -74,11 +83,7 @@ def markdown(result: dict[str, Any]) -> str:
         "|---|---|---|---|---|---|---|",
     ]
     for k, c in result["own_minus"].items():
-        holm_p = f"{c['p_holm']:.4f}" if "p_holm" in c else "-"
-        lines.append(
-            f"| {k} | {c['mean']:+.4f} | [{c['lo']:+.4f}, {c['hi']:+.4f}] | {c['mde']:.4f} | "
-            f"{c['users_better']}/{result['users']} | {c['p']:.4f} | {holm_p} |"
-        )
+        lines.append(comparison_line(k, c, c["users_better"], result["users"]))
     if "generation" in result:
         lines += generation_markdown(result)
     lines += ["", "Training:", "", *[f"- {line}" for line in result["training"]], ""]
