@@ -18,6 +18,7 @@ from fints.guidance.preferences import Preferences
 from fints.guidance.processor import GuidanceProcessor, GuidanceSpec
 from fints.guidance.user_style import (
     OWN,
+    OWN_STYLE,
     StyleSettings,
     style_folder,
     style_is_current,
@@ -79,11 +80,6 @@ def guidance_spec(
                     )
                 weights[by_name[dim]][row, clf.classes.index(name)] = weight
     return GuidanceSpec(tuple(classifiers[n] for n in names), tuple(weights), top_k, plausible)
-
-
-#: The preference naming the requesting user's own style classifier: ``{"own-style":
-#: {"own": 0.5}}`` guides towards the user's class of it (:mod:`.user_style`).
-OWN_STYLE = "own-style"
 
 
 def _check_own(classes: Any) -> None:

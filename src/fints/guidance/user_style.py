@@ -7,14 +7,15 @@ most :attr:`StyleSettings.max_others`). It lives in the user's folder beside the
 (``Store.files_dir(tenant, user) / "style"``), so it is isolated per tenant and deleted
 with the user, and it reads the generator's own first layers (same tokenizer, no second
 model). Nothing has to be run by hand: the first request that asks for it trains it,
-and so does the first one after the user's history changed (measured: ~1-3 s for a user
-of 20-50 items on SmolLM2, one CPU thread; BENCHMARKS.md "CLIPer").
+and so does the first one after the user's history changed (measured: ~2 s for a user of
+10 items on SmolLM2, one CPU thread; BENCHMARKS.md "Own style without a training step").
 """
 
 from __future__ import annotations
 
 import hashlib
 import shutil
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,11 +24,14 @@ from fints.errors import InvalidInputError
 from fints.guidance.classifier import CONFIG_FILE, Backbone, GuidanceClassifier, read_config
 from fints.guidance.recipes import style_texts
 from fints.guidance.training import Progress, TrainConfig, train_classifier
+from fints.history import HistoryItem
 from fints.models import LoadedModel
 from fints.store import Store
 
 STYLE_DIR = "style"
-OWN, OTHER = "own", "other"
+#: The preference that names the requesting user's classifier, and the name it is saved
+#: under (its folder is the user's); ``OWN`` is the user's class (the other: "other").
+OWN_STYLE, OWN = "own-style", "own"
 
 
 @dataclass(frozen=True)
@@ -58,14 +62,13 @@ def style_is_current(store: Store, tenant: str, user: str, backbone: Backbone) -
     config = read_config(folder)
     data = config.metrics.get("data", {})
     return config.backbone_key == backbone.key and bool(
-        data.get("history") == _history_digest(store, tenant, user)
+        data.get("history") == _history_digest(store.items(tenant, user))
     )
 
 
-def _history_digest(store: Store, tenant: str, user: str) -> str:
-    """What the classifier was trained on: a digest of the user's item ids, in order."""
-    ids = "\n".join(i.item_id for i in store.items(tenant, user))
-    return hashlib.sha256(ids.encode()).hexdigest()
+def _history_digest(items: Sequence[HistoryItem]) -> str:
+    """What a classifier was trained on: a digest of the user's item ids, in order."""
+    return hashlib.sha256("\n".join(i.item_id for i in items).encode()).hexdigest()
 
 
 def train_user_style(
@@ -93,10 +96,10 @@ def train_user_style(
         "recipe": "style",
         "own": len(items),
         "others": len(others),
-        "history": _history_digest(store, tenant, user),
+        "history": _history_digest(items),
     }
     classifier = train_classifier(
-        OWN_STYLE_NAME, backbone, train, test, settings.train_config(), progress, {"data": data}
+        OWN_STYLE, backbone, train, test, settings.train_config(), progress, {"data": data}
     )
     folder = style_folder(store, tenant, user)
     fresh = folder.with_name(f"{STYLE_DIR}.new")
@@ -105,10 +108,6 @@ def train_user_style(
     shutil.rmtree(folder, ignore_errors=True)
     fresh.rename(folder)
     return classifier
-
-
-#: The name every user's style classifier is saved under (its folder is the user's).
-OWN_STYLE_NAME = "own-style"
 
 
 def style_layers(model: LoadedModel, settings: StyleSettings) -> int:
