@@ -322,7 +322,8 @@ async def add_interactions(
     await run_in_threadpool(check_item_tokens, p.model.tokenizer, items, limits.max_item_tokens)
 
     def write() -> Steps[list[str]]:
-        """Store the items (one transaction), then extract ``chunk`` items per step."""
+        """Store the items (one transaction), then extract ``chunk`` items (trained
+        vectors: train on ``chunk`` examples) per step."""
         ids = p.store.add_items(tenant, user, items, max_items=limits.max_items_per_user)
         if extract:
             yield
