@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
+from fints.decode_state import KvCarry
 from fints.generation import Completion, GenerationOptions, generate_batch
 from fints.models import LoadedModel
 from fints.modes import Addition
@@ -23,7 +24,12 @@ class Backend(Protocol):
         *,
         streamer: Any = None,
         stops: Sequence[Sequence[str]] | None = None,
-    ) -> list[Completion]: ...
+        carry: KvCarry | None = None,
+    ) -> list[Completion]:
+        """Decode ``prompts``. ``carry``: a decoding state to go on from and where this
+        call stopped (:mod:`fints.decode_state`); a backend that keeps none leaves
+        ``carry.state`` None and decodes the prompts from the start."""
+        ...
 
 
 class TransformersBackend:
@@ -40,6 +46,7 @@ class TransformersBackend:
         *,
         streamer: Any = None,
         stops: Sequence[Sequence[str]] | None = None,
+        carry: KvCarry | None = None,
     ) -> list[Completion]:
         return generate_batch(
             self.model,
@@ -48,6 +55,7 @@ class TransformersBackend:
             streamer=streamer,
             stops=stops,
             decorations=[a.decoration(self.model) for a in additions],
+            carry=carry,
         )
 
 

@@ -11,6 +11,7 @@ from typing import Any
 import torch
 from transformers import LogitsProcessorList
 
+from fints.decode_state import DecodeState, KvCarry
 from fints.errors import InvalidInputError
 from fints.models import LoadedModel
 from fints.prompts import pad_batch
@@ -92,12 +93,15 @@ def generate_batch(
     streamer: Any = None,
     stops: Sequence[Sequence[str]] | None = None,
     decorations: Sequence[Decoration] = (),
+    carry: KvCarry | None = None,
 ) -> list[Completion]:
     """Decode every prompt, with each decoration's hooks (e.g. per-row steering vectors,
     see :class:`fints.modes.SteeringAddition`) and logits processors applied.
 
     ``stops[row]``: that row's stop sequences. Its decoding ends once one appears,
-    and its text is cut before it.
+    and its text is cut before it. ``carry``: go on from ``carry.state`` (the prompts
+    must be its rows' ids) instead of reading the prompts from the start, and leave
+    where this call stopped in ``carry.state`` (:mod:`fints.decode_state`).
     """
     if not prompts or any(len(p) == 0 for p in prompts):
         raise InvalidInputError("every prompt needs at least one token")
@@ -105,7 +109,13 @@ def generate_batch(
         raise InvalidInputError(f"{len(stops)} rows of stop sequences for {len(prompts)} prompts")
     options = options or GenerationOptions()
     tok = model.tokenizer
-    input_ids, attention = pad_batch(prompts, tok.pad_token_id, side="left")
+    state = carry.state if carry is not None else None
+    if state is not None:
+        state.check(prompts)
+        input_ids, attention = state.sequences, state.attention
+    else:
+        input_ids, attention = pad_batch(prompts, tok.pad_token_id, side="left")
+        state = DecodeState(input_ids, attention, None)
     decoding: dict[str, Any] = {"do_sample": False}
     if options.temperature > 0:
         decoding = {"do_sample": True, "temperature": options.temperature, "top_p": options.top_p}
@@ -120,6 +130,10 @@ def generate_batch(
     processors = [p for d in decorations for p in d.logits_processors]
     if processors:
         decoding["logits_processor"] = LogitsProcessorList(processors)
+    if carry is not None:
+        decoding["return_dict_in_generate"] = True
+        if state.cache is not None:
+            decoding["past_key_values"] = state.cache
     with ExitStack() as stack:
         for decoration in decorations:
             stack.enter_context(decoration.context)
@@ -135,6 +149,9 @@ def generate_batch(
             top_k=None,
             **decoding,
         )
+    if carry is not None:
+        carry.state = state.grown(out.sequences, out.past_key_values)
+        out = out.sequences
     completions = []
     for row, prompt in enumerate(prompts):
         new = out[row, input_ids.shape[1] :].tolist()

@@ -193,7 +193,8 @@ def run(personalizer: StandInPersonalizer, work: Any) -> ServingMetrics:
     metrics = ServingMetrics()
 
     async def main() -> None:
-        batcher = Batcher(personalizer, metrics, max_wait_ms=0)  # type: ignore[arg-type]
+        # the stand-in answers a whole request at once: no slices
+        batcher = Batcher(personalizer, metrics, max_wait_ms=0, slice_tokens=None)  # type: ignore[arg-type]
         await batcher.start()
         try:
             await work(batcher)

@@ -216,3 +216,148 @@ def test_a_short_request_is_answered_between_the_slices_of_a_long_one(
 
     assert order(4) == ["B1", "B2", "A"]
     assert order(None) == ["B1", "A", "B2"]
+
+
+# -- going on from a slice's decoding state -----------------------------------------------------
+
+
+def ids_read(personalizer: Personalizer) -> Any:
+    """A context that counts the token positions the model's embedding reads."""
+    from contextlib import contextmanager
+
+    @contextmanager
+    def counting() -> Iterator[list[int]]:
+        read = [0]
+        embed = personalizer.model.model.get_input_embeddings()
+        handle = embed.register_forward_hook(
+            lambda m, a, out: read.__setitem__(0, read[0] + a[0].numel())
+        )
+        try:
+            yield read
+        finally:
+            handle.remove()
+
+    return counting()
+
+
+def test_decoding_goes_on_from_its_state_reading_only_new_ids(personalizer: Personalizer) -> None:
+    """Steered, unsteered and raw rows: 5 tokens, then rows 2 and 0 alone for 7 more from
+    the state, are the tokens of 12 decoded at once; the second call reads one id per row
+    per step, not the prefix again."""
+    from fints.decode_state import KvCarry
+
+    prepared = personalizer.prepare(REQUESTS)
+    decode = personalizer.backend.decode
+    whole = decode(prepared.prompts, prepared.additions, GenerationOptions(max_new_tokens=12))
+    carry = KvCarry()
+    first = decode(
+        prepared.prompts, prepared.additions, GenerationOptions(max_new_tokens=5), carry=carry
+    )
+    assert carry.state is not None and carry.state.cache.get_seq_length() == (
+        carry.state.sequences.shape[1] - 1
+    )
+    rows = [2, 0]
+    carry.state = carry.state.select(rows)
+    again = prepared.select(rows)
+    prompts = [[*prepared.prompts[r], *first[r].token_ids] for r in rows]
+    with ids_read(personalizer) as read:
+        rest = decode(prompts, again.additions, GenerationOptions(max_new_tokens=7), carry=carry)
+    assert read[0] == 2 * 7  # the last id of each row, then each new one
+    for r, completion in zip(rows, rest, strict=True):
+        assert first[r].token_ids + completion.token_ids == whole[r].token_ids
+
+
+def test_a_decoding_state_is_read_once_and_only_for_its_own_rows(
+    personalizer: Personalizer,
+) -> None:
+    from fints.decode_state import KvCarry
+
+    prepared = personalizer.prepare(REQUESTS[:2])
+    carry = KvCarry()
+    first = personalizer.backend.decode(
+        prepared.prompts, prepared.additions, GenerationOptions(max_new_tokens=3), carry=carry
+    )
+    state = carry.state
+    assert state is not None
+    with pytest.raises(ValueError, match="not the ids"):
+        state.check([[*p, 5] for p in prepared.prompts])  # not what the rows generated
+    state.check([[*p, *c.token_ids] for p, c in zip(prepared.prompts, first, strict=True)])
+    state.select([1])
+    with pytest.raises(ValueError, match="already gone on from"):
+        state.select([0])
+
+
+@pytest.mark.parametrize("keep_kv_bytes", [0, 1, 1 << 30])
+def test_sliced_rows_give_the_same_tokens_with_or_without_kept_states(
+    personalizer: Personalizer, keep_kv_bytes: int
+) -> None:
+    """With states kept, the slices after the first read only their new ids."""
+    options = GenerationOptions(max_new_tokens=13)
+    expected = whole(personalizer, REQUESTS, options)
+
+    async def main() -> list[GenerationResult]:
+        batcher = Batcher(
+            personalizer,
+            ServingMetrics(),
+            max_wait_ms=0,
+            slice_tokens=4,
+            keep_kv_bytes=keep_kv_bytes,
+        )
+        await batcher.start()
+        try:
+            jobs = [batcher.submit(r, options, stream=False) for r in REQUESTS]
+            return [(await job.result())[0] for job in jobs]
+        finally:
+            await batcher.stop()
+
+    with ids_read(personalizer) as read:
+        results = asyncio.run(main())
+    assert essentials(results) == essentials(expected)
+    width = max(len(p) for p in personalizer.prepare(REQUESTS).prompts)
+    if keep_kv_bytes > 1:  # the (left-padded) prompts once, then one id per row and token
+        assert read[0] == 3 * width + 3 * (13 - 1)
+    else:  # none kept (none allowed, or beyond the budget): each slice reads its prefix again
+        assert read[0] > 3 * width * 4
+
+
+@pytest.mark.parametrize("keep_kv_bytes", [0, 1 << 30])
+def test_a_request_after_a_quiet_spell_waits_for_one_slice_when_states_are_kept(
+    personalizer: Personalizer, keep_kv_bytes: int
+) -> None:
+    """Tenant A's long request starts alone (no contention); B's short one, sent once A's
+    first round runs, is answered before A's when slices go on from kept states (a lone
+    row is sliced too), after it when none are kept (a lone row decodes whole)."""
+    finished: list[str] = []
+
+    async def main() -> None:
+        batcher = Batcher(
+            personalizer,
+            ServingMetrics(),
+            max_wait_ms=0,
+            slice_tokens=4,
+            keep_kv_bytes=keep_kv_bytes,
+        )
+        await batcher.start()
+        try:
+            long = batcher.submit(
+                GenerationRequest("alice", QUERY, tenant="A"),
+                GenerationOptions(max_new_tokens=40),
+                stream=False,
+            )
+            await long.next_event()  # Started: A's first round runs
+
+            async def answered(name: str, job: Any) -> None:
+                await job.result()
+                finished.append(name)
+
+            short = batcher.submit(
+                GenerationRequest("bob", "hi", tenant="B"),
+                GenerationOptions(max_new_tokens=2),
+                stream=False,
+            )
+            await asyncio.gather(answered("A", long), answered("B", short))
+        finally:
+            await batcher.stop()
+
+    asyncio.run(main())
+    assert finished == (["B", "A"] if keep_kv_bytes else ["A", "B"])

@@ -325,6 +325,7 @@ class StandInPersonalizer:
 def run_batcher(personalizer: StandInPersonalizer, work: Any, **settings: Any) -> ServingMetrics:
     """Run ``await work(batcher)`` against a started batcher; return its metrics."""
     metrics = ServingMetrics()
+    settings.setdefault("slice_tokens", None)  # the stand-in answers a whole request at once
 
     async def main() -> None:
         batcher = Batcher(cast(Any, personalizer), metrics, max_wait_ms=0, **settings)

@@ -29,7 +29,7 @@ from fints.errors import FintsError
 from fints.serving import abuser as abuser_module
 from fints.serving.abuser import abuse
 from fints.serving.app import ServerConfig, create_app
-from fints.serving.batcher import SLICE_TOKENS
+from fints.serving.batcher import KEEP_KV_MIB, SLICE_TOKENS
 from fints.serving.factory import build_personalizer
 from fints.serving.inprocess import RunningServer
 from fints.serving.limits import ResourceLimits
@@ -59,6 +59,7 @@ class AbuseSpec:
     slice_tokens: int | None = SLICE_TOKENS
     refusal_delay_ms: int = ResourceLimits().refusal_delay_ms
     engine: str = "transformers"  # what decodes (ServerConfig.engine)
+    keep_kv_mib: int = KEEP_KV_MIB  # ServerConfig.keep_kv_mib (0: sliced rows recompute)
 
     def __post_init__(self) -> None:
         if not 1 <= self.clients <= MAX_CLIENTS:
@@ -204,7 +205,7 @@ def run_abuse_in_process(
         f"(max_concurrent_per_tenant {spec.limit_concurrent}), from "
         f"{'a process of its own' if spec.abuser_process else 'threads of the server process'}"
         f"; slice_tokens {spec.slice_tokens}, refusal_delay_ms {spec.refusal_delay_ms}, "
-        f"engine {spec.engine}"
+        f"keep_kv_mib {spec.keep_kv_mib}, engine {spec.engine}"
     )
     with tempfile.TemporaryDirectory(prefix="fints-abusetest-") as tmp:
         personalizer = build_personalizer(model=model, store=Path(tmp) / "a.sqlite", dtype=dtype)
@@ -212,6 +213,7 @@ def run_abuse_in_process(
             api_keys=KEYS,
             max_wait_ms=20.0,
             slice_tokens=spec.slice_tokens,
+            keep_kv_mib=spec.keep_kv_mib,
             engine=spec.engine,
             limits=Limits(max_tokens=spec.limit_tokens, default_max_tokens=spec.max_tokens),
             resources=ResourceLimits(

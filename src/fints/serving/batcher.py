@@ -7,7 +7,10 @@ hands it to the single worker thread that owns the model. The worker prepares th
 requests (a :meth:`Personalizer.prepare` per :class:`GenerationOptions`, every row steered
 with its own user's vectors) and decodes each group of rows (those of one prepared batch,
 with the same options) as one call of the personalizer's backend, the cheapest group
-first. While tenants contend, a long row decodes one slice of ``slice_tokens`` per round.
+first. A long row decodes one slice of ``slice_tokens`` per round, going on from the
+decoding state its last slice left (at most ``keep_kv_bytes`` of them kept at once;
+beyond, a row's prefix is decoded again; with none kept, rows are sliced only while
+tenants contend).
 
 Writes (adding history with extraction, forgetting a user) run on the same thread, one
 after another in arrival order, so extraction and generation never share the model at
@@ -32,6 +35,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from typing import TypeVar
 
+from fints.decode_state import KvCarry
 from fints.engine import GenerationRequest, Personalizer, PreparedBatch
 from fints.generation import GenerationOptions, eos_token_ids
 from fints.serving.api_errors import ApiError
@@ -45,7 +49,15 @@ from fints.serving.jobs import (
     WriteJob,
 )
 from fints.serving.metrics import ServingMetrics
-from fints.serving.slicing import Row, cost, pick_fair, remember, sliceable, tenant_of
+from fints.serving.slicing import (
+    Row,
+    cost,
+    kept_bytes,
+    pick_fair,
+    remember,
+    sliceable,
+    tenant_of,
+)
 from fints.serving.streaming import IncrementalDecoder, RowStreamer
 from fints.steps import Steps, advance, one_step
 
@@ -63,6 +75,7 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 SLICE_TOKENS = 8  # under contention, new tokens per round of a long row (serving.slicing)
 RECENT_S = 10.0  # a tenant with rows this recently still contends
+KEEP_KV_MIB = 1024  # the decoding states kept for rows between slices, at most (MiB)
 
 
 class Batcher:
@@ -78,11 +91,14 @@ class Batcher:
         max_queue: int = 256,
         max_prompt_tokens: int = 2048,
         slice_tokens: int | None = SLICE_TOKENS,
+        keep_kv_bytes: int = KEEP_KV_MIB << 20,
     ) -> None:
         if max_batch_size < 1 or max_wait_ms < 0 or max_queue < 1:
             raise ValueError("max_batch_size and max_queue must be >= 1, max_wait_ms >= 0")
         if slice_tokens is not None and slice_tokens < 1:
             raise ValueError("slice_tokens must be >= 1 or None (no slices)")
+        if keep_kv_bytes < 0:
+            raise ValueError("keep_kv_bytes must be >= 0 (0: rows go on by decoding again)")
         self.personalizer = personalizer
         self.metrics = metrics
         self.max_batch_size = max_batch_size
@@ -90,6 +106,7 @@ class Batcher:
         self.max_queue = max_queue
         self.max_prompt_tokens = max_prompt_tokens
         self.slice_tokens = slice_tokens
+        self.keep_kv_bytes = keep_kv_bytes
         self._eos = eos_token_ids(personalizer.model)
         self._jobs: deque[GenerationJob] = deque()  # generation requests, in arrival order
         self._rows: deque[Row] = deque()  # rows between two slices, in the order they came back
@@ -202,8 +219,9 @@ class Batcher:
                     self._round = [*fresh, *(row.job for row in rows)]
                     tenants = [job.request.tenant for job in self._round]
                     self._seen = remember(self._seen, tenants, time.monotonic(), RECENT_S)
+                    held = kept_bytes(self._rows)  # by the rows that wait for a later round
                     self._rows += await loop.run_in_executor(
-                        self._executor, self._run_round, fresh, rows, contended
+                        self._executor, self._run_round, fresh, rows, contended, held
                     )
             if self._write is None and self._writes:
                 self._write = self._writes.popleft()
@@ -247,20 +265,26 @@ class Batcher:
 
     # -- the worker thread --
 
-    def _run_round(self, fresh: list[GenerationJob], rows: list[Row], contended: bool) -> list[Row]:
+    def _run_round(
+        self, fresh: list[GenerationJob], rows: list[Row], contended: bool, held: int = 0
+    ) -> list[Row]:
         """One round: prepare the new requests, then decode one slice of every row (a
-        group per prepared batch and options, the cheapest first). Returns the rows that
-        are not done."""
+        group per prepared batch, decoding state and options, the cheapest first). Returns
+        the rows that are not done; ``held``: the bytes of decoding states kept by rows
+        that wait for a later round."""
         rows = [*rows, *self._start(fresh)]
-        slice_tokens = self.slice_tokens if contended else None
-        groups: dict[tuple[int, GenerationOptions], list[Row]] = {}
+        # going on from a kept state costs a slice about what decoding on would
+        slice_tokens = self.slice_tokens if contended or self.keep_kv_bytes else None
+        groups: dict[tuple[int, int, GenerationOptions], list[Row]] = {}
         for row in rows:
             if not row.job.abandoned:
-                groups.setdefault((id(row.origin), row.options(slice_tokens)), []).append(row)
+                key = (id(row.origin), id(row.state), row.options(slice_tokens))
+                groups.setdefault(key, []).append(row)
         unfinished: list[Row] = []
-        for (_, options), group in sorted(groups.items(), key=lambda g: cost(g[1], g[0][1])):
+        budget = [self.keep_kv_bytes - held]  # what this round's rows may keep
+        for (*_, options), group in sorted(groups.items(), key=lambda g: cost(g[1], g[0][2])):
             try:
-                unfinished += self._run_slice(options, group)
+                unfinished += self._run_slice(options, group, budget)
             except BaseException as exc:  # never let one batch take the worker down
                 log.exception("batch of %d failed", len(group))
                 for row in group:
@@ -333,9 +357,12 @@ class Batcher:
             jobs = [jobs[i] for i in rows]
         return prepared, jobs
 
-    def _run_slice(self, options: GenerationOptions, group: list[Row]) -> list[Row]:
-        """Decode ``options.max_new_tokens`` more tokens of rows of one prepared batch; answer
-        the rows that are done, return the others."""
+    def _run_slice(
+        self, options: GenerationOptions, group: list[Row], budget: list[int]
+    ) -> list[Row]:
+        """Decode ``options.max_new_tokens`` more tokens of rows of one prepared batch (from
+        their decoding state if they have one); answer the rows that are done, return the
+        others, with the state to go on from while ``budget[0]`` bytes allow."""
         m = self.metrics
         tokenizer = self.personalizer.model.tokenizer
         origin = group[0].origin
@@ -352,6 +379,8 @@ class Batcher:
                 open_rows=[row.remaining > options.max_new_tokens for row in group],
             )
         guard = FiniteGuard(size, self._eos)
+        state = group[0].state  # the group's rows share it (see _run_round)
+        carry = KvCarry(state.select([row.kv[1] for row in group if row.kv]) if state else None)
         began = time.perf_counter()
         completions = self.personalizer.backend.decode(
             [row.prompt for row in group],
@@ -359,6 +388,7 @@ class Batcher:
             options,
             streamer=streamer,
             stops=prepared.stops,
+            carry=carry,
         )
         elapsed = time.perf_counter() - began
         tokens = sum(len(c.token_ids) for c in completions)
@@ -382,7 +412,24 @@ class Batcher:
             m.prompt_tokens.inc(result.prompt_tokens)
             m.generations.labels(steered=str(result.steered).lower()).inc()
             row.job.emit(Done(result, size))
+        self._keep(carry, group, unfinished, budget)
         return unfinished
+
+    @staticmethod
+    def _keep(carry: KvCarry, group: list[Row], unfinished: list[Row], budget: list[int]) -> None:
+        """Give the ``unfinished`` rows of ``group`` the state their slice stopped at, if
+        the backend left one and ``budget[0]`` (bytes) holds it; else none."""
+        for row in unfinished:
+            row.kv = None
+        if carry.state is None or not unfinished:
+            return
+        at = {id(row): i for i, row in enumerate(group)}
+        kept = carry.state.select([at[id(row)] for row in unfinished])
+        if kept.nbytes > budget[0]:
+            return
+        budget[0] -= kept.nbytes
+        for i, row in enumerate(unfinished):
+            row.kv = (kept, i)
 
 
 def _delta_sink(job: GenerationJob) -> Callable[[str], None]:

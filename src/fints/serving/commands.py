@@ -16,7 +16,7 @@ import typer
 from fints.errors import FintsError
 from fints.history import ITEM_PROMPT_TOKENS
 from fints.serving.app import ServerConfig, create_app
-from fints.serving.batcher import SLICE_TOKENS
+from fints.serving.batcher import KEEP_KV_MIB, SLICE_TOKENS
 from fints.serving.factory import (
     build_personalizer,
     command_failed,
@@ -125,6 +125,13 @@ def serve(
             "to other tenants (0: rows decode whole)."
         ),
     ] = SLICE_TOKENS,
+    keep_kv_mib: Annotated[
+        int,
+        typer.Option(
+            help="MiB of KV cache kept for rows between two slices, so a row goes on "
+            "without decoding its prefix again (0: keep none)."
+        ),
+    ] = KEEP_KV_MIB,
     expire_after_days: Annotated[
         float | None,
         typer.Option(help="Forget history items older than this many days (default: never)."),
@@ -177,6 +184,7 @@ def serve(
                 refusal_delay_ms=refusal_delay_ms,
             ),
             slice_tokens=slice_tokens or None,
+            keep_kv_mib=keep_kv_mib,
             max_queue=max_queue,
             engine=engine,
             expire_after_s=None if expire_after_days is None else expire_after_days * 86400,

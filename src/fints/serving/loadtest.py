@@ -29,7 +29,7 @@ from fints.engine import Personalizer
 from fints.errors import FintsError
 from fints.history import ITEM_PROMPT_TOKENS
 from fints.serving.app import ServerConfig, create_app
-from fints.serving.batcher import SLICE_TOKENS
+from fints.serving.batcher import KEEP_KV_MIB, SLICE_TOKENS
 from fints.serving.factory import build_personalizer, command_failed, set_threads
 from fints.serving.inprocess import RunningServer
 from fints.serving.limits import ResourceLimits
@@ -342,6 +342,9 @@ def loadtest(
     engine: Annotated[
         str, typer.Option(help="abusive: what decodes, transformers or vllm (docs/VLLM.md).")
     ] = "transformers",
+    keep_kv_mib: Annotated[
+        int, typer.Option(help="abusive: KV cache kept between slices, MiB (0: none).")
+    ] = KEEP_KV_MIB,
 ) -> None:
     """A bounded load benchmark: latency, throughput, batching and steering cost."""
     logging.basicConfig(level="WARNING")
@@ -356,7 +359,12 @@ def loadtest(
                 model=model,
                 dtype=dtype,
                 abuse=AbuseSettings(
-                    slice_tokens or None, refusal_delay_ms, not abuser_in_process, rounds, engine
+                    slice_tokens or None,
+                    refusal_delay_ms,
+                    not abuser_in_process,
+                    rounds,
+                    engine,
+                    keep_kv_mib,
                 ),
                 method=method,
             )

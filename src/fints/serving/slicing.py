@@ -5,16 +5,23 @@ of each tenant in turn, the tenant that has waited longest first, and while two 
 tenants share the server (*contention*: rows of several tenants wait, or had rows in a
 round of the last ``RECENT_S`` seconds, 10 s: a client just answered is likely to be back)
 a tenant gets at most ``max(1, max_batch_size // tenants)`` rows of a
-round. Under contention a long row (a request for more than twice ``slice_tokens`` new
-tokens) also decodes at most ``slice_tokens`` per round; a row that is not done goes back
-to the queue as its prompt plus the tokens it has (:class:`Row`), behind the requests that
-came meanwhile. So a short request waits for one slice of a long one, not for all of it
-(and a request of two slices or less decodes whole: splitting it would cost it a round).
+round. A long row (a request for more than twice ``slice_tokens`` new tokens) decodes at
+most ``slice_tokens`` per round, under contention and, while the server keeps decoding
+states (below; the default), also when a tenant is alone; a row that is not done goes back
+to the queue with the tokens it has (:class:`Row`), behind the requests that came
+meanwhile. So a short request waits for one slice of a long one, not for all of it, even
+when it comes after a quiet spell (and a request of two slices or less decodes whole:
+splitting it would cost it a round).
 
-Continuing a row by decoding its prompt plus its generated tokens is the same computation
-as decoding on (the model sees the same ids at every position; steering vectors are added
-at every position alike), so a greedy row's tokens are the same sliced or not (tested in
-float32; in bfloat16 a recomputed prefix can differ in the last bits, as batching can).
+A row goes on from where its last slice stopped: the slice's decoding state (its ids and
+the model's key/value cache, :class:`~fints.decode_state.DecodeState`) is kept with the
+row while it waits, so the next slice reads only its new tokens. Where none is kept (the
+server's budget for kept caches is spent, the row's group was split across rounds, or the
+backend keeps none), the row's prompt plus its generated tokens are decoded from the
+start: the same computation (the model sees the same ids at every position; steering
+vectors are added at every position alike), so a greedy row's tokens are the same sliced
+or not either way (tested in float32; in bfloat16 a recomputed prefix can differ in the
+last bits, as batching can).
 Rows whose output would change are never sliced: sampled rows with a seed (a new slice
 would draw other random numbers) and rows with any addition other than steering vectors
 (classifier guidance keeps state over the generated tokens; LoRA adapters untested).
@@ -26,6 +33,7 @@ from collections.abc import Callable, Hashable, Iterable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, TypeVar
 
+from fints.decode_state import DecodeState
 from fints.engine import PreparedBatch
 from fints.generation import Completion, GenerationOptions, completion_text
 from fints.modes import SteeringAddition
@@ -48,6 +56,12 @@ class Row:
     generated: list[int] = field(default_factory=list)
     slices: int = 0  # slices decoded so far
     decoder: IncrementalDecoder | None = None  # a streaming row's detokenizer, kept across slices
+    kv: tuple[DecodeState, int] | None = None  # its last slice's decoding state, and its row there
+
+    @property
+    def state(self) -> DecodeState | None:
+        """The decoding state this row can go on from (None: decode it from the start)."""
+        return self.kv[0] if self.kv is not None and not self.kv[0].used else None
 
     @property
     def tenant(self) -> str:
@@ -101,6 +115,12 @@ class Row:
 def cost(rows: Sequence[Row], options: GenerationOptions) -> tuple[int, int]:
     """Groups of a round run cheapest first: shortest context, then fewest new tokens."""
     return max(len(row.prompt) for row in rows), options.max_new_tokens
+
+
+def kept_bytes(rows: Iterable[Row]) -> int:
+    """The bytes of the decoding states ``rows`` hold (each state counted once)."""
+    states = {id(state): state for row in rows if (state := row.state) is not None}
+    return sum(state.nbytes for state in states.values())
 
 
 def tenant_of(item: Row | GenerationJob) -> Hashable:

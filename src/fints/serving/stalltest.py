@@ -24,6 +24,7 @@ import typer
 
 from fints.errors import FintsError
 from fints.serving.app import ServerConfig, create_app
+from fints.serving.batcher import KEEP_KV_MIB
 from fints.serving.factory import build_personalizer
 from fints.serving.inprocess import RunningServer
 
@@ -213,6 +214,7 @@ class AbuseSettings:
     abuser_process: bool
     rounds: int = 1
     engine: str = "transformers"
+    keep_kv_mib: int = KEEP_KV_MIB
 
 
 def scenario_command(

@@ -15,7 +15,7 @@ from fastapi import Request
 
 from fints.engine import Personalizer, UnknownUser
 from fints.errors import InvalidInputError
-from fints.serving.batcher import SLICE_TOKENS, Batcher
+from fints.serving.batcher import KEEP_KV_MIB, SLICE_TOKENS, Batcher
 from fints.serving.limits import ResourceLimits, TenantSlots
 from fints.serving.metrics import ServingMetrics
 from fints.serving.payloads import Limits
@@ -36,6 +36,9 @@ class ServerConfig:
     # under contention (several tenants), a row decodes at most this many new tokens per
     # round, then yields to the others (None: rows decode whole); see serving.slicing
     slice_tokens: int | None = SLICE_TOKENS
+    # a sliced row keeps its decoding state (KV cache) between slices, while the rows'
+    # states take at most this many MiB (0: a row's prefix is decoded again each slice)
+    keep_kv_mib: int = KEEP_KV_MIB
     # a request naming a user without history: serve it unsteered, or answer 404 (ERROR)
     unknown_user: UnknownUser = UnknownUser.UNSTEERED
     extract_on_write: bool = True  # extract vectors when history is added (off: store only)
@@ -59,6 +62,8 @@ class ServerConfig:
             )
         if self.slice_tokens is not None and self.slice_tokens < 1:
             raise InvalidInputError(f"slice_tokens must be >= 1 or None, got {self.slice_tokens}")
+        if self.keep_kv_mib < 0:
+            raise InvalidInputError(f"keep_kv_mib must be >= 0, got {self.keep_kv_mib}")
         if self.extract_chunk_items is not None and self.extract_chunk_items < 1:
             raise InvalidInputError(
                 f"extract_chunk_items must be >= 1, got {self.extract_chunk_items}"

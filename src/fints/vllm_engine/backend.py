@@ -15,6 +15,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from fints.decode_state import KvCarry
 from fints.errors import FintsError, InvalidInputError
 from fints.generation import Completion, GenerationOptions, eos_token_ids
 from fints.models import LoadedModel
@@ -92,8 +93,14 @@ class VllmBackend:
         *,
         streamer: Any = None,
         stops: Sequence[Sequence[str]] | None = None,
+        carry: KvCarry | None = None,
     ) -> list[Completion]:
+        """``carry``: vLLM keeps its own cache (prefix caching), so the prompts are
+        decoded from the start and no decoding state is left."""
         from vllm import SamplingParams
+
+        if carry is not None:
+            carry.state = None
 
         if streamer is not None:
             raise InvalidInputError(
