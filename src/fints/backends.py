@@ -10,7 +10,7 @@ from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
 from fints.decode_state import KvCarry
-from fints.generation import Completion, GenerationOptions, generate_batch
+from fints.generation import Completion, GenerationOptions, generate_batch, prefill_batch
 from fints.models import LoadedModel
 from fints.modes import Addition
 
@@ -29,6 +29,18 @@ class Backend(Protocol):
         """Decode ``prompts``. ``carry``: a decoding state to go on from and where this
         call stopped (:mod:`fints.decode_state`); a backend that keeps none leaves
         ``carry.state`` None and decodes the prompts from the start."""
+        ...
+
+    def prefill(
+        self,
+        prompts: Sequence[Sequence[int]],
+        additions: Sequence[Addition],
+        carry: KvCarry,
+        tokens: int,
+    ) -> bool:
+        """Read at most ``tokens`` more prompt ids into ``carry.state`` without decoding;
+        False (and nothing read) when nothing is left to read or the backend keeps no
+        state, so the caller decodes instead."""
         ...
 
 
@@ -57,6 +69,16 @@ class TransformersBackend:
             decorations=[a.decoration(self.model) for a in additions],
             carry=carry,
         )
+
+    def prefill(
+        self,
+        prompts: Sequence[Sequence[int]],
+        additions: Sequence[Addition],
+        carry: KvCarry,
+        tokens: int,
+    ) -> bool:
+        decorations = [a.decoration(self.model) for a in additions]
+        return prefill_batch(self.model, prompts, carry, tokens, decorations)
 
 
 def _vllm_backend(model: LoadedModel) -> Backend:

@@ -5,7 +5,9 @@ run each row's whole prefix (prompt plus the tokens so far) through the model ag
 every slice. A :class:`DecodeState` keeps what ``generate`` had at the end of a slice:
 the rows' ids (left-padded prompts and their new tokens), their attention mask and the
 model's key/value cache of every id but the last. Decoding the same rows on from it feeds
-the model only the ids it has not seen, exactly as if the slice had gone on.
+the model only the ids it has not seen, exactly as if the slice had gone on. A state can
+also hold a prompt read only in part (:func:`fints.generation.prefill_batch`: a long
+prompt read a chunk per round, so it never holds the model for its whole prefill).
 
 A backend that can go on from a state takes a :class:`KvCarry` (``state`` in: where to go
 on from, or None; ``state`` out: where this call stopped, or None when the backend keeps
@@ -28,12 +30,22 @@ class DecodeState:
 
     sequences: torch.Tensor  # [rows, length]: left-padded prompts and their new tokens
     attention: torch.Tensor  # [rows, length]: 1 on the rows' ids, 0 on padding
-    cache: Any  # transformers' Cache over sequences[:, :-1]
+    cache: Any  # transformers' Cache over sequences[:, :read] (None: nothing read yet)
     used: bool = False  # gone on from once: the cache has moved on (a state is read once)
 
     @property
     def rows(self) -> int:
         return int(self.sequences.shape[0])
+
+    @property
+    def read(self) -> int:
+        """How many of the ids (columns of ``sequences``) the cache holds."""
+        return 0 if self.cache is None else int(self.cache.get_seq_length())
+
+    @property
+    def unread(self) -> int:
+        """Ids the model has yet to read before it can decode (the last one included)."""
+        return int(self.sequences.shape[1]) - self.read
 
     @property
     def nbytes(self) -> int:

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from transformers import LogitsProcessorList
+from transformers import DynamicCache, LogitsProcessorList
 
 from fints.decode_state import DecodeState, KvCarry
 from fints.errors import InvalidInputError
@@ -202,3 +202,42 @@ def eos_token_ids(model: LoadedModel) -> set[int]:
         elif value is not None:
             ids.add(int(value))
     return ids
+
+
+@torch.inference_mode()
+def prefill_batch(
+    model: LoadedModel,
+    prompts: Sequence[Sequence[int]],
+    carry: KvCarry,
+    tokens: int,
+    decorations: Sequence[Decoration] = (),
+) -> bool:
+    """Read at most ``tokens`` more ids of the (left-padded) ``prompts`` into
+    ``carry.state``'s cache without decoding, under the decorations' hooks, always leaving
+    the last id for ``generate``; False when there was nothing left to read this way."""
+    state = carry.state
+    if state is None:
+        state = DecodeState(*pad_batch(prompts, model.tokenizer.pad_token_id, side="left"), None)
+        state = DecodeState(
+            state.sequences.to(model.device), state.attention.to(model.device), None
+        )
+    else:
+        state.check(prompts)
+    start, end = state.read, min(state.read + tokens, state.sequences.shape[1] - 1)
+    if end <= start:
+        carry.state = state
+        return False
+    mask = state.attention[:, :end]
+    positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)  # as generate() makes them
+    with ExitStack() as stack:
+        for decoration in decorations:
+            stack.enter_context(decoration.context)
+        out = model.model.base_model(  # the decoder alone: no logits are needed
+            input_ids=state.sequences[:, start:end],
+            attention_mask=mask,
+            position_ids=positions[:, start:end],
+            past_key_values=state.cache if state.cache is not None else DynamicCache(),
+            use_cache=True,
+        )
+    carry.state = DecodeState(state.sequences, state.attention, out.past_key_values)
+    return True

@@ -361,3 +361,68 @@ def test_a_request_after_a_quiet_spell_waits_for_one_slice_when_states_are_kept(
 
     asyncio.run(main())
     assert finished == (["B", "A"] if keep_kv_bytes else ["A", "B"])
+
+
+def test_a_prompt_read_in_chunks_then_decoded_gives_the_whole_rows_tokens(
+    personalizer: Personalizer,
+) -> None:
+    """Steered, unsteered and raw rows, their prompts read 5 ids at a time (the last left
+    for decoding), then 12 tokens: the tokens of 12 decoded at once."""
+    from fints.decode_state import KvCarry
+
+    prepared = personalizer.prepare(REQUESTS)
+    backend = personalizer.backend
+    options = GenerationOptions(max_new_tokens=12)
+    whole = backend.decode(prepared.prompts, prepared.additions, options)
+    carry = KvCarry()
+    width = max(len(p) for p in prepared.prompts)
+    chunks = 0
+    while backend.prefill(prepared.prompts, prepared.additions, carry, 5):
+        chunks += 1
+        assert carry.state is not None and carry.state.read == min(5 * chunks, width - 1)
+    assert chunks == -(-(width - 1) // 5)
+    with ids_read(personalizer) as read:
+        rest = backend.decode(prepared.prompts, prepared.additions, options, carry=carry)
+    assert read[0] == 3 * 12  # the prompts' last id, then each new one but the last
+    assert [c.token_ids for c in rest] == [c.token_ids for c in whole]
+
+
+@pytest.mark.parametrize("prefill_tokens", [None, 8])
+def test_a_long_prompt_is_read_a_chunk_per_round_and_others_go_between(
+    personalizer: Personalizer, prefill_tokens: int | None
+) -> None:
+    """Tenant A's long prompt (2 new tokens: never sliced by its tokens) is read 8 ids per
+    round: B's short request, sent once A's first round runs, is answered first; read at
+    once (None), A is answered first. A's answer is the same either way."""
+    finished: list[str] = []
+    texts: list[str] = []
+    long_request = GenerationRequest("alice", QUERY * 3, tenant="A")
+
+    async def main() -> None:
+        batcher = Batcher(
+            personalizer, ServingMetrics(), max_wait_ms=0, prefill_tokens=prefill_tokens
+        )
+        await batcher.start()
+        try:
+            long = batcher.submit(long_request, GenerationOptions(max_new_tokens=2), stream=False)
+            await long.next_event()  # Started: A's first round runs
+
+            async def answered(name: str, job: Any) -> None:
+                result, _ = await job.result()
+                finished.append(name)
+                if name == "A":
+                    texts.append(result.text)
+
+            short = batcher.submit(
+                GenerationRequest("bob", "hi", tenant="B"),
+                GenerationOptions(max_new_tokens=2),
+                stream=False,
+            )
+            await asyncio.gather(answered("A", long), answered("B", short))
+        finally:
+            await batcher.stop()
+
+    asyncio.run(main())
+    assert finished == (["B", "A"] if prefill_tokens else ["A", "B"])
+    expected = whole(personalizer, [long_request], GenerationOptions(max_new_tokens=2))
+    assert texts == [expected[0].text]

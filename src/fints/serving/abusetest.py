@@ -29,7 +29,7 @@ from fints.errors import FintsError
 from fints.serving import abuser as abuser_module
 from fints.serving.abuser import abuse
 from fints.serving.app import ServerConfig, create_app
-from fints.serving.batcher import KEEP_KV_MIB, SLICE_TOKENS
+from fints.serving.batcher import KEEP_KV_MIB, PREFILL_TOKENS, SLICE_TOKENS
 from fints.serving.factory import build_personalizer
 from fints.serving.inprocess import RunningServer
 from fints.serving.limits import ResourceLimits
@@ -60,6 +60,7 @@ class AbuseSpec:
     refusal_delay_ms: int = ResourceLimits().refusal_delay_ms
     engine: str = "transformers"  # what decodes (ServerConfig.engine)
     keep_kv_mib: int = KEEP_KV_MIB  # ServerConfig.keep_kv_mib (0: sliced rows recompute)
+    prefill_tokens: int | None = PREFILL_TOKENS  # ServerConfig.prefill_tokens
 
     def __post_init__(self) -> None:
         if not 1 <= self.clients <= MAX_CLIENTS:
@@ -140,7 +141,8 @@ def run_abuse(url: str, model: str, spec: AbuseSpec, title: str) -> AbuseReport:
     report = AbuseReport(title)
     _normal_phase(url, model, replace(spec, requests=1), report)  # warm-up
     report.errors.clear()
-    prompt = ("Tell me a long story about the sea. " * 200)[: spec.abusive_prompt_chars]
+    story = "Tell me a long story about the sea. "
+    prompt = (story * (spec.abusive_prompt_chars // len(story) + 1))[: spec.abusive_prompt_chars]
     config = {
         "url": url,
         "key": ABUSE_KEY,
@@ -205,7 +207,8 @@ def run_abuse_in_process(
         f"(max_concurrent_per_tenant {spec.limit_concurrent}), from "
         f"{'a process of its own' if spec.abuser_process else 'threads of the server process'}"
         f"; slice_tokens {spec.slice_tokens}, refusal_delay_ms {spec.refusal_delay_ms}, "
-        f"keep_kv_mib {spec.keep_kv_mib}, engine {spec.engine}"
+        f"keep_kv_mib {spec.keep_kv_mib}, prefill_tokens {spec.prefill_tokens}, "
+        f"abuser's prompt {spec.abusive_prompt_chars} characters, engine {spec.engine}"
     )
     with tempfile.TemporaryDirectory(prefix="fints-abusetest-") as tmp:
         personalizer = build_personalizer(model=model, store=Path(tmp) / "a.sqlite", dtype=dtype)
@@ -214,6 +217,7 @@ def run_abuse_in_process(
             max_wait_ms=20.0,
             slice_tokens=spec.slice_tokens,
             keep_kv_mib=spec.keep_kv_mib,
+            prefill_tokens=spec.prefill_tokens,
             engine=spec.engine,
             limits=Limits(max_tokens=spec.limit_tokens, default_max_tokens=spec.max_tokens),
             resources=ResourceLimits(

@@ -57,6 +57,7 @@ def create_app(personalizer: Personalizer, config: ServerConfig | None = None) -
         max_prompt_tokens=config.limits.max_prompt_tokens,
         slice_tokens=config.slice_tokens,
         keep_kv_bytes=config.keep_kv_mib << 20,
+        prefill_tokens=config.prefill_tokens,
     )
     server = ServerState(
         personalizer=personalizer,

@@ -76,6 +76,7 @@ T = TypeVar("T")
 SLICE_TOKENS = 8  # under contention, new tokens per round of a long row (serving.slicing)
 RECENT_S = 10.0  # a tenant with rows this recently still contends
 KEEP_KV_MIB = 1024  # the decoding states kept for rows between slices, at most (MiB)
+PREFILL_TOKENS = 256  # prompt ids a sliced group reads per round before it decodes
 
 
 class Batcher:
@@ -92,6 +93,7 @@ class Batcher:
         max_prompt_tokens: int = 2048,
         slice_tokens: int | None = SLICE_TOKENS,
         keep_kv_bytes: int = KEEP_KV_MIB << 20,
+        prefill_tokens: int | None = PREFILL_TOKENS,
     ) -> None:
         if max_batch_size < 1 or max_wait_ms < 0 or max_queue < 1:
             raise ValueError("max_batch_size and max_queue must be >= 1, max_wait_ms >= 0")
@@ -99,6 +101,8 @@ class Batcher:
             raise ValueError("slice_tokens must be >= 1 or None (no slices)")
         if keep_kv_bytes < 0:
             raise ValueError("keep_kv_bytes must be >= 0 (0: rows go on by decoding again)")
+        if prefill_tokens is not None and prefill_tokens < 1:
+            raise ValueError("prefill_tokens must be >= 1 or None (a prompt read at once)")
         self.personalizer = personalizer
         self.metrics = metrics
         self.max_batch_size = max_batch_size
@@ -107,6 +111,7 @@ class Batcher:
         self.max_prompt_tokens = max_prompt_tokens
         self.slice_tokens = slice_tokens
         self.keep_kv_bytes = keep_kv_bytes
+        self.prefill_tokens = prefill_tokens
         self._eos = eos_token_ids(personalizer.model)
         self._jobs: deque[GenerationJob] = deque()  # generation requests, in arrival order
         self._rows: deque[Row] = deque()  # rows between two slices, in the order they came back
@@ -284,7 +289,7 @@ class Batcher:
         budget = [self.keep_kv_bytes - held]  # what this round's rows may keep
         for (*_, options), group in sorted(groups.items(), key=lambda g: cost(g[1], g[0][2])):
             try:
-                unfinished += self._run_slice(options, group, budget)
+                unfinished += self._run_slice(options, group, budget, slice_tokens is not None)
             except BaseException as exc:  # never let one batch take the worker down
                 log.exception("batch of %d failed", len(group))
                 for row in group:
@@ -358,15 +363,20 @@ class Batcher:
         return prepared, jobs
 
     def _run_slice(
-        self, options: GenerationOptions, group: list[Row], budget: list[int]
+        self, options: GenerationOptions, group: list[Row], budget: list[int], sliced: bool
     ) -> list[Row]:
         """Decode ``options.max_new_tokens`` more tokens of rows of one prepared batch (from
         their decoding state if they have one); answer the rows that are done, return the
-        others, with the state to go on from while ``budget[0]`` bytes allow."""
+        others, with the state to go on from while ``budget[0]`` bytes allow. While rows
+        are ``sliced``, a long prompt is first read ``prefill_tokens`` ids per round."""
         m = self.metrics
         tokenizer = self.personalizer.model.tokenizer
         origin = group[0].origin
         prepared = origin.select([row.index for row in group])
+        state = group[0].state  # the group's rows share it (see _run_round)
+        carry = KvCarry(state.select([row.kv[1] for row in group if row.kv]) if state else None)
+        if sliced and self._prefill(group, prepared, carry, budget):
+            return group  # its prompts partly read: the rest, and decoding, in later rounds
         size = len(group)
         m.batch_size.observe(size)
         streamer = None
@@ -379,8 +389,6 @@ class Batcher:
                 open_rows=[row.remaining > options.max_new_tokens for row in group],
             )
         guard = FiniteGuard(size, self._eos)
-        state = group[0].state  # the group's rows share it (see _run_round)
-        carry = KvCarry(state.select([row.kv[1] for row in group if row.kv]) if state else None)
         began = time.perf_counter()
         completions = self.personalizer.backend.decode(
             [row.prompt for row in group],
@@ -415,21 +423,39 @@ class Batcher:
         self._keep(carry, group, unfinished, budget)
         return unfinished
 
+    def _prefill(
+        self, group: list[Row], prepared: PreparedBatch, carry: KvCarry, budget: list[int]
+    ) -> bool:
+        """Read the next ``prefill_tokens`` ids of the group's prompts, if more than that
+        are unread and the state can be kept; whether it did (else the group decodes, going
+        on from ``carry``)."""
+        unread = carry.state.unread if carry.state else max(len(row.prompt) for row in group)
+        if not (self.prefill_tokens and group[0].sliceable and unread > self.prefill_tokens):
+            return False
+        prompts = [row.prompt for row in group]
+        backend = self.personalizer.backend
+        read = backend.prefill(prompts, prepared.additions, carry, self.prefill_tokens)
+        return read and self._keep(carry, group, group, budget)
+
     @staticmethod
-    def _keep(carry: KvCarry, group: list[Row], unfinished: list[Row], budget: list[int]) -> None:
+    def _keep(carry: KvCarry, group: list[Row], unfinished: list[Row], budget: list[int]) -> bool:
         """Give the ``unfinished`` rows of ``group`` the state their slice stopped at, if
-        the backend left one and ``budget[0]`` (bytes) holds it; else none."""
+        the backend left one and ``budget[0]`` (bytes) holds it (whether it did); else
+        none, and ``carry.state`` is left as it was."""
         for row in unfinished:
             row.kv = None
-        if carry.state is None or not unfinished:
-            return
+        state = carry.state
+        if state is None or not unfinished:
+            return False
+        size = state.nbytes * len(unfinished) // state.rows  # every row holds as many ids
+        if size > budget[0]:
+            return False
         at = {id(row): i for i, row in enumerate(group)}
-        kept = carry.state.select([at[id(row)] for row in unfinished])
-        if kept.nbytes > budget[0]:
-            return
-        budget[0] -= kept.nbytes
+        kept = state.select([at[id(row)] for row in unfinished])
+        budget[0] -= size
         for i, row in enumerate(unfinished):
             row.kv = (kept, i)
+        return True
 
 
 def _delta_sink(job: GenerationJob) -> Callable[[str], None]:

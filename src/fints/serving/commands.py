@@ -16,7 +16,7 @@ import typer
 from fints.errors import FintsError
 from fints.history import ITEM_PROMPT_TOKENS
 from fints.serving.app import ServerConfig, create_app
-from fints.serving.batcher import KEEP_KV_MIB, SLICE_TOKENS
+from fints.serving.batcher import KEEP_KV_MIB, PREFILL_TOKENS, SLICE_TOKENS
 from fints.serving.factory import (
     build_personalizer,
     command_failed,
@@ -132,6 +132,13 @@ def serve(
             "without decoding its prefix again (0: keep none)."
         ),
     ] = KEEP_KV_MIB,
+    prefill_tokens: Annotated[
+        int,
+        typer.Option(
+            help="Prompt tokens a sliced row reads per round before it decodes, so a long "
+            "prompt does not hold the model for its whole prefill (0: read at once)."
+        ),
+    ] = PREFILL_TOKENS,
     expire_after_days: Annotated[
         float | None,
         typer.Option(help="Forget history items older than this many days (default: never)."),
@@ -185,6 +192,7 @@ def serve(
             ),
             slice_tokens=slice_tokens or None,
             keep_kv_mib=keep_kv_mib,
+            prefill_tokens=prefill_tokens or None,
             max_queue=max_queue,
             engine=engine,
             expire_after_s=None if expire_after_days is None else expire_after_days * 86400,

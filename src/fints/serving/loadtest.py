@@ -29,7 +29,7 @@ from fints.engine import Personalizer
 from fints.errors import FintsError
 from fints.history import ITEM_PROMPT_TOKENS
 from fints.serving.app import ServerConfig, create_app
-from fints.serving.batcher import KEEP_KV_MIB, SLICE_TOKENS
+from fints.serving.batcher import KEEP_KV_MIB, PREFILL_TOKENS, SLICE_TOKENS
 from fints.serving.factory import build_personalizer, command_failed, set_threads
 from fints.serving.inprocess import RunningServer
 from fints.serving.limits import ResourceLimits
@@ -345,6 +345,12 @@ def loadtest(
     keep_kv_mib: Annotated[
         int, typer.Option(help="abusive: KV cache kept between slices, MiB (0: none).")
     ] = KEEP_KV_MIB,
+    prefill_tokens: Annotated[
+        int, typer.Option(help="abusive: prompt tokens read per round (0: at once).")
+    ] = PREFILL_TOKENS,
+    abusive_prompt_chars: Annotated[
+        int, typer.Option(help="abusive: the abuser's prompt, in characters.")
+    ] = 1200,
 ) -> None:
     """A bounded load benchmark: latency, throughput, batching and steering cost."""
     logging.basicConfig(level="WARNING")
@@ -365,6 +371,8 @@ def loadtest(
                     rounds,
                     engine,
                     keep_kv_mib,
+                    prefill_tokens or None,
+                    abusive_prompt_chars,
                 ),
                 method=method,
             )

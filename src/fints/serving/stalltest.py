@@ -24,7 +24,7 @@ import typer
 
 from fints.errors import FintsError
 from fints.serving.app import ServerConfig, create_app
-from fints.serving.batcher import KEEP_KV_MIB
+from fints.serving.batcher import KEEP_KV_MIB, PREFILL_TOKENS
 from fints.serving.factory import build_personalizer
 from fints.serving.inprocess import RunningServer
 
@@ -215,6 +215,8 @@ class AbuseSettings:
     rounds: int = 1
     engine: str = "transformers"
     keep_kv_mib: int = KEEP_KV_MIB
+    prefill_tokens: int | None = PREFILL_TOKENS
+    abusive_prompt_chars: int = 1200
 
 
 def scenario_command(

@@ -15,7 +15,7 @@ from fastapi import Request
 
 from fints.engine import Personalizer, UnknownUser
 from fints.errors import InvalidInputError
-from fints.serving.batcher import KEEP_KV_MIB, SLICE_TOKENS, Batcher
+from fints.serving.batcher import KEEP_KV_MIB, PREFILL_TOKENS, SLICE_TOKENS, Batcher
 from fints.serving.limits import ResourceLimits, TenantSlots
 from fints.serving.metrics import ServingMetrics
 from fints.serving.payloads import Limits
@@ -39,6 +39,8 @@ class ServerConfig:
     # a sliced row keeps its decoding state (KV cache) between slices, while the rows'
     # states take at most this many MiB (0: a row's prefix is decoded again each slice)
     keep_kv_mib: int = KEEP_KV_MIB
+    # and a sliced row's long prompt is read this many ids per round (None: at once)
+    prefill_tokens: int | None = PREFILL_TOKENS
     # a request naming a user without history: serve it unsteered, or answer 404 (ERROR)
     unknown_user: UnknownUser = UnknownUser.UNSTEERED
     extract_on_write: bool = True  # extract vectors when history is added (off: store only)
@@ -64,6 +66,10 @@ class ServerConfig:
             raise InvalidInputError(f"slice_tokens must be >= 1 or None, got {self.slice_tokens}")
         if self.keep_kv_mib < 0:
             raise InvalidInputError(f"keep_kv_mib must be >= 0, got {self.keep_kv_mib}")
+        if self.prefill_tokens is not None and self.prefill_tokens < 1:
+            raise InvalidInputError(
+                f"prefill_tokens must be >= 1 or None, got {self.prefill_tokens}"
+            )
         if self.extract_chunk_items is not None and self.extract_chunk_items < 1:
             raise InvalidInputError(
                 f"extract_chunk_items must be >= 1, got {self.extract_chunk_items}"

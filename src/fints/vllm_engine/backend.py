@@ -85,6 +85,17 @@ class VllmBackend:
         self.eos = eos_token_ids(model)
         self.llm = LLM(**(settings or VllmSettings()).engine_args(model))
 
+    def prefill(
+        self,
+        prompts: Sequence[Sequence[int]],
+        additions: Sequence[Addition],
+        carry: KvCarry,
+        tokens: int,
+    ) -> bool:
+        """vLLM schedules its own (chunked) prefill: nothing is read here."""
+        carry.state = None
+        return False
+
     def decode(
         self,
         prompts: Sequence[Sequence[int]],
