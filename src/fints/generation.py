@@ -236,7 +236,9 @@ def prefill_batch(
             input_ids=state.sequences[:, start:end],
             attention_mask=mask,
             position_ids=positions[:, start:end],
-            past_key_values=state.cache if state.cache is not None else DynamicCache(),
+            past_key_values=(
+                state.cache if state.cache is not None else DynamicCache(config=model.model.config)
+            ),
             use_cache=True,
         )
     carry.state = DecodeState(state.sequences, state.attention, out.past_key_values)
