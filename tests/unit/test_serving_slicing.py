@@ -320,35 +320,28 @@ def test_sliced_rows_give_the_same_tokens_with_or_without_kept_states(
         assert read[0] > 3 * width * 4
 
 
-@pytest.mark.parametrize("keep_kv_bytes", [0, 1 << 30])
-def test_a_request_after_a_quiet_spell_waits_for_one_slice_when_states_are_kept(
-    personalizer: Personalizer, keep_kv_bytes: int
-) -> None:
-    """Tenant A's long request starts alone (no contention); B's short one, sent once A's
-    first round runs, is answered before A's when slices go on from kept states (a lone
-    row is sliced too), after it when none are kept (a lone row decodes whole)."""
+def after_a_quiet_spell(
+    personalizer: Personalizer,
+    first: GenerationRequest,
+    options: GenerationOptions,
+    **settings: Any,
+) -> tuple[list[str], str]:
+    """Tenant A sends ``first`` alone (no contention); once its first round runs, tenant B
+    sends a 2-token request. The order the two are answered in, and A's text."""
     finished: list[str] = []
+    texts: dict[str, str] = {}
 
     async def main() -> None:
-        batcher = Batcher(
-            personalizer,
-            ServingMetrics(),
-            max_wait_ms=0,
-            slice_tokens=4,
-            keep_kv_bytes=keep_kv_bytes,
-        )
+        batcher = Batcher(personalizer, ServingMetrics(), max_wait_ms=0, **settings)
         await batcher.start()
         try:
-            long = batcher.submit(
-                GenerationRequest("alice", QUERY, tenant="A"),
-                GenerationOptions(max_new_tokens=40),
-                stream=False,
-            )
+            long = batcher.submit(first, options, stream=False)
             await long.next_event()  # Started: A's first round runs
 
             async def answered(name: str, job: Any) -> None:
-                await job.result()
+                result, _ = await job.result()
                 finished.append(name)
+                texts[name] = result.text
 
             short = batcher.submit(
                 GenerationRequest("bob", "hi", tenant="B"),
@@ -360,7 +353,24 @@ def test_a_request_after_a_quiet_spell_waits_for_one_slice_when_states_are_kept(
             await batcher.stop()
 
     asyncio.run(main())
-    assert finished == (["B", "A"] if keep_kv_bytes else ["A", "B"])
+    return finished, texts["A"]
+
+
+@pytest.mark.parametrize("keep_kv_bytes", [0, 1 << 30])
+def test_a_request_after_a_quiet_spell_waits_for_one_slice_when_states_are_kept(
+    personalizer: Personalizer, keep_kv_bytes: int
+) -> None:
+    """A's 40-token request is sliced although A is alone when states are kept (B goes
+    first), and decodes whole when none are kept (A goes first)."""
+    first = GenerationRequest("alice", QUERY, tenant="A")
+    order, _ = after_a_quiet_spell(
+        personalizer,
+        first,
+        GenerationOptions(max_new_tokens=40),
+        slice_tokens=4,
+        keep_kv_bytes=keep_kv_bytes,
+    )
+    assert order == (["B", "A"] if keep_kv_bytes else ["A", "B"])
 
 
 def test_a_prompt_read_in_chunks_then_decoded_gives_the_whole_rows_tokens(
@@ -391,38 +401,10 @@ def test_a_prompt_read_in_chunks_then_decoded_gives_the_whole_rows_tokens(
 def test_a_long_prompt_is_read_a_chunk_per_round_and_others_go_between(
     personalizer: Personalizer, prefill_tokens: int | None
 ) -> None:
-    """Tenant A's long prompt (2 new tokens: never sliced by its tokens) is read 8 ids per
-    round: B's short request, sent once A's first round runs, is answered first; read at
-    once (None), A is answered first. A's answer is the same either way."""
-    finished: list[str] = []
-    texts: list[str] = []
-    long_request = GenerationRequest("alice", QUERY * 3, tenant="A")
-
-    async def main() -> None:
-        batcher = Batcher(
-            personalizer, ServingMetrics(), max_wait_ms=0, prefill_tokens=prefill_tokens
-        )
-        await batcher.start()
-        try:
-            long = batcher.submit(long_request, GenerationOptions(max_new_tokens=2), stream=False)
-            await long.next_event()  # Started: A's first round runs
-
-            async def answered(name: str, job: Any) -> None:
-                result, _ = await job.result()
-                finished.append(name)
-                if name == "A":
-                    texts.append(result.text)
-
-            short = batcher.submit(
-                GenerationRequest("bob", "hi", tenant="B"),
-                GenerationOptions(max_new_tokens=2),
-                stream=False,
-            )
-            await asyncio.gather(answered("A", long), answered("B", short))
-        finally:
-            await batcher.stop()
-
-    asyncio.run(main())
-    assert finished == (["B", "A"] if prefill_tokens else ["A", "B"])
-    expected = whole(personalizer, [long_request], GenerationOptions(max_new_tokens=2))
-    assert texts == [expected[0].text]
+    """A's long prompt (2 new tokens: never sliced by its tokens) read 8 ids per round lets
+    B go first; read at once (None), A goes first. A's answer is the same either way."""
+    first = GenerationRequest("alice", QUERY * 3, tenant="A")
+    options = GenerationOptions(max_new_tokens=2)
+    order, text = after_a_quiet_spell(personalizer, first, options, prefill_tokens=prefill_tokens)
+    assert order == (["B", "A"] if prefill_tokens else ["A", "B"])
+    assert text == whole(personalizer, [first], options)[0].text
