@@ -53,10 +53,11 @@ def main() -> None:
     args = parser.parse_args()
     model = load_model(dtype=args.dtype)
     tok = model.tokenizer
-    prompts = [
-        list(tok.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True))
-        for q in QUESTIONS
-    ]
+    prompts = []
+    for question in QUESTIONS:
+        chat = [{"role": "user", "content": question}]
+        ids = tok.apply_chat_template(chat, add_generation_prompt=True)
+        prompts.append(list(ids["input_ids"] if hasattr(ids, "keys") else ids))
     n = args.slices * args.slice_tokens
     began = time.perf_counter()
     whole = generate_batch(model, prompts, GenerationOptions(max_new_tokens=n))
