@@ -20,9 +20,12 @@ ROUGE-1/L and the TF-IDF attribution judge fitted on the authors' history. Alpha
 is chosen on the validation queries by NLL (:data:`SELECTION_RULE`), then measured on
 the test queries once. Statistics as ``trained_report.py``: user bootstrap, sign-flip p
 over users, MDE; own vs other-user classifier and own vs none pre-registered, Holm.
-Classifiers and per-author results are cached under ``--cache``.
+``--extra-alpha``: the same rows at one more alpha (rho 0), reported apart as exploratory
+(not selected, not pre-registered). Classifiers and per-author results are cached under
+``--cache``.
 
-    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/style_guidance_headlines.py --authors 45
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/style_guidance_headlines.py --authors 45 \
+        --extra-alpha 0.5
 """
 
 from __future__ import annotations
@@ -47,12 +50,7 @@ from fints.benchmark.metrics import TextClassifier, rouge
 from fints.benchmark.stats import holm
 from fints.benchmark.tasks import Task, load_headlines
 from fints.generation import Decoration, GenerationOptions, generate_batch
-from fints.guidance.classifier import (
-    CONFIG_FILE,
-    Backbone,
-    GuidanceClassifier,
-    load_classifier,
-)
+from fints.guidance.classifier import CONFIG_FILE, Backbone, GuidanceClassifier, load_classifier
 from fints.guidance.processor import GuidanceProcessor
 from fints.guidance.recipes import style_texts
 from fints.guidance.training import train_classifier
@@ -118,7 +116,8 @@ def cached(path: Path, make: Any) -> Any:
     if path.is_file():
         return json.loads(path.read_text())
     value = make()
-    path.write_text(json.dumps(value))
+    path.with_suffix(".tmp").write_text(json.dumps(value))
+    path.with_suffix(".tmp").rename(path)
     return value
 
 
@@ -184,16 +183,12 @@ def test_rows(
     return {"nll": nll, "answers": answers}
 
 
-def paired(x: np.ndarray, y: np.ndarray, seed: int, lower_is_better: bool) -> dict[str, Any]:
-    return cluster_stats(x - y, seed=seed, lower_is_better=lower_is_better)
-
-
 def analyse(
     task: Task, names: list[str], partner: dict[str, str], test: dict[str, Any]
 ) -> dict[str, Any]:
     nll = {row: np.array([test[n]["nll"][row] for n in names], dtype=float) for row in ROWS}
     own_minus = {
-        row: paired(nll["own"], nll[row], i, True) for i, row in enumerate(ROWS) if row != "own"
+        r: cluster_stats(nll["own"] - nll[r], seed=i) for i, r in enumerate(ROWS) if i != 1
     }
     for row, p in holm({r: own_minus[r]["p"] for r in PRE_REGISTERED}).items():
         own_minus[row]["p_holm"] = p
@@ -203,39 +198,40 @@ def analyse(
     )
     refs = [q.reference for n in names for q in task.users[n].test]
     k = len(task.users[names[0]].test)
+    author = [n for n in names for _ in range(k)]
     scores: dict[str, dict[str, np.ndarray]] = {}
     for row in ROWS:
         texts = [t for n in names for t in test[n]["answers"][row]]
-        r = rouge(texts, refs)
-        named = judge.predict(texts)
-        author = [n for n in names for _ in range(k)]
+        r, pairs = rouge(texts, refs), list(zip(judge.predict(texts), author, strict=True))
         scores[row] = {
-            "rouge1": r.rouge1.reshape(len(names), k),
-            "rougeL": r.rougeL.reshape(len(names), k),
-            "judge: own author": np.array([p == a for p, a in zip(named, author, strict=True)]),
-            "judge: the other author": np.array(
-                [p == partner[a] for p, a in zip(named, author, strict=True)]
-            ),
+            "rouge1": r.rouge1,
+            "rougeL": r.rougeL,
+            "judge: own author": np.array([p == a for p, a in pairs]),
+            "judge: the other author": np.array([p == partner[a] for p, a in pairs]),
         }
-        for m in ("judge: own author", "judge: the other author"):
-            scores[row][m] = scores[row][m].astype(float).reshape(len(names), k)
-    metrics = list(scores["none"])
+        scores[row] = {m: v.astype(float).reshape(len(names), k) for m, v in scores[row].items()}
     comparisons = [("own", "none"), ("own", "other-user classifier")]
     comparisons.append(("other-user classifier", "none"))
     generation = {
         m: {
             "mean": {row: float(scores[row][m].mean()) for row in ROWS},
             "diff": {
-                f"{x} minus {y}": paired(scores[x][m], scores[y][m], i, False)
+                f"{x} minus {y}": cluster_stats(scores[x][m] - scores[y][m], i, False)
                 for i, (x, y) in enumerate(comparisons)
             },
         }
-        for m in metrics
+        for m in scores["none"]
     }
+    changed = {
+        row: float(np.mean([a != b for n in names for a, b in zip(*(
+            test[n]["answers"][r] for r in (row, "none")), strict=True)]))
+        for row in ROWS[1:]
+    }  # fmt: skip
     return {
         "mean_nll": {row: float(v.mean()) for row, v in nll.items()},
         "own_minus": own_minus,
         "generation": generation,
+        "answers_changed": changed,
     }
 
 
@@ -244,16 +240,15 @@ def fmt(value: float | None) -> str:
 
 
 def markdown(result: dict[str, Any]) -> str:
-    users = result["users"]
     lines = [
         "# Per-user style guidance on headlines: own classifier vs another author's (SmolLM2)",
         "",
         f"Command: `{result['command']}`",
         "",
-        f"{users} authors, {result['queries']} test queries ({result['valid_queries']} "
-        f"validation queries); classifiers: {result['classifier']}; held-out text accuracy "
-        f"of the authors' classifiers: mean {result['classifier_accuracy']:.1%} (majority class: "
-        f"{result['classifier_chance']:.1%}).",
+        f"{result['users']} authors, {result['queries']} test queries "
+        f"({result['valid_queries']} validation queries); classifiers: {result['classifier']}; "
+        f"held-out text accuracy of the authors' classifiers: mean "
+        f"{result['classifier_accuracy']:.1%} (majority class: {result['classifier_chance']:.1%}).",
         "",
         f"Selection on validation ({SELECTION_RULE}): **{result['selected']}**.",
         "",
@@ -265,27 +260,46 @@ def markdown(result: dict[str, Any]) -> str:
             for t in result["validation"]
         ],
         "",
-        "Test: per-token NLL of the gold headline under each row's distribution (nats/token).",
+        f"## Test, the validated setting ({result['selected']})",
+        *block(result["test"], result["users"]),
+    ]
+    if "exploratory" in result:
+        lines += [
+            "",
+            f"## Exploratory, not pre-registered: {result['exploratory']['setting']}",
+            *block(result["exploratory"], result["users"]),
+        ]
+    lines += ["", f"Wall time: {result['wall_time']}", ""]
+    return "\n".join(lines)
+
+
+def block(b: dict[str, Any], users: int) -> list[str]:
+    lines = [
+        "",
+        "Per-token NLL of the gold headline under each row's distribution (nats/token).",
         "",
         "| row | mean NLL |",
         "|---|---|",
-        *[f"| {k} | {v:.4f} |" for k, v in result["mean_nll"].items()],
+        *[f"| {k} | {v:.4f} |" for k, v in b["mean_nll"].items()],
         "",
         "Own minus each row (negative = own better); 95% bootstrap interval resampling "
         "authors; p: sign-flip over authors; Holm over the two pre-registered rows.",
         "",
         "| own minus | diff | 95% CI | MDE | authors own better | p | p (Holm) |",
         "|---|---|---|---|---|---|---|",
-        *[comparison_line(k, c, c["users_better"], users) for k, c in result["own_minus"].items()],
+        *[comparison_line(k, c, c["users_better"], users) for k, c in b["own_minus"].items()],
         "",
         "Greedy answers: ROUGE against the gold headline; the judge (TF-IDF attribution "
         "fitted on the authors' history headlines) names the query's author, or the author "
-        "whose classifier the other-user row uses. Differences: higher = first row higher.",
+        "whose classifier the other-user row uses. Differences: higher = first row higher. "
+        "Answers differing from none's: "
+        + ", ".join(f"{k} {v:.0%}" for k, v in b["answers_changed"].items())
+        + ".",
         "",
         "| metric | " + " | ".join(ROWS) + " |",
         "|---|---|---|---|",
     ]
-    gen = result["generation"]
+    gen = b["generation"]
     for m, g in gen.items():
         lines.append(f"| {m} | " + " | ".join(f"{g['mean'][r]:.4f}" for r in ROWS) + " |")
     lines += ["", "| metric | comparison | diff [95% CI] | MDE | p |", "|---|---|---|---|---|"]
@@ -295,8 +309,7 @@ def markdown(result: dict[str, Any]) -> str:
                 f"| {m} | {name} | {c['mean']:+.4f} [{c['lo']:+.4f}, {c['hi']:+.4f}] "
                 f"| {c['mde']:.4f} | {c['p']:.4f} |"
             )
-    lines += ["", f"Wall time: {result['wall_time']}", ""]
-    return "\n".join(lines)
+    return lines
 
 
 def main() -> None:
@@ -305,6 +318,9 @@ def main() -> None:
     parser.add_argument("--authors", type=int, default=45)
     parser.add_argument("--alphas", default="0.01,0.03,0.1,0.3,0.5,1.0")
     parser.add_argument("--rhos", default="0,0.2")
+    parser.add_argument(
+        "--extra-alpha", type=float, help="also this alpha (rho 0), reported as exploratory"
+    )
     parser.add_argument("--max-new-tokens", type=int, default=24)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1)
@@ -341,18 +357,29 @@ def main() -> None:
     print(f"validation done, {time.perf_counter() - began:.0f}s", flush=True)
     chosen, table = select(valid, settings_grid)
     print(f"selected {label(*chosen)}: {json.dumps(table)}", flush=True)
-    test = {}
-    for n, name in enumerate(names):
-        examples = [encode(model, q.input, q.reference) for q in task.users[name].test]
-        key = tag(base, name, partner[name], chosen, args.max_new_tokens)
-        test[name] = cached(
-            args.cache / f"test-{key}.json",
-            lambda e=examples, m=name: test_rows(
-                model, clfs[m], clfs[partner[m]], e, chosen, args.max_new_tokens
-            ),
-        )
-        print(f"[{n + 1}/{len(names)}] {name}: test done, {time.perf_counter() - began:.0f}s",
-              flush=True)  # fmt: skip
+
+    def measure(setting: tuple[float, float]) -> dict[str, Any]:
+        test = {}
+        for n, name in enumerate(names):
+            examples = [encode(model, q.input, q.reference) for q in task.users[name].test]
+            key = tag(base, name, partner[name], setting, args.max_new_tokens)
+            test[name] = cached(
+                args.cache / f"test-{key}.json",
+                lambda e=examples, m=name: test_rows(
+                    model, clfs[m], clfs[partner[m]], e, setting, args.max_new_tokens
+                ),
+            )
+            print(f"[{n + 1}/{len(names)}] {name}: {label(*setting)} done, "
+                  f"{time.perf_counter() - began:.0f}s", flush=True)  # fmt: skip
+        return test
+
+    test = measure(chosen)
+    extra = {}
+    if args.extra_alpha is not None:
+        setting = (args.extra_alpha, 0.0)
+        tested = measure(setting)
+        extra = {"setting": label(*setting), **analyse(task, names, partner, tested)}
+        extra["answers"] = {n: tested[n]["answers"] for n in names}
     result = {
         "command": " ".join(shlex.quote(a) for a in sys.argv),
         "args": {k: str(v) for k, v in vars(args).items()},
@@ -370,8 +397,11 @@ def main() -> None:
         "selected": label(*chosen),
         "validation_none": float(np.mean([np.mean(v["none"]["nll"]) for v in valid.values()])),
         "validation": table,
-        **analyse(task, names, partner, test),
-        "answers": {n: test[n]["answers"] for n in names},
+        "test": {
+            **analyse(task, names, partner, test),
+            "answers": {n: test[n]["answers"] for n in names},
+        },
+        **({"exploratory": extra} if extra else {}),
         "wall_time": f"{time.perf_counter() - began:.0f}s on {args.threads} thread(s) "
         "(cached classifiers and per-author results are not recomputed)",
     }
