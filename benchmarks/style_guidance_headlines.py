@@ -4,9 +4,11 @@ Headlines (``load_headlines``: authors with >= 20 articles; per author by date t
 are test queries, the 2 before them validation queries, up to 50 before those the
 history), SmolLM2, the bare headline prompt (no examples). Per author a style classifier
 as the product trains one (:mod:`fints.guidance.user_style`, ``StyleSettings``' defaults:
-the generator's first 10 layers, 8 epochs, 48 tokens): the author's history headlines
-(class ``own``) against a seeded sample of at most 256 of the other authors' history
-headlines (``other``); never a validation or test headline. Rows, paired per test query:
+the generator's first 10 layers, 8 epochs, 48 tokens, the classes weighted equally, a
+temperature fitted on the held-out fifth): the author's history headlines (class
+``own``) against a seeded sample of at most 256 of the other authors' history headlines
+(``other``); never a validation or test headline. The cache keys include the training
+settings, so classifiers trained otherwise are not reused. Rows, paired per test query:
 
 * none: plain decoding;
 * own: guided towards class ``own`` of the author's classifier, weight alpha;
@@ -235,6 +237,27 @@ def analyse(
     }
 
 
+def calibration_summary(clfs: dict[str, GuidanceClassifier]) -> dict[str, Any]:
+    """The fitted temperatures and the held-out class NLL before and after (per author and
+    summed up)."""
+    per = {n: c.config.metrics.get("calibration", {}) for n, c in clfs.items()}
+    temps = [c.temperature for c in clfs.values()]
+    before = [p["nll_before"] for p in per.values() if "nll_before" in p]
+    after = [p["nll_after"] for p in per.values() if "nll_after" in p]
+    return {
+        "temperature": {
+            "mean": float(np.mean(temps)),
+            "median": float(np.median(temps)),
+            "min": float(min(temps)),
+            "max": float(max(temps)),
+        },
+        "nll_before": float(np.mean(before)) if before else None,
+        "nll_after": float(np.mean(after)) if after else None,
+        "weighting": next((p.get("weighting") for p in per.values() if p), None),
+        "per_author": per,
+    }
+
+
 def fmt(value: float | None) -> str:
     return "inf" if value is None else f"{value:.4f}"
 
@@ -248,8 +271,12 @@ def markdown(result: dict[str, Any]) -> str:
         f"{result['users']} authors, {result['queries']} test queries "
         f"({result['valid_queries']} validation queries); classifiers: {result['classifier']}; "
         f"held-out text accuracy of the authors' classifiers: mean "
-        f"{result['classifier_accuracy']:.1%} (majority class: {result['classifier_chance']:.1%}).",
+        f"{result['classifier_accuracy']:.1%} (majority class: {result['classifier_chance']:.1%}; "
+        f"balanced accuracy, the mean of the two classes' recalls: "
+        f"{result['classifier_balanced_accuracy']:.1%} per text, "
+        f"{result['classifier_token_balanced_accuracy']:.1%} per token).",
         "",
+        *calibration_lines(result["calibration"]),
         f"Selection on validation ({SELECTION_RULE}): **{result['selected']}**.",
         "",
         "| setting | mean validation NLL | gold tokens dropped |",
@@ -271,6 +298,19 @@ def markdown(result: dict[str, Any]) -> str:
         ]
     lines += ["", f"Wall time: {result['wall_time']}", ""]
     return "\n".join(lines)
+
+
+def calibration_lines(c: dict[str, Any]) -> list[str]:
+    t = c["temperature"]
+    if c["nll_before"] is None:
+        return [f"Temperature: {t['mean']:.2f} (not calibrated).", ""]
+    return [
+        f"Temperature fitted on each author's held-out headlines (token-level class NLL, "
+        f"{c['weighting']} weighting): mean {t['mean']:.2f}, median {t['median']:.2f}, "
+        f"range {t['min']:.2f}-{t['max']:.2f}; held-out class NLL {c['nll_before']:.4f} "
+        f"before, {c['nll_after']:.4f} after (mean over authors, nats/token).",
+        "",
+    ]
 
 
 def block(b: dict[str, Any], users: int) -> list[str]:
@@ -336,7 +376,13 @@ def main() -> None:
     order = np.random.default_rng(args.seed).permutation(len(task.users))
     names = sorted(sorted(task.users)[i] for i in order[: args.authors])
     partner = derangement(names, args.seed)
-    base = tag(model.fingerprint, task.sha256, settings, "all authors' history as others")
+    base = tag(
+        model.fingerprint,
+        task.sha256,
+        settings,
+        settings.train_config().to_dict(),  # balanced classes, calibration: new cache keys
+        "all authors' history as others",
+    )
     args.cache.mkdir(parents=True, exist_ok=True)
 
     clfs: dict[str, GuidanceClassifier] = {}
@@ -344,7 +390,9 @@ def main() -> None:
         folder = args.cache / f"clf-{tag(base, name)}"
         clfs[name] = classifier(task, name, backbone, settings, folder)
         acc = clfs[name].config.metrics["test"]["text_accuracy"]
-        print(f"[{n + 1}/{len(names)}] {name}: classifier held-out {acc:.1%}, "
+        bal = clfs[name].config.metrics["test"].get("text_balanced_accuracy", float("nan"))
+        print(f"[{n + 1}/{len(names)}] {name}: classifier held-out {acc:.1%} "
+              f"(balanced {bal:.1%}), T {clfs[name].temperature:.2f}, "
               f"{time.perf_counter() - began:.0f}s", flush=True)  # fmt: skip
     settings_grid = grid(args)
     valid = {}
@@ -393,6 +441,13 @@ def main() -> None:
             np.mean([c.config.metrics["test"]["text_accuracy"] for c in clfs.values()])
         ),
         "classifier_chance": float(np.mean([c.config.metrics["chance"] for c in clfs.values()])),
+        "classifier_balanced_accuracy": float(
+            np.mean([c.config.metrics["test"]["text_balanced_accuracy"] for c in clfs.values()])
+        ),
+        "classifier_token_balanced_accuracy": float(
+            np.mean([c.config.metrics["test"]["token_balanced_accuracy"] for c in clfs.values()])
+        ),
+        "calibration": calibration_summary(clfs),
         "selection_rule": SELECTION_RULE,
         "selected": label(*chosen),
         "validation_none": float(np.mean([np.mean(v["none"]["nll"]) for v in valid.values()])),

@@ -4,6 +4,7 @@ bit-identical, the CLIPer formula, top-k rescoring, shared backbones and the KV 
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
 
 import pytest
@@ -182,3 +183,28 @@ def test_bad_weight_matrices_are_refused(
 ) -> None:
     with pytest.raises(InvalidInputError, match=match):
         spec([mood], [weights], [0])
+
+
+def test_guidance_divides_the_class_logits_by_the_temperature(
+    model: LoadedModel, mood: GuidanceClassifier
+) -> None:
+    """A classifier with temperature T guides with log_softmax(logits / T), for the full
+    vocabulary and for top-k candidates alike, and T changes what it adds."""
+    hot = GuidanceClassifier(replace(mood.config, temperature=4.0), mood.head, mood.backbone)
+    vocab = mood.embeddings.shape[0]
+    scores = torch.randn(2, vocab, generator=torch.Generator().manual_seed(2))
+    s = spec([hot], [[[0.7, 0, 0], [0.7, 0, 0]]], [0, 6])
+    out = first_step(GuidanceProcessor(s), scores)
+    h = lead_hidden(mood)
+    log_p = (mood.head.full(h, mood.embeddings) / 4.0).log_softmax(-1)[0, :, 0]
+    torch.testing.assert_close(
+        out[0], scores[0].log_softmax(-1) + 0.7 * log_p, rtol=1e-4, atol=1e-4
+    )
+    top = scores[1].topk(6).indices
+    want = scores[1].log_softmax(-1)[top] + 0.7 * log_p[top]
+    torch.testing.assert_close(out[1, top], want, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(
+        hot.log_probs_candidates(h, top[None]), hot.log_probs_full(h)[:, top], rtol=1e-5, atol=1e-5
+    )
+    cold = first_step(GuidanceProcessor(spec([mood], [[[0.7, 0, 0], [0.7, 0, 0]]], [0, 6])), scores)
+    assert (cold[0] - out[0]).abs().max() > 1e-2  # T = 1 would guide differently

@@ -4,7 +4,9 @@ user, and refused with a clear error when there is too little history (tiny llam
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -17,7 +19,7 @@ from fints.guidance.classifier import read_config
 from fints.guidance.library import ClassifierLibrary
 from fints.guidance.mode import GuidanceMode
 from fints.guidance.preferences import Preferences
-from fints.guidance.user_style import StyleSettings, style_folder
+from fints.guidance.user_style import StyleSettings, style_folder, style_is_current
 from fints.history import HistoryItem
 from fints.models import LoadedModel
 from fints.steering import SteeringConfig
@@ -109,3 +111,37 @@ def test_too_little_history_is_a_clear_error_and_stores_nothing(engine: Personal
         ask(engine, None)
     with pytest.raises(InvalidInputError, match="takes one class, 'own'"):
         ask(engine, "ann", Preferences({"own-style": {"ann": 1.0}}))
+
+
+def test_it_is_balanced_and_calibrated_and_one_trained_before_that_is_retrained(
+    engine: Personalizer,
+) -> None:
+    """The kept classifier records its class balance and temperature; one that does not
+    (trained before they existed) is not reused but trained again, the same history."""
+    ask(engine, "ann")
+    folder = style_folder(engine.store, "default", "ann")
+    config = read_config(folder)
+    settings = config.metrics["settings"]
+    assert settings["balanced"] is True and settings["calibrate"] is True
+    cal = config.metrics["calibration"]
+    assert cal["on"] == "test" and config.temperature == pytest.approx(cal["temperature"], 1e-3)
+    assert cal["nll_after"] <= cal["nll_before"]
+    assert "text_balanced_accuracy" in config.metrics["test"]
+    mode = next(m for m in engine.modes if isinstance(m, GuidanceMode))
+    backbone = mode.library.backbone_of(engine.model, 2)
+    assert style_is_current(engine.store, "default", "ann", backbone, mode.style)
+    old = json.loads((folder / "classifier.json").read_text())
+    for key in ("balanced", "calibrate", "calibration_share"):
+        del old["metrics"]["settings"][key]
+    del old["metrics"]["calibration"], old["temperature"]
+    (folder / "classifier.json").write_text(json.dumps(old))
+    assert read_config(folder).temperature == 1.0  # an old file still loads
+    assert not style_is_current(engine.store, "default", "ann", backbone, mode.style)
+    ask(engine, "ann")
+    again = read_config(folder)
+    assert again.metrics["settings"]["balanced"] is True and "calibration" in again.metrics
+    assert again.temperature == config.temperature  # retrained the same way (seeded)
+    unbalanced = replace(mode.style, balanced=False)
+    assert not style_is_current(engine.store, "default", "ann", backbone, unbalanced)
+    longer = replace(mode.style, epochs=5)  # other settings keep a classifier current
+    assert style_is_current(engine.store, "default", "ann", backbone, longer)

@@ -10,6 +10,9 @@ backbone's own (frozen) token embeddings E so that it stays small:
 (``U``: classes x hidden x hidden, ``a``: classes x hidden). A full hidden x (vocab x
 classes) matrix would be 255M numbers for 9 classes on SmolLM2's 49,152 tokens, more
 than the backbone. Saved as ``head.safetensors`` + ``classifier.json`` in a folder.
+
+The class probabilities are ``softmax(logit / T)`` with the config's ``temperature`` T,
+fitted after training on held-out texts (1: as trained; files from before it load so).
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ import copy
 import hashlib
 import inspect
 import json
+import math
 from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -55,6 +59,7 @@ class ClassifierConfig:
     hidden_size: int
     lead_ids: tuple[int, ...]  # what the classifier reads before the first new token
     metrics: dict[str, Any] = field(default_factory=dict)
+    temperature: float = 1.0  # class logits are divided by it (fitted on held-out texts)
     format: int = FORMAT
 
     def __post_init__(self) -> None:
@@ -64,6 +69,12 @@ class ClassifierConfig:
             raise InvalidInputError(f"a classifier needs layers >= 1, got {self.layers}")
         if not self.lead_ids:
             raise InvalidInputError("a classifier needs lead_ids: at least one lead token")
+        t = self.temperature
+        if isinstance(t, bool) or not isinstance(t, int | float) or not math.isfinite(t) or t <= 0:
+            raise InvalidInputError(
+                f"a classifier's temperature must be a finite number > 0, got {t!r}",
+                param="temperature",
+            )
 
     @property
     def backbone_key(self) -> tuple[str, int]:
@@ -111,6 +122,14 @@ class ClassifierConfig:
                     param=name,
                 )
         data = {**data, "classes": tuple(data["classes"]), "lead_ids": tuple(data["lead_ids"])}
+        if "temperature" in data:
+            t = data["temperature"]
+            if isinstance(t, bool) or not isinstance(t, int | float):
+                raise InvalidInputError(
+                    f"classifier config: temperature must be a number, got {t!r}",
+                    param="temperature",
+                )
+            data["temperature"] = float(t)
         return cls(**data)
 
 
@@ -232,13 +251,19 @@ class GuidanceClassifier:
                 param="preferences",
             )
 
+    @property
+    def temperature(self) -> float:
+        return self.config.temperature
+
     def log_probs_full(self, hidden: torch.Tensor) -> torch.Tensor:
-        """``[rows, hidden]`` -> ``log p(c | prefix, v)`` ``[rows, vocab, classes]``."""
-        return self.head.full(hidden, self.embeddings).log_softmax(-1)
+        """``[rows, hidden]`` -> ``log p(c | prefix, v)`` ``[rows, vocab, classes]``
+        (the head's logits divided by the temperature)."""
+        return (self.head.full(hidden, self.embeddings) / self.temperature).log_softmax(-1)
 
     def log_probs_candidates(self, hidden: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         """``[rows, hidden]`` and candidate ids ``[rows, k]`` -> ``[rows, k, classes]``."""
-        return self.head.candidates(hidden, self.embeddings[ids]).log_softmax(-1)
+        logits = self.head.candidates(hidden, self.embeddings[ids])
+        return (logits / self.temperature).log_softmax(-1)
 
     def save(self, folder: str | Path) -> Path:
         folder = Path(folder)

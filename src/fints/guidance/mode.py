@@ -165,7 +165,7 @@ class GuidanceMode:
     ) -> GuidanceClassifier:
         """The row's user's style classifier, trained now if missing or out of date."""
         backbone = self.library.backbone_of(model, style_layers(model, self.style))
-        if not style_is_current(store, owner.tenant, owner.user, backbone):
+        if not style_is_current(store, owner.tenant, owner.user, backbone, self.style):
             train_user_style(store, backbone, owner.tenant, owner.user, self.style)
         return self.library.load(style_folder(store, owner.tenant, owner.user))
 

@@ -37,32 +37,59 @@ OWN_STYLE, OWN = "own-style", "own"
 @dataclass(frozen=True)
 class StyleSettings:
     """How a user's style classifier is trained (``fints guidance train-style``'s
-    defaults: the first 10 layers, 8 epochs over the first 48 tokens of each output)."""
+    defaults: the first 10 layers, 8 epochs over the first 48 tokens of each output, the
+    two classes weighted equally, a temperature fitted on the held-out fifth)."""
 
     layers: int = 10
     epochs: int = 8
     max_tokens: int = 48
     max_others: int = 256  # other users' outputs sampled for the "other" class
     seed: int = 0
+    balanced: bool = True  # the user's few outputs weigh as much as the others' many
+    calibrate: bool = True  # temperature-scaled on the held-out outputs
 
     def train_config(self) -> TrainConfig:
-        return TrainConfig(max_tokens=self.max_tokens, epochs=self.epochs, seed=self.seed)
+        return TrainConfig(
+            max_tokens=self.max_tokens,
+            epochs=self.epochs,
+            seed=self.seed,
+            balanced=self.balanced,
+            calibrate=self.calibrate,
+        )
+
+
+#: The training settings a kept classifier must share with the ones asked for to be
+#: reused (what makes its probabilities usable for guidance); classifiers trained before
+#: they existed lack them and are retrained. Others (epochs, tokens) may differ: a
+#: classifier trained ahead with ``fints guidance train-style --epochs 12`` is kept.
+CURRENT_SETTINGS = ("balanced", "calibrate")
 
 
 def style_folder(store: Store, tenant: str, user: str) -> Path:
     return store.files_dir(tenant, user) / STYLE_DIR
 
 
-def style_is_current(store: Store, tenant: str, user: str, backbone: Backbone) -> bool:
+def style_is_current(
+    store: Store,
+    tenant: str,
+    user: str,
+    backbone: Backbone,
+    settings: StyleSettings | None = None,
+) -> bool:
     """Whether the user has a style classifier on ``backbone`` trained on their history
-    as it is now."""
+    as it is now, with ``settings``' :data:`CURRENT_SETTINGS` (class balance, calibration)."""
     folder = style_folder(store, tenant, user)
     if not (folder / CONFIG_FILE).is_file():
         return False
     config = read_config(folder)
     data = config.metrics.get("data", {})
-    return config.backbone_key == backbone.key and bool(
-        data.get("history") == _history_digest(store.items(tenant, user))
+    kept = config.metrics.get("settings", {})
+    wanted = (settings or StyleSettings()).train_config().to_dict()
+    return (
+        config.backbone_key == backbone.key
+        and data.get("history") == _history_digest(store.items(tenant, user))
+        and isinstance(kept, dict)
+        and all(kept.get(k) == wanted[k] for k in CURRENT_SETTINGS)
     )
 
 
