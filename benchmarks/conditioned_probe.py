@@ -196,7 +196,7 @@ def main() -> None:
     parser.add_argument("--vector-cache", type=Path, default=VECTORS)
     # W
     parser.add_argument("--ranks", default="4,16")
-    parser.add_argument("--checkpoints", default="25,50,100", help="stopping steps tried")
+    parser.add_argument("--checkpoints", default="25,50,100", help="stopping steps tried (one run)")
     parser.add_argument("--w-lr", type=float, default=1e-2)
     parser.add_argument("--l2", type=float, default=1e-3, help="on the mean ||W e||^2")
     parser.add_argument("--batch-size", type=int, default=16)
