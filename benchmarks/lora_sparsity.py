@@ -24,7 +24,9 @@ kept share, lr 1e-3, 2 epochs, stored with the task part), Fints = shared + per-
 delta (the product's user stage: 4 Adam steps, lr 0.05, batch 16, no early stopping,
 from the shared vector), and with ``--dictionary`` the context-contrast dictionary
 (``Personalizer.build``, the paper's method, retrieval per query). Rows that do not
-depend on the fraction: none, task LoRA, shared vector.
+depend on the fraction: none, task LoRA, shared vector. Control: other author's LoRA (each
+author's queries under another author's adapter of the same share, the derangement of
+``trained_probe.wrong_users``): how much of the LoRA's gain is the author, not training.
 
 Pre-registered comparisons (Holm over these eight; a - b, < 0: a better):
 
@@ -33,14 +35,15 @@ Pre-registered comparisons (Holm over these eight; a - b, < 0: a better):
 7.   Fints at 5 % - Fints at 100 % (does Fints drop?);
 8.   (Fints 5 % - Fints 100 %) - (LoRA 5 % - LoRA 100 %): Fints holds up where the LoRA drops.
 
-Reported without correction: per-user LoRA - task LoRA and Fints - shared (and dictionary
-- none) at each fraction. Intervals: 95 % bootstrap resampling authors, sign-flip p over
-authors, MDE at 80 % power (``lora_vs_vector.user_stats``). Per author and fraction:
-training seconds (one thread), adapter bytes vs vector bytes. Results are cached per
-(author, fraction, row) under ``--out``/cache (with the store holding the adapters), so a
-rerun resumes.
+Reported without correction: per-user LoRA - task LoRA, - other author's LoRA, Fints -
+shared (and dictionary - none) at each fraction. Intervals: 95 % bootstrap resampling
+authors, sign-flip p over authors, MDE at 80 % power (``lora_vs_vector.user_stats``). Per
+author and fraction: training seconds (one thread), adapter bytes vs vector bytes. Results
+are cached per (author, fraction, row) under ``--out``/cache (with the store holding the
+adapters), so a rerun resumes.
 
-    OMP_NUM_THREADS=1 nice -n 10 .venv/bin/python benchmarks/lora_sparsity.py --authors 12
+    OMP_NUM_THREADS=1 nice -n 10 .venv/bin/python benchmarks/lora_sparsity.py --authors 12 \
+        --dictionary
 """
 
 from __future__ import annotations
@@ -62,7 +65,7 @@ import numpy as np
 import torch
 from lora_headlines import DATA, Scorer
 from lora_vs_vector import read_json, shared_rows, user_stats, write_json
-from trained_probe import cached_training
+from trained_probe import cached_training, wrong_users
 from trained_report import comparison_line
 
 from fints.adapters.config import LoraTrainConfig
@@ -83,6 +86,7 @@ OUT = Path("benchmarks/results/lora-sparsity")
 FRACTIONS = (0.05, 0.10, 0.25, 0.50, 1.00)
 TENANT, TASK = "default", "headlines"
 LORA, FINTS, DICT = "per-user LoRA", "Fints (shared + delta)", "Fints dictionary (context)"
+OTHER = "other author's LoRA"  # control: another author's adapter of the same fraction
 FIXED_ROWS = ("none", "task LoRA", "shared vector")
 FILES = {LORA: "lora", FINTS: "fints", DICT: "dict"}  # cache file prefixes
 #: the cost table: label -> (row, field of its cells)
@@ -156,6 +160,8 @@ def summary(fractions: list[float], scores: dict[str, np.ndarray]) -> dict[str, 
     pre = list(pairs)
     for f in fractions:
         pairs[f"per-user LoRA - task LoRA @ {f:g}"] = (at(LORA, f), at("task LoRA", f))
+        if f"{OTHER} @ {f:g}" in scores:
+            pairs[f"per-user LoRA - {OTHER} @ {f:g}"] = (at(LORA, f), at(OTHER, f))
         pairs[f"Fints - shared vector @ {f:g}"] = (at(FINTS, f), at("shared vector", f))
         if f"{DICT} @ {f:g}" in scores:
             pairs[f"Fints dictionary - none @ {f:g}"] = (at(DICT, f), at("none", f))
@@ -179,7 +185,7 @@ def markdown(result: dict[str, Any]) -> str:
     means = result["mean_nll"]
     nll = {
         row: [means.get(f"{row} @ {f:g}", means.get(row)) for f in fractions]
-        for row in [*FIXED_ROWS, LORA, FINTS, DICT]
+        for row in [*FIXED_ROWS, LORA, OTHER, FINTS, DICT]
         if row in means or f"{row} @ {fractions[0]:g}" in means
     }
     cost = {
@@ -216,12 +222,13 @@ def plot(result: dict[str, Any], path: Path) -> None:
     fractions, means = result["fractions"], result["mean_nll"]
     fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.2))
     colors = {"none": "grey", "task LoRA": "C0", "shared vector": "C1", LORA: "C0", FINTS: "C1"}
+    colors |= {DICT: "C2", OTHER: "C9"}
     for row in FIXED_ROWS:
         left.axhline(means[row], linestyle="--", linewidth=1, label=row, color=colors[row])
-    for row in (LORA, FINTS, DICT):
+    for row in (LORA, OTHER, FINTS, DICT):
         if f"{row} @ {fractions[0]:g}" in means:
             ys = [means[f"{row} @ {f:g}"] for f in fractions]
-            left.plot(fractions, ys, "o-", color=colors.get(row, "C2"), label=row)
+            left.plot(fractions, ys, "o-", color=colors[row], label=row)
     left.set_ylabel("mean per-token NLL of the gold headline")
     shown = ("per-user LoRA - task LoRA", "Fints - shared vector", "Fints dictionary - none")
     for name, color, dx in zip(shown, ("C0", "C1", "C2"), (0.96, 1.0, 1.04), strict=True):
@@ -238,7 +245,8 @@ def plot(result: dict[str, Any], path: Path) -> None:
         ax.set_xscale("log")
         ax.set_xticks(fractions, [f"{f * 100:g}%" for f in fractions])
         ax.set_xlabel("share of the history (most recent)")
-        ax.legend(fontsize=8)
+    left.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, 0.93))
+    right.legend(fontsize=8)
     per = result["queries"] // result["authors"]
     fig.suptitle(f"Headlines, SmolLM2, {result['authors']} authors x {per} test headlines")
     fig.tight_layout()
@@ -277,6 +285,15 @@ class Bench:
             "user_part_bytes": done.trained.weights.parameters * 4,
             "epoch_losses": done.trained.epoch_losses,
         }
+
+    def other(self, user: str, queries: list[Any]) -> dict[str, Any]:
+        """``queries`` under ``user``'s stored adapter (trained before)."""
+        stored = self.job.adapters.user_adapter(TENANT, user)
+        assert stored is not None, user
+        name = self.scorer.host.load(stored.folder)
+        nll = self.scorer.nll(queries, name, None)
+        self.scorer.host.unload(name)
+        return {"nll": nll}
 
     def fints(self, user: str, queries: list[Any], items: list[Any]) -> dict[str, Any]:
         """Shared + delta: the product's user stage from the shared vector."""
@@ -398,6 +415,15 @@ def main() -> None:
                   + " ".join(f"{r} {np.mean(c['nll']):.4f} ({c['seconds']:.0f}s)"
                              for r, c in cell.items())
                   + f"; {time.perf_counter() - start:.0f}s", flush=True)  # fmt: skip
+    # the control: each author's queries under another author's adapter of the same share
+    other = wrong_users(list(evaluated), 0)
+    for author, split in evaluated.items():
+        for f in fractions:
+            key = hashlib.sha256(f"{prefix}|{author}|{other[author]}|{f}".encode()).hexdigest()
+            scores.setdefault(f"{OTHER} @ {f:g}", []).append(
+                cached(cache / f"other-{key[:12]}.json",
+                       partial(bench.other, f"{other[author]} [{f * 100:g}%]", split.test))["nll"]
+            )  # fmt: skip
     store.close()
 
     arrays = {k: np.array(v) for k, v in scores.items()}
@@ -428,10 +454,16 @@ def main() -> None:
         "per_author": per_author,
         "per_query_nll": {k: v.tolist() for k, v in arrays.items()},
         "names": list(evaluated),
+        "other_author": other,
         "notes": [
             f"task LoRA: {task_meta['items']} items of the other authors, "
             f"{task_meta['seconds']:.0f} s to train (2 epochs), {task_meta['bytes']:,} bytes",
-            f"wall time {time.perf_counter() - start:.0f} s on {args.threads} thread(s) "
+            "training and extraction summed over the cells (one thread): "
+            + ", ".join(
+                f"{r} {sum(c[r]['seconds'] for a in per_author.values() for c in a.values()):.0f} s"
+                for r in methods
+            ),
+            f"this invocation: {time.perf_counter() - start:.0f} s on {args.threads} thread(s) "
             "(cached cells are not recomputed)",
         ],
     }
