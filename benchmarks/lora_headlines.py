@@ -42,6 +42,7 @@ from fints.adapters.jobs import Job, train_task, train_users
 from fints.benchmark.stats import user_bootstrap
 from fints.benchmark.tasks import SplitConfig, Task, load_headlines
 from fints.engine import GenerationRequest, Personalizer
+from fints.extraction.config import ExtractionConfig
 from fints.models import LoadedModel, load_model
 from fints.modes import SteeringAddition
 from fints.prompts import build_prompt_ids, get_template
@@ -234,7 +235,9 @@ def main() -> None:
     task = load_task(args)
     with tempfile.TemporaryDirectory() as tmp:
         store = Store(Path(tmp) / "store.sqlite")
-        engine = Personalizer(model, store, template="headline")
+        # the paper's context contrast, as measured (the product's default is "trained")
+        extraction = ExtractionConfig.for_model(model.num_layers, method="context")
+        engine = Personalizer(model, store, template="headline", extraction=extraction)
         timings: dict[str, dict[str, float]] = {}
         for user in sorted(task.users):
             t0 = time.perf_counter()
