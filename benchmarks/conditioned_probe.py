@@ -77,6 +77,7 @@ class Conditioner(torch.nn.Module):
         q, _ = torch.linalg.qr(torch.randn(dim, rank, generator=g))
         self.A = torch.nn.Parameter(q.T * (dim / rank) ** 0.5)  # |A z| ~ |z| for random z
         self.B = torch.nn.Parameter(torch.zeros(hidden, rank))
+        self.mu: torch.Tensor
         self.register_buffer("mu", mu.clone())
         self.scale = scale
 
@@ -110,7 +111,8 @@ def train_conditioner(
             state = capture_below(model, piece, site.layer)
             batches.append((piece, state, torch.stack([e for _, e in chunk])))
     optimizer = torch.optim.Adam(net.parameters(), lr=args.w_lr)
-    rng, order, losses = random.Random(args.seed + 1), [], []
+    rng, losses = random.Random(args.seed + 1), []
+    order: list[int] = []
     out, start = {}, time.perf_counter()
     for step in range(1, max(args.checkpoints) + 1):
         if not order:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import time
+from typing import Any
 
 import torch
 
@@ -53,10 +54,10 @@ def main() -> None:
     args = parser.parse_args()
     model = load_model(dtype=args.dtype)
     tok = model.tokenizer
-    prompts = []
+    prompts: list[list[int]] = []
     for question in QUESTIONS:
         chat = [{"role": "user", "content": question}]
-        ids = tok.apply_chat_template(chat, add_generation_prompt=True)
+        ids: Any = tok.apply_chat_template(chat, add_generation_prompt=True)
         prompts.append(list(ids["input_ids"] if hasattr(ids, "keys") else ids))
     n = args.slices * args.slice_tokens
     began = time.perf_counter()
