@@ -102,6 +102,14 @@ def _show(config: dict[str, Any], path: Path) -> None:
             f"text {t['text_accuracy']:.1%}, token {t['token_accuracy']:.1%} "
             f"({t['texts']} texts; chance {m['chance']:.1%})",
         )
+    if "calibration" in m:  # the temperature guidance divides the class logits by
+        c = m["calibration"]
+        how = (
+            f"held-out class NLL {c['nll_before']:.3f} -> {c['nll_after']:.3f}"
+            if "nll_before" in c
+            else c.get("skipped", "not fitted")
+        )
+        table.add_row("temperature", f"{c['temperature']:g} ({how})")
     console.print(table)
 
 

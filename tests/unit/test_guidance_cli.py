@@ -62,6 +62,8 @@ def test_train_style_saves_a_users_style_classifier(tmp_path: Path) -> None:
     assert config.classes == ("other", "own") and config.layers == 2
     assert config.metrics["test"]["texts"] == 4  # a fifth of each side held out
     assert config.metrics["data"]["own"] == 10 and config.metrics["data"]["others"] == 10
+    fitted = config.metrics["calibration"]["temperature"]
+    assert "temperature" in out.output and f"{fitted:g} (held-out class NLL" in out.output
     assert ClassifierLibrary(classifiers).names() == []
     out = runner.invoke(app, [*args, "--name", "pirate-style"])  # a named copy as well
     assert out.exit_code == 0, out.output
