@@ -71,6 +71,7 @@ def _train_and_save(
     epochs: int,
     classifiers: Path | None,
     extra: dict[str, Any],
+    calibrated: bool = True,
 ) -> None:
     from fints.guidance.classifier import Backbone
     from fints.guidance.library import ClassifierLibrary
@@ -79,7 +80,9 @@ def _train_and_save(
 
     with console.status(f"loading backbone {model or 'smollm2'}"):
         backbone = Backbone(load_model(model, dtype="float32"), layers, owned=True)
-    config = TrainConfig(max_tokens=max_tokens, epochs=epochs)
+    config = TrainConfig(
+        max_tokens=max_tokens, epochs=epochs, balanced=calibrated, calibrate=calibrated
+    )
     with _progress() as update:
         clf = train_classifier(name, backbone, train, test, config, update, extra)
     path = ClassifierLibrary(classifiers).save(clf)
@@ -125,6 +128,14 @@ def train_moods(
     max_tokens: MaxTokensOpt = 48,
     epochs: EpochsOpt = 4,
     classifiers: ClassifiersOpt = None,
+    calibrated: Annotated[
+        bool,
+        typer.Option(
+            "--calibrated/--uncalibrated",
+            help="class-balanced loss and a temperature fitted on the held-out prompts "
+            "(--uncalibrated: as the classifiers of BENCHMARKS.md's mood tables were trained)",
+        ),
+    ] = True,
 ) -> None:
     """Train a mood (or length) classifier on moodswapper pairs; test on held-out prompts."""
     from fints.guidance.recipes import HELD_OUT_SHARE, length_labels, read_moods, split_texts
@@ -134,8 +145,9 @@ def train_moods(
     train, test = split_texts(labelled, labels, per_mood, test_per_mood)
     extra = {"recipe": "length" if length else "moods", "held_out_share": HELD_OUT_SHARE}
     _train_and_save(
-        name, train, test, model, layers, max_tokens, epochs, classifiers, {"data": extra}
-    )
+        name, train, test, model, layers, max_tokens, epochs, classifiers, {"data": extra},
+        calibrated,
+    )  # fmt: skip
 
 
 @guidance_app.command("train-style")

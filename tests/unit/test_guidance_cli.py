@@ -70,3 +70,23 @@ def test_train_style_saves_a_users_style_classifier(tmp_path: Path) -> None:
     assert ClassifierLibrary(classifiers).config("pirate-style").classes == ("other", "own")
     out = runner.invoke(app, [*args[:2], "nobody", *args[3:]])
     assert out.exit_code != 0 and "unknown user 'nobody'" in out.output
+
+
+def test_train_moods_calibrates_unless_told_not_to(tmp_path: Path) -> None:
+    """--uncalibrated trains as the mood tables' classifiers were (T = 1, unweighted)."""
+    model = tiny_llama()
+    folder = tmp_path / "tiny-model"
+    model.model.save_pretrained(folder)
+    model.tokenizer.save_pretrained(folder)
+    classifiers = tmp_path / "classifiers"
+    args = ["guidance", "train-moods", "--model", str(folder), "--layers", "2", "--epochs", "1"]
+    args += ["--per-mood", "3", "--test-per-mood", "2", "--classifiers", str(classifiers)]
+    for flag, name in (("--calibrated", "calibrated"), ("--uncalibrated", "plain")):
+        out = runner.invoke(app, [*args, flag, "--name", name])
+        assert out.exit_code == 0, out.output
+    library = ClassifierLibrary(classifiers)
+    calibrated, plain = library.config("calibrated"), library.config("plain")
+    assert calibrated.metrics["settings"]["calibrate"] and calibrated.temperature != 1
+    assert "calibration" in calibrated.metrics
+    assert plain.temperature == 1 and not plain.metrics["settings"]["balanced"]
+    assert "calibration" not in plain.metrics
