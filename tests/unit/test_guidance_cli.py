@@ -20,6 +20,15 @@ from tests.unit.guidance_fixtures import random_classifier
 runner = CliRunner()
 
 
+def saved_tiny_model(tmp_path: Path) -> Path:
+    """A tiny random llama saved as a model folder the commands can load."""
+    model = tiny_llama()
+    folder = tmp_path / "tiny-model"
+    model.model.save_pretrained(folder)
+    model.tokenizer.save_pretrained(folder)
+    return folder
+
+
 def test_list_shows_the_saved_classifiers(tmp_path: Path) -> None:
     backbone = Backbone(tiny_llama(), layers=2)
     library = ClassifierLibrary(tmp_path)
@@ -40,10 +49,7 @@ def test_a_bad_prefer_flag_is_one_clear_error(tmp_path: Path) -> None:
 
 
 def test_train_style_saves_a_users_style_classifier(tmp_path: Path) -> None:
-    model = tiny_llama()
-    folder = tmp_path / "tiny-model"
-    model.model.save_pretrained(folder)
-    model.tokenizer.save_pretrained(folder)
+    folder = saved_tiny_model(tmp_path)
     store = tmp_path / "store.sqlite"
     with Store(store) as db:
         db.add_items(
@@ -74,10 +80,7 @@ def test_train_style_saves_a_users_style_classifier(tmp_path: Path) -> None:
 
 def test_train_moods_calibrates_unless_told_not_to(tmp_path: Path) -> None:
     """--uncalibrated trains as the mood tables' classifiers were (T = 1, unweighted)."""
-    model = tiny_llama()
-    folder = tmp_path / "tiny-model"
-    model.model.save_pretrained(folder)
-    model.tokenizer.save_pretrained(folder)
+    folder = saved_tiny_model(tmp_path)
     classifiers = tmp_path / "classifiers"
     args = ["guidance", "train-moods", "--model", str(folder), "--layers", "2", "--epochs", "1"]
     args += ["--per-mood", "3", "--test-per-mood", "2", "--classifiers", str(classifiers)]

@@ -52,8 +52,10 @@ from fints.serving.metrics import ServingMetrics
 from fints.serving.slicing import (
     Row,
     cost,
+    keep_state,
     kept_bytes,
     pick_fair,
+    prefill_chunk,
     remember,
     sliceable,
     tenant_of,
@@ -375,7 +377,8 @@ class Batcher:
         prepared = origin.select([row.index for row in group])
         state = group[0].state  # the group's rows share it (see _run_round)
         carry = KvCarry(state.select([row.kv[1] for row in group if row.kv]) if state else None)
-        if sliced and self._prefill(group, prepared, carry, budget):
+        backend = self.personalizer.backend
+        if sliced and prefill_chunk(backend, group, prepared, carry, budget, self.prefill_tokens):
             return group  # its prompts partly read: the rest, and decoding, in later rounds
         size = len(group)
         m.batch_size.observe(size)
@@ -420,42 +423,8 @@ class Batcher:
             m.prompt_tokens.inc(result.prompt_tokens)
             m.generations.labels(steered=str(result.steered).lower()).inc()
             row.job.emit(Done(result, size))
-        self._keep(carry, group, unfinished, budget)
+        keep_state(carry, group, unfinished, budget)
         return unfinished
-
-    def _prefill(
-        self, group: list[Row], prepared: PreparedBatch, carry: KvCarry, budget: list[int]
-    ) -> bool:
-        """Read the next ``prefill_tokens`` ids of the group's prompts, if more than that
-        are unread and the state can be kept; whether it did (else the group decodes, going
-        on from ``carry``)."""
-        unread = carry.state.unread if carry.state else max(len(row.prompt) for row in group)
-        if not (self.prefill_tokens and group[0].sliceable and unread > self.prefill_tokens):
-            return False
-        prompts = [row.prompt for row in group]
-        backend = self.personalizer.backend
-        read = backend.prefill(prompts, prepared.additions, carry, self.prefill_tokens)
-        return read and self._keep(carry, group, group, budget)
-
-    @staticmethod
-    def _keep(carry: KvCarry, group: list[Row], unfinished: list[Row], budget: list[int]) -> bool:
-        """Give the ``unfinished`` rows of ``group`` the state their slice stopped at, if
-        the backend left one and ``budget[0]`` (bytes) holds it (whether it did); else
-        none, and ``carry.state`` is left as it was."""
-        for row in unfinished:
-            row.kv = None
-        state = carry.state
-        if state is None or not unfinished:
-            return False
-        size = state.nbytes * len(unfinished) // state.rows  # every row holds as many ids
-        if size > budget[0]:
-            return False
-        at = {id(row): i for i, row in enumerate(group)}
-        kept = state.select([at[id(row)] for row in unfinished])
-        budget[0] -= size
-        for i, row in enumerate(unfinished):
-            row.kv = (kept, i)
-        return True
 
 
 def _delta_sink(job: GenerationJob) -> Callable[[str], None]:

@@ -33,7 +33,8 @@ from collections.abc import Callable, Hashable, Iterable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, TypeVar
 
-from fints.decode_state import DecodeState
+from fints.backends import Backend
+from fints.decode_state import DecodeState, KvCarry
 from fints.engine import PreparedBatch
 from fints.generation import Completion, GenerationOptions, completion_text
 from fints.modes import SteeringAddition
@@ -121,6 +122,44 @@ def kept_bytes(rows: Iterable[Row]) -> int:
     """The bytes of the decoding states ``rows`` hold (each state counted once)."""
     states = {id(state): state for row in rows if (state := row.state) is not None}
     return sum(state.nbytes for state in states.values())
+
+
+def keep_state(carry: KvCarry, group: list[Row], unfinished: list[Row], budget: list[int]) -> bool:
+    """Give the ``unfinished`` rows of ``group`` the state their slice stopped at, if the
+    backend left one and ``budget[0]`` (bytes) holds it (whether it did; the budget is
+    charged); else none, and ``carry.state`` is left as it was."""
+    for row in unfinished:
+        row.kv = None
+    state = carry.state
+    if state is None or not unfinished:
+        return False
+    size = state.nbytes * len(unfinished) // state.rows  # every row holds as many ids
+    if size > budget[0]:
+        return False
+    at = {id(row): i for i, row in enumerate(group)}
+    kept = state.select([at[id(row)] for row in unfinished])
+    budget[0] -= size
+    for i, row in enumerate(unfinished):
+        row.kv = (kept, i)
+    return True
+
+
+def prefill_chunk(
+    backend: Backend,
+    group: list[Row],
+    prepared: PreparedBatch,
+    carry: KvCarry,
+    budget: list[int],
+    tokens: int | None,
+) -> bool:
+    """Read the next ``tokens`` ids of the group's prompts (``prepared``: its rows), if
+    more than that are unread and the state can be kept; whether it did (else the group
+    decodes now, going on from ``carry``)."""
+    unread = carry.state.unread if carry.state else max(len(row.prompt) for row in group)
+    if not (tokens and group[0].sliceable and unread > tokens):
+        return False
+    read = backend.prefill([row.prompt for row in group], prepared.additions, carry, tokens)
+    return read and keep_state(carry, group, group, budget)
 
 
 def tenant_of(item: Row | GenerationJob) -> Hashable:
