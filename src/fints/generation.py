@@ -217,10 +217,8 @@ def prefill_batch(
     the last id for ``generate``; False when there was nothing left to read this way."""
     state = carry.state
     if state is None:
-        state = DecodeState(*pad_batch(prompts, model.tokenizer.pad_token_id, side="left"), None)
-        state = DecodeState(
-            state.sequences.to(model.device), state.attention.to(model.device), None
-        )
+        ids, mask = pad_batch(prompts, model.tokenizer.pad_token_id, side="left")
+        state = DecodeState(ids.to(model.device), mask.to(model.device), None)
     else:
         state.check(prompts)
     start, end = state.read, min(state.read + tokens, state.sequences.shape[1] - 1)
