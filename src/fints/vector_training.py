@@ -77,7 +77,9 @@ class TrainingConfig:
         }
         bad = [name for name, ok in checks.items() if not ok]
         if bad:
-            raise InvalidInputError(f"invalid training config field(s) {bad}: {self.to_dict()}")
+            raise InvalidInputError(
+                f"invalid training config field(s) {bad}: {self.to_dict()}", param=bad[0]
+            )
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -89,14 +89,15 @@ def test_a_new_engine_server_and_cli_default_to_trained(
 
 
 def shared_trainings(monkeypatch: pytest.MonkeyPatch) -> list[int]:
-    """The number of examples of every training of a shared vector from now on."""
+    """The number of examples (trained on and held out) of every training of a shared
+    vector from now on."""
     shared = TrainedConfig().training("shared")
     calls: list[int] = []
     train = trained_module.training_steps
 
     def counting(model: Any, sites: Any, examples: Any, **kwargs: Any) -> Any:
         if kwargs.get("config") == shared:
-            calls.append(len(examples))
+            calls.append(len(examples) + len(kwargs.get("valid") or []))
         return train(model, sites, examples, **kwargs)
 
     monkeypatch.setattr(trained_module, "training_steps", counting)

@@ -128,7 +128,8 @@ def test_per_item_refinement_gives_each_entry_its_own_vector(
 @pytest.mark.parametrize(
     ("field", "value"),
     [("steps", 0), ("incremental_steps", 0), ("shared_steps", -1), ("pool", -1), ("replay", -2),
-     ("item_lr", 0.0), ("shared_lr", -1.0)],
+     ("item_lr", 0.0), ("shared_lr", -1.0), ("shared_patience", 0),
+     ("shared_valid_fraction", 1.0)],
 )  # fmt: skip
 def test_bad_trained_settings_are_refused_with_their_name(field: str, value: float) -> None:
     with pytest.raises(InvalidInputError) as err:
@@ -172,3 +173,45 @@ def test_a_first_build_in_steps_yields_between_training_pieces_and_stores_the_sa
         a, b = whole.dictionary("ann"), engine.dictionary("ann")
         assert a is not None and b is not None and a.item_ids == b.item_ids
         torch.testing.assert_close(a.vectors, b.vectors, rtol=1e-4, atol=1e-5)
+
+
+def test_the_shared_vector_keeps_its_best_step_on_held_out_pool_items(tiny: LoadedModel) -> None:
+    """The shared vector trains on the pool but a held-out share, and keeps the step of
+    that training that fits the held-out share best (step 0, no vector, included); with
+    ``shared_patience=None`` it trains on the whole pool and keeps the last step."""
+    from fints.encoders import KeyEncoder
+    from fints.extraction.base import MethodContext
+    from fints.extraction.trained import _examples, shared_vector
+    from fints.prompts import TEMPLATES
+    from fints.steps import run_to_end
+    from fints.target_nll import target_nll
+    from fints.vector_training import TrainingConfig, holdout_latest, train_vectors
+
+    encoder: KeyEncoder = HashEncoder()
+    pool = history("ann", 6) + history("bob", 6) + history("cy", 4)
+    settings = {"shared_steps": 6, "shared_lr": 5.0, "batch_size": 4}
+
+    def shared(**extra: object) -> torch.Tensor:
+        context = MethodContext(tiny, encoder, TEMPLATES["generic"], SITES, 4, 16, 0)
+        config = TrainedConfig(**settings, **extra)
+        return run_to_end(shared_vector(context, config, pool))
+
+    def trajectory(examples: list, training: TrainingConfig) -> list[torch.Tensor]:
+        steps = [torch.zeros(1, tiny.hidden_size)]
+        no_stop = TrainingConfig.from_dict({**training.to_dict(), "patience": None})
+        train_vectors(tiny, SITES, examples, config=no_stop,
+                      on_step=lambda _, values: steps.append(values))  # fmt: skip
+        return steps
+
+    context = MethodContext(tiny, encoder, TEMPLATES["generic"], SITES, 4, 16, 0)
+    examples = _examples(context, pool)
+    config = TrainedConfig(**settings, shared_valid_fraction=0.25)
+    train, valid = holdout_latest(examples, 0.25)
+    prompts, targets = zip(*valid, strict=True)
+    steps = trajectory(train, config.training("shared"))
+    held_out = [float(target_nll(tiny, prompts, targets, {SITES[0]: v}).mean()) for v in steps]
+    best = min(range(len(steps)), key=held_out.__getitem__)
+    torch.testing.assert_close(shared(shared_valid_fraction=0.25), steps[best])
+    every_step = trajectory(examples, config.training("shared"))
+    torch.testing.assert_close(shared(shared_patience=None), every_step[-1])
+    assert not torch.allclose(steps[best], every_step[-1])

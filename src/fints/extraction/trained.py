@@ -1,7 +1,8 @@
 """Trained vectors: optimized to make the user's own outputs likely, v = v_shared + delta.
 
 ``v_shared`` (the task direction) is trained on a sample of the whole tenant's history
-(the job's pool) and cached per tenant in the context's ``shared`` mapping; the user's
+(the job's pool; early-stopped on a held-out share of it) and cached per tenant in the
+context's ``shared`` mapping; the user's
 delta starts from it and is trained on the user's history for a few steps (optionally
 with an L2 penalty towards it and early stopping on the user's latest items). Each
 entry holds the user's vector, or, with ``item_steps > 0``, the item's own short
@@ -30,6 +31,17 @@ from fints.steps import Steps
 from fints.target_nll import Example
 from fints.vector_training import TrainingConfig, holdout_latest, training_steps
 
+# A stage's TrainingConfig field -> the TrainedConfig field it comes from (where renamed)
+_STAGE_FIELDS = {
+    "shared": {
+        "steps": "shared_steps", "lr": "shared_lr", "patience": "shared_patience",
+        "valid_fraction": "shared_valid_fraction",
+    },
+    "user": {},
+    "incremental": {"steps": "incremental_steps"},
+    "item": {"steps": "item_steps", "lr": "item_lr", "l2": "item_l2"},
+}  # fmt: skip
+
 
 @dataclass(frozen=True)
 class TrainedConfig(MethodConfig):
@@ -40,6 +52,11 @@ class TrainedConfig(MethodConfig):
     # delta (4 steps) beats longer training, L2 and early stopping.
     shared_steps: int = 60  # Adam steps for the tenant's shared vector (0: no shared part)
     shared_lr: float = 0.1
+    # the shared vector keeps its best step on a held-out share of the pool and stops
+    # after this many steps without a better one (None: every step, the last kept), as
+    # the measured probe trained it: on a small tenant 60 steps overfit its few items
+    shared_patience: int | None = 5
+    shared_valid_fraction: float = 0.125
     steps: int = 4  # Adam steps for the user's delta
     lr: float = 0.05
     l2: float = 0.0  # penalty on ||delta||^2
@@ -66,14 +83,13 @@ class TrainedConfig(MethodConfig):
                 + ", ".join(f"{n} >= {at_least[n]}" for n in bad),
                 param=bad[0],
             )
-        prefix = {"shared": "shared_", "user": "", "incremental": "", "item": "item_"}
-        for stage, name in prefix.items():  # the optimizer settings of every stage
+        for stage, names in _STAGE_FIELDS.items():  # the optimizer settings of every stage
             try:
                 self.training(stage)
             except InvalidInputError as exc:
+                name = names.get(exc.param or "", exc.param or "")
                 raise InvalidInputError(
-                    f"trained method, {stage} stage ({name}lr, {name}l2 ...): {exc}",
-                    param=f"{name}lr",
+                    f"trained method, {stage} stage: bad {name} ({exc})", param=name
                 ) from None
 
     def default_sites(self, num_layers: int) -> tuple[Site, ...]:
@@ -105,7 +121,7 @@ class TrainedConfig(MethodConfig):
     def training(self, stage: str) -> TrainingConfig:
         """The optimizer settings of one stage: shared, user, incremental or item."""
         lr, l2, patience, steps = {
-            "shared": (self.shared_lr, 0.0, None, self.shared_steps),
+            "shared": (self.shared_lr, 0.0, self.shared_patience, self.shared_steps),
             "user": (self.lr, self.l2, self.patience, self.steps),
             "incremental": (self.lr, self.l2, None, self.incremental_steps),
             "item": (self.item_lr, self.item_l2, None, self.item_steps),
@@ -117,13 +133,13 @@ class TrainedConfig(MethodConfig):
             batch_size=self.batch_size,
             max_target_tokens=self.max_target_tokens,
             patience=patience,
-            valid_fraction=self.valid_fraction if stage == "user" else 0.0,
+            valid_fraction={"user": self.valid_fraction, "shared": self.shared_valid_fraction}.get(
+                stage, 0.0
+            ),
         )
 
 
-def _examples(
-    context: MethodContext, items: list[HistoryItem]
-) -> list[tuple[list[int], list[int]]]:
+def _examples(context: MethodContext, items: list[HistoryItem]) -> list[Example]:
     tok = context.model.tokenizer
     return [
         (
@@ -153,7 +169,10 @@ def shared_vector(
     cached = context.shared.get(key)
     if cached is not None and len(pool) <= 2 * cached[1]:
         return cached[0]
-    trained = yield from _train(context, _examples(context, pool), config.training("shared"))
+    training = config.training("shared")
+    # the pool is a seeded random sample, so its "latest" items are a random held-out share
+    train, valid = _split(_examples(context, pool), training)
+    trained = yield from _train(context, train, training, valid=valid)
     context.shared[key] = (trained, len(pool))
     return trained
 
@@ -197,15 +216,19 @@ def _user_vector(
                 init=job.previous.vectors.mean(dim=0).to(torch.float32),
             )
         )
-    examples = _examples(context, list(job.history))
-    # without early stopping every item trains and the last update is kept
-    train, valid = (
-        holdout_latest(examples, config.valid_fraction)
-        if config.patience is not None
-        else (examples, [])
-    )
+    train, valid = _split(_examples(context, list(job.history)), config.training("user"))
     shared = yield from shared_vector(context, config, list(job.pool))
     return (yield from _train(context, train, config.training("user"), init=shared, valid=valid))
+
+
+def _split(
+    examples: list[Example], training: TrainingConfig
+) -> tuple[list[Example], list[Example]]:
+    """(train, valid): the latest ``valid_fraction`` held out when training stops early;
+    without early stopping every item trains and the last update is kept."""
+    if training.patience is None:
+        return examples, []
+    return holdout_latest(examples, training.valid_fraction)
 
 
 def trained_vectors(
