@@ -59,7 +59,7 @@ from fints.history import HistoryItem
 from fints.models import LoadedModel, load_model
 from fints.prompts import TEMPLATES, build_prompt_ids
 from fints.retrieval import nearest_items
-from fints.sites import Site, parse_sites
+from fints.sites import Site, default_sites, parse_sites
 from fints.target_nll import Example, target_nll
 from fints.vector_training import (
     TrainedVectors,
@@ -145,6 +145,8 @@ def cache_key(model: LoadedModel, args: argparse.Namespace, *parts: Any) -> str:
             args.test,
             args.valid_fraction,
             *parts,
+            # a non-default precision is part of what the vectors were trained with
+            *([] if getattr(args, "dtype", "auto") == "auto" else [args.dtype]),
         ],
         sort_keys=True,
         default=str,
@@ -409,7 +411,11 @@ def main() -> None:
     parser.add_argument("--history", type=int, default=16)
     parser.add_argument("--test", type=int, default=4)
     parser.add_argument("--valid-fraction", type=float, default=0.25)
-    parser.add_argument("--sites", default="15.block")
+    parser.add_argument("--model", default=None, help="fints model name, HF id or folder")
+    parser.add_argument("--dtype", default="auto")
+    parser.add_argument(
+        "--sites", default="", help="default: the middle layer's block output (15.block on SmolLM2)"
+    )
     parser.add_argument("--shared-steps", type=int, default=40)
     parser.add_argument("--shared-lr", type=float, default=0.1)
     parser.add_argument("--steps", type=int, default=10)
@@ -429,8 +435,9 @@ def main() -> None:
     add_item_arguments(parser)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    model = load_model()
-    sites = parse_sites(args.sites)
+    model = load_model(args.model, dtype=args.dtype)
+    sites = parse_sites(args.sites) if args.sites else default_sites(model.num_layers, "block")
+    args.sites = ",".join(str(s) for s in sites)
     authors = load_authors(model, args)
     if args.cost_only:
         a = max(authors, key=lambda a: len(a.train) + len(a.valid))
