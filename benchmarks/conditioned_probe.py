@@ -45,7 +45,7 @@ from trained_report import cluster_stats, comparison_line
 from fints.benchmark.stats import holm
 from fints.encoders import SentenceTransformerEncoder
 from fints.models import LoadedModel, load_model
-from fints.sites import Site, parse_sites
+from fints.sites import Site
 from fints.target_nll import capture_below, pack, upper_nll
 
 OUT = Path("benchmarks/results/conditioned-probe")
@@ -180,21 +180,8 @@ def norms(net: Conditioner, authors: list[tp.Author], full: dict[str, torch.Tens
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    # trained_probe's settings of the measured run (they name its cached vectors)
-    parser.add_argument("--data", type=Path, default=tp.DATA)
-    parser.add_argument("--task", default="headlines", choices=list(tp.TASKS))
-    parser.add_argument("--authors", type=int, default=64)
-    parser.add_argument("--dev", type=int, default=12)
-    parser.add_argument("--history", type=int, default=16)
-    parser.add_argument("--test", type=int, default=4)
-    parser.add_argument("--valid-fraction", type=float, default=0.25)
-    parser.add_argument("--sites", default="15.block")
-    parser.add_argument("--shared-steps", type=int, default=60)
-    parser.add_argument("--shared-lr", type=float, default=0.1)
-    parser.add_argument("--steps", type=int, default=4, help="the cached own deltas")
-    parser.add_argument("--lr", type=float, default=0.05, help="the cached own deltas")
-    parser.add_argument("--l2-delta", type=float, default=0.0, help="the cached own deltas")
-    parser.add_argument("--max-target-tokens", type=int, default=32)
+    # trained_probe's measured run: its settings name its cached vectors
+    tp.add_vector_arguments(parser, delta_l2="--l2-delta", **tp.EVAL_RUN)
     parser.add_argument("--vector-cache", type=Path, default=VECTORS)
     # W
     parser.add_argument("--ranks", default="4,16")
@@ -215,15 +202,15 @@ def main() -> None:
     model = load_model()
     model.model.requires_grad_(False)
     model.model.eval()
-    sites = parse_sites(args.sites)
+    sites = tp.probe_sites(model, args)
     (site,) = sites
     authors = tp.load_authors(model, args)
     dev, evaluated = tp.split_authors(authors, args.dev)
 
     # the shared vector and own deltas, as trained_probe.py cached them (never retrained)
     probe_args = copy.copy(args)
-    probe_args.cache, probe_args.l2, probe_args.patience, probe_args.zero = (
-        args.vector_cache, args.l2_delta, 0, False,
+    probe_args.cache, probe_args.l2, probe_args.zero = (
+        args.vector_cache, args.l2_delta, False,
     )  # fmt: skip
     key = tp.cache_key(
         model, probe_args, [str(s) for s in sites], tp.shared_config(probe_args).to_dict()

@@ -72,11 +72,13 @@ import torch
 from peft import LoraConfig, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
 from peft.tuners.lora import LoraLayer
 from trained_probe import (
-    DATA,
+    EVAL_RUN,
     Author,
+    add_vector_arguments,
     cache_key,
     configs,
     load_authors,
+    probe_sites,
     split_authors,
     train_all,
     wrong_users,
@@ -86,7 +88,7 @@ from trained_report import comparison_line
 from fints.benchmark.stats import holm, user_bootstrap
 from fints.layers import resolve_layout
 from fints.models import LoadedModel, load_model
-from fints.sites import Site, parse_sites
+from fints.sites import Site
 from fints.target_nll import Example, forward_nll, pack, target_nll
 from fints.vector_training import train_vectors
 
@@ -381,28 +383,13 @@ def main() -> None:
     parser.add_argument("--delta-timing", type=int, default=5, help="retrain N deltas, timed")
     parser.add_argument("--time-only", action="store_true", help="time one author and stop")
     parser.add_argument("--threads", type=int, default=1)
-    # trained_probe.py's eval run (its cache keys depend on these)
-    parser.add_argument("--data", type=Path, default=DATA)
-    parser.add_argument("--task", default="headlines")
-    parser.add_argument("--max-target-tokens", type=int, default=32)
-    parser.add_argument("--authors", type=int, default=64)
-    parser.add_argument("--dev", type=int, default=12)
-    parser.add_argument("--history", type=int, default=16)
-    parser.add_argument("--test", type=int, default=4)
-    parser.add_argument("--valid-fraction", type=float, default=0.25)
-    parser.add_argument("--sites", default="15.block")
-    parser.add_argument("--shared-steps", type=int, default=60)
-    parser.add_argument("--shared-lr", type=float, default=0.1)
-    parser.add_argument("--steps", type=int, default=4)
-    parser.add_argument("--lr", type=float, default=0.05)
-    parser.add_argument("--l2", type=float, default=0.0)
-    parser.add_argument("--patience", type=int, default=0)
+    add_vector_arguments(parser, **EVAL_RUN)  # trained_probe.py's measured run: its cache
     args = parser.parse_args()
     args.zero = False
     torch.set_num_threads(args.threads)
     start = time.perf_counter()
     model = load_model()
-    sites = parse_sites(args.sites)
+    sites = probe_sites(model, args)
     authors = load_authors(model, args)
     dev, evaluated = split_authors(authors, args.dev)
     if args.eval_authors:

@@ -90,6 +90,51 @@ class Author:
     template: str  # the task's prompt template (ICL rows)
 
 
+def add_vector_arguments(
+    parser: argparse.ArgumentParser, *, delta: bool = True, delta_l2: str = "--l2", **defaults: Any
+) -> None:
+    """The options that decide the authors, their splits and the trained vectors (the cache
+    keys depend on them), with the caller's ``defaults`` (e.g. :data:`EVAL_RUN`, to read
+    the measured run's vectors). ``delta``: also the per-user delta's optimizer options,
+    its L2 under the flag ``delta_l2``."""
+    d = {
+        "authors": 16, "dev": 0, "history": 16, "test": 4, "valid_fraction": 0.25,
+        "shared_steps": 40, "steps": 10, "lr": 0.05, "l2": 1e-3, "patience": 3,
+    } | defaults  # fmt: skip
+    add = parser.add_argument
+    add("--data", type=Path, default=DATA, help="folder of the task files")
+    add("--task", choices=[*TASKS, "persona"], default="headlines")
+    add("--max-target-tokens", type=int, default=32, help="in training")
+    add("--authors", type=int, default=d["authors"])
+    add("--dev", type=int, default=d["dev"], help="authors settings are chosen on")
+    add("--history", type=int, default=d["history"])
+    add("--test", type=int, default=d["test"])
+    add("--valid-fraction", type=float, default=d["valid_fraction"])
+    add("--sites", default="", help="default: the middle layer's block output (15.block)")
+    add("--shared-steps", type=int, default=d["shared_steps"])
+    add("--shared-lr", type=float, default=0.1)
+    if delta:
+        add("--steps", type=int, default=d["steps"], help="the user's delta")
+        add("--lr", type=float, default=d["lr"], help="the user's delta")
+        add(delta_l2, type=float, default=d["l2"], help="the user's delta")
+        add("--patience", type=int, default=d["patience"], help="0: no early stopping")
+
+
+#: The measured run's settings (BENCHMARKS.md, "Trained vectors: shared + per-user
+#: delta"): the defaults of the probes that read its cached vectors.
+EVAL_RUN: dict[str, Any] = {
+    "authors": 64, "dev": 12, "shared_steps": 60, "steps": 4, "lr": 0.05, "l2": 0.0,
+    "patience": 0,
+}  # fmt: skip
+
+
+def probe_sites(model: LoadedModel, args: argparse.Namespace) -> tuple[Site, ...]:
+    """``--sites``, or the model's middle block output; written back to ``args.sites``."""
+    sites = parse_sites(args.sites) if args.sites else default_sites(model.num_layers, "block")
+    args.sites = ",".join(str(s) for s in sites)
+    return sites
+
+
 def task_splits(args: argparse.Namespace) -> tuple[dict[str, UserSplit], str, str]:
     """The users' splits of ``--task``, its prompt template and the digest of its data.
 
@@ -402,29 +447,11 @@ def evaluate(
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--data", type=Path, default=DATA, help="folder of the task files")
-    parser.add_argument("--task", choices=[*TASKS, "persona"], default="headlines")
-    parser.add_argument("--max-target-tokens", type=int, default=32, help="in training")
+    add_vector_arguments(parser)
     parser.add_argument("--out", type=Path, default=OUT)
     parser.add_argument("--cache", type=Path, default=OUT / "cache")
-    parser.add_argument("--authors", type=int, default=16)
-    parser.add_argument("--history", type=int, default=16)
-    parser.add_argument("--test", type=int, default=4)
-    parser.add_argument("--valid-fraction", type=float, default=0.25)
     parser.add_argument("--model", default=None, help="fints model name, HF id or folder")
     parser.add_argument("--dtype", default="auto")
-    parser.add_argument(
-        "--sites", default="", help="default: the middle layer's block output (15.block on SmolLM2)"
-    )
-    parser.add_argument("--shared-steps", type=int, default=40)
-    parser.add_argument("--shared-lr", type=float, default=0.1)
-    parser.add_argument("--steps", type=int, default=10)
-    parser.add_argument("--lr", type=float, default=0.05)
-    parser.add_argument("--l2", type=float, default=1e-3)
-    parser.add_argument("--patience", type=int, default=3, help="0: no early stopping")
-    parser.add_argument(
-        "--dev", type=int, default=0, help="authors left out (settings chosen on them)"
-    )
     parser.add_argument("--icl-k", type=int, default=3)
     parser.add_argument("--zero", action="store_true", help="also vectors trained from zero")
     parser.add_argument("--threads", type=int, default=1)
@@ -436,8 +463,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     model = load_model(args.model, dtype=args.dtype)
-    sites = parse_sites(args.sites) if args.sites else default_sites(model.num_layers, "block")
-    args.sites = ",".join(str(s) for s in sites)
+    sites = probe_sites(model, args)
     authors = load_authors(model, args)
     if args.cost_only:
         a = max(authors, key=lambda a: len(a.train) + len(a.valid))

@@ -30,19 +30,19 @@ from typing import Any
 import numpy as np
 import torch
 from trained_probe import (
-    DATA,
-    TASKS,
     Author,
+    add_vector_arguments,
     cache_key,
     cached_training,
     load_authors,
+    probe_sites,
     shared_config,
     split_authors,
 )
 from trained_report import cluster_stats
 
 from fints.models import LoadedModel, load_model
-from fints.sites import Site, parse_sites
+from fints.sites import Site
 from fints.target_nll import target_nll
 from fints.vector_training import TrainedVectors, TrainingConfig, train_vectors
 
@@ -121,19 +121,9 @@ def nll_rows(
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--data", type=Path, default=DATA, help="folder of the task files")
-    parser.add_argument("--task", choices=[*TASKS, "persona"], default="headlines")
-    parser.add_argument("--max-target-tokens", type=int, default=32, help="in training")
+    add_vector_arguments(parser, delta=False, authors=64, dev=15, shared_steps=80)
     parser.add_argument("--out", type=Path, default=OUT)
     parser.add_argument("--cache", type=Path, default=OUT / "cache")
-    parser.add_argument("--authors", type=int, default=64)
-    parser.add_argument("--history", type=int, default=16)
-    parser.add_argument("--test", type=int, default=4)
-    parser.add_argument("--valid-fraction", type=float, default=0.25)
-    parser.add_argument("--dev", type=int, default=15)
-    parser.add_argument("--sites", default="15.block")
-    parser.add_argument("--shared-steps", type=int, default=80)
-    parser.add_argument("--shared-lr", type=float, default=0.1)
     parser.add_argument("--grid", default="0.05:0.001,0.1:0.0,0.02:0.0")
     parser.add_argument("--max-steps", type=int, default=30)
     parser.add_argument("--points", default="3,5,10,20,30")
@@ -141,7 +131,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     model = load_model()
-    sites = parse_sites(args.sites)
+    sites = probe_sites(model, args)
     authors = load_authors(model, args)
     dev, _ = split_authors(authors, args.dev, seed=0)
     print(f"{len(authors)} authors, {len(dev)} dev: {[a.name for a in dev]}", flush=True)
