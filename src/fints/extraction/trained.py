@@ -2,13 +2,13 @@
 
 ``v_shared`` (the task direction) is trained on a sample of the whole tenant's history
 (the job's pool; early-stopped on a held-out share of it) and cached per tenant in the
-context's ``shared`` mapping; the user's
-delta starts from it and is trained on the user's history for a few steps (optionally
-with an L2 penalty towards it and early stopping on the user's latest items). Each
-entry holds the user's vector, or, with ``item_steps > 0``, the item's own short
-refinement of it (instance-tailored, so retrieval picks the relevant ones; measured: no
-gain over the user vector, so off by default). A new item updates the user's vector
-from where it was (``incremental_steps``) instead of training from scratch.
+context's ``shared`` mapping; the user's delta starts from it and is trained on the
+user's history for a few steps (optionally with an L2 penalty towards it and early
+stopping on the user's latest items). Each entry holds the user's vector, or, with
+``item_steps > 0``, the item's own short refinement of it (instance-tailored, so
+retrieval picks the relevant ones; measured: no gain over the user vector, so off by
+default). A new item updates the user's vector from where it was
+(``incremental_steps``) instead of training from scratch.
 """
 
 from __future__ import annotations
@@ -120,12 +120,15 @@ class TrainedConfig(MethodConfig):
 
     def training(self, stage: str) -> TrainingConfig:
         """The optimizer settings of one stage: shared, user, incremental or item."""
-        lr, l2, patience, steps = {
-            "shared": (self.shared_lr, 0.0, self.shared_patience, self.shared_steps),
-            "user": (self.lr, self.l2, self.patience, self.steps),
-            "incremental": (self.lr, self.l2, None, self.incremental_steps),
-            "item": (self.item_lr, self.item_l2, None, self.item_steps),
-        }[stage]
+        lr, l2, patience, steps, valid_fraction = {
+            "shared": (
+                self.shared_lr, 0.0, self.shared_patience, self.shared_steps,
+                self.shared_valid_fraction,
+            ),
+            "user": (self.lr, self.l2, self.patience, self.steps, self.valid_fraction),
+            "incremental": (self.lr, self.l2, None, self.incremental_steps, 0.0),
+            "item": (self.item_lr, self.item_l2, None, self.item_steps, 0.0),
+        }[stage]  # fmt: skip
         return TrainingConfig(
             steps=max(1, steps),  # shared and item stages run only when their steps are > 0
             lr=lr,
@@ -133,9 +136,7 @@ class TrainedConfig(MethodConfig):
             batch_size=self.batch_size,
             max_target_tokens=self.max_target_tokens,
             patience=patience,
-            valid_fraction={"user": self.valid_fraction, "shared": self.shared_valid_fraction}.get(
-                stage, 0.0
-            ),
+            valid_fraction=valid_fraction,
         )
 
 
