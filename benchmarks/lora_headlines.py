@@ -1,26 +1,37 @@
-"""Per-user LoRA (OPPU) beside Fints on headlines: per-token NLL of the gold headlines.
+"""Per-user LoRA (OPPU) beside Fints on headlines or persona: NLL, ROUGE and the judge.
 
-Headlines (``short_description`` -> ``headline``), SmolLM2, the headline prompt without
-examples (the one generation and LoRA training use). Per author (>= 20 articles, by
-date): the last ``--test`` articles are test queries, the ``--val`` before them
-validation queries, the ``--history`` before those the history. Trained through the
-product's paths (``fints.adapters.jobs``: ``fints lora train-task`` / ``fints lora
-train --task``) in a temporary store, with the authors' steering dictionaries built by
-``Personalizer.add_history`` (context contrast, default sites and encoder).
+``--task headlines`` (``short_description`` -> ``headline``, the headline prompt without
+examples): per author (>= 20 articles, by date) the last ``--test`` articles are test
+queries, the ``--val`` before them validation queries, the ``--history`` before those
+the history. ``--task persona``: each of moodswapper's moods is a user
+(:func:`fints.benchmark.persona.load_persona`, the generic prompt; by default 24
+history answers, 3 validation and 12 test prompts per mood, the split of
+``trained_probe.py --task persona``). SmolLM2. Trained through the product's paths
+(``fints.adapters.jobs``: ``fints lora train-task`` / ``fints lora train --task``) in a
+temporary store, with the users' steering dictionaries built by
+``Personalizer.add_history`` (``--contrast``, default context; default sites and encoder).
 
-Rows (teacher-forced NLL of the gold headline, ``<|im_end|>`` included):
+Rows (teacher-forced NLL of the gold output, ``<|im_end|>`` included):
 
 * base: no adapter, no steering;  steering: Fints alone (the engine's default settings);
-* task LoRA: one adapter trained on all authors' histories;  task LoRA + steering;
-* per-user LoRA: OPPU, the author's adapter on top of the task adapter;
+* task LoRA: one adapter trained on all users' histories;  task LoRA + steering;
+* per-user LoRA: OPPU, the user's adapter on top of the task adapter;
 * per-user LoRA + steering: the plug-in mode;
-* other user's LoRA: another author's adapter (fixed per author): the control.
+* other user's LoRA: another user's adapter (fixed per user): the control.
+
+``--generate``: each row's greedy answers to the test queries (``--max-new-tokens``,
+the engine's ``prepare``/``decode``, see ``lora_common.py``), scored by ROUGE-1/L
+against the gold output and by the judge: the TF-IDF attribution classifier fitted on
+the users' history outputs (as ``trained_probe.py --generate``; for persona the mood
+judge), and for persona also the held-out mood judge (the task's classifier pairs).
 
 Paired differences get 95% bootstrap intervals resampling users, sign-flip p over users
 and the MDE (:func:`fints.benchmark.stats.user_bootstrap`). Also per user: training time
 and storage (adapter bytes vs dictionary bytes).
 
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/lora_headlines.py --authors 12
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/lora_headlines.py --task persona \\
+        --task-lr 1e-3 --user-lr 1e-3 --generate --out benchmarks/results/lora-persona
 """
 
 from __future__ import annotations
@@ -29,206 +40,109 @@ import argparse
 import json
 import tempfile
 import time
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from lora_common import ROWS, RowScorer, Scorer, generation_scores, markdown, plot, summary
 
 from fints.adapters.config import LoraTrainConfig
-from fints.adapters.host import AdapterHost
 from fints.adapters.jobs import Job, train_task, train_users
-from fints.benchmark.stats import user_bootstrap
+from fints.adapters.mode import LoraMode
+from fints.benchmark.persona import PersonaConfig, load_persona
 from fints.benchmark.tasks import SplitConfig, Task, load_headlines
-from fints.engine import GenerationRequest, Personalizer
+from fints.engine import Personalizer
 from fints.extraction.config import ExtractionConfig
-from fints.models import LoadedModel, load_model
-from fints.modes import SteeringAddition
-from fints.prompts import build_prompt_ids, get_template
-from fints.sites import Site
+from fints.generation import GenerationOptions
+from fints.models import load_model
 from fints.store import Store
-from fints.target_nll import target_nll
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "news_headlines.jsonl"
-ROWS = (
-    "base",
-    "steering",
-    "task LoRA",
-    "task LoRA + steering",
-    "per-user LoRA",
-    "per-user LoRA + steering",
-    "other user's LoRA",
-)
-#: (a, b): the difference a - b reported with its interval (the first three pre-set).
-COMPARISONS = (
-    ("per-user LoRA", "other user's LoRA"),
-    ("per-user LoRA", "task LoRA"),
-    ("per-user LoRA + steering", "per-user LoRA"),
-    ("task LoRA", "base"),
-    ("steering", "base"),
-    ("task LoRA + steering", "task LoRA"),
-    ("per-user LoRA + steering", "steering"),
-)
+#: per task, what an argument left out means
+DEFAULTS: dict[str, dict[str, Any]] = {
+    "headlines": {"authors": 12, "history": 16, "test": 4, "val": 2, "max_new_tokens": 32},
+    "persona": {"authors": 9, "history": 24, "test": 12, "val": 3, "max_new_tokens": 64},
+}
 
 
 def arguments() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--data", type=Path, default=DATA)
-    parser.add_argument("--authors", type=int, default=12)
-    parser.add_argument("--history", type=int, default=16)
-    parser.add_argument("--test", type=int, default=4)
-    parser.add_argument("--val", type=int, default=2)
+    parser.add_argument("--task", choices=sorted(DEFAULTS), default="headlines")
+    parser.add_argument("--data", type=Path, help="headlines: the JSONL; persona: mood folder")
+    parser.add_argument("--authors", type=int, help="users (the first by name)")
+    parser.add_argument("--history", type=int)
+    parser.add_argument("--test", type=int)
+    parser.add_argument("--val", type=int)
     parser.add_argument("--task-lr", type=float, default=1e-4)
     parser.add_argument("--user-lr", type=float, default=1e-4)
     parser.add_argument("--epochs", type=int, default=2)
-    parser.add_argument("--out", type=Path, default=Path("benchmarks/results/lora-headlines"))
+    parser.add_argument("--contrast", default="context", help="the dictionaries' method")
+    parser.add_argument("--generate", action="store_true", help="also ROUGE and the judge")
+    parser.add_argument("--max-new-tokens", type=int, help="default: 32 headlines, 64 persona")
+    parser.add_argument("--batch-size", type=int, default=12, help="generation batch")
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--out", type=Path, help="default: benchmarks/results/lora-TASK")
     parser.add_argument("--plot-only", action="store_true", help="redraw --out's figure")
-    return parser.parse_args()
+    args = parser.parse_args()
+    for name, value in DEFAULTS[args.task].items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
+    args.out = args.out or Path(f"benchmarks/results/lora-{args.task}")
+    return args
 
 
 def load_task(args: argparse.Namespace) -> Task:
-    split = SplitConfig(
-        min_items=20, n_test=args.test, n_val=args.val, max_history=args.history, seed=0
-    )
-    task = load_headlines(args.data, split)
+    if args.task == "persona":
+        config = PersonaConfig(n_test=args.test, n_val=args.val, max_history=args.history)
+        task = load_persona(args.data, config, max_new_tokens=args.max_new_tokens)
+    else:
+        split = SplitConfig(
+            min_items=20, n_test=args.test, n_val=args.val, max_history=args.history, seed=0
+        )
+        task = load_headlines(args.data or DATA, split, max_new_tokens=args.max_new_tokens)
     return task.subset_users(sorted(task.users)[: args.authors])
 
 
-class Scorer:
-    """NLL of a user's queries under an adapter (by name in the host) and steering."""
-
-    def __init__(self, model: LoadedModel, engine: Personalizer, host: AdapterHost) -> None:
-        self.model, self.engine, self.host = model, engine, host
-        self.template = get_template("headline")
-
-    def examples(self, queries: Sequence[Any]) -> tuple[list[list[int]], list[list[int]]]:
-        tok = self.model.tokenizer
-        prompts = [build_prompt_ids(tok, self.template, q.input) for q in queries]
-        targets = [
-            [*tok(q.reference, add_special_tokens=False)["input_ids"], tok.eos_token_id]
-            for q in queries
-        ]
-        return prompts, targets
-
-    def steering(self, user: str, queries: Sequence[Any]) -> dict[Site, torch.Tensor]:
-        """The engine's plan for each query of ``user`` (retrieval over their dictionary)."""
-        requests = [GenerationRequest(user, q.input, adapter=False) for q in queries]
-        prepared = self.engine.prepare(requests)
-        (steer,) = [a for a in prepared.additions if isinstance(a, SteeringAddition)]
-        return steer.vectors
-
-    def nll(
-        self, queries: Sequence[Any], adapter: str | None, vectors: dict[Site, torch.Tensor] | None
-    ) -> list[float]:
-        prompts, targets = self.examples(queries)
-        if adapter is None:
-            return target_nll(self.model, prompts, targets, vectors).tolist()
-        with self.host.routing([adapter]):
-            return target_nll(self.model, prompts, targets, vectors).tolist()
-
-
-def score_split(
-    scorer: Scorer, task: Task, split: str, names: dict[str, str], task_name: str
-) -> dict[str, Any]:
+def score_split(scorer: RowScorer, task: Task, split: str) -> dict[str, Any]:
+    """Per row, the NLL of every query of ``split`` (users in order); and their users."""
     rows: dict[str, list[float]] = {r: [] for r in ROWS}
     users: list[str] = []
     for user in sorted(task.users):
         queries = getattr(task.users[user], split)
-        vectors = scorer.steering(user, queries)
-        other = task.wrong_user(user)
+        plan = scorer.scorer.steering(user, queries)
         users += [user] * len(queries)
-        rows["base"] += scorer.nll(queries, None, None)
-        rows["steering"] += scorer.nll(queries, None, vectors)
-        rows["task LoRA"] += scorer.nll(queries, task_name, None)
-        rows["task LoRA + steering"] += scorer.nll(queries, task_name, vectors)
-        rows["per-user LoRA"] += scorer.nll(queries, names[user], None)
-        rows["per-user LoRA + steering"] += scorer.nll(queries, names[user], vectors)
-        rows["other user's LoRA"] += scorer.nll(queries, names[other], None)
+        for row in ROWS:
+            rows[row] += scorer.nll(row, user, queries, plan)
     return {"users": users, "rows": rows}
 
 
-def summary(scored: dict[str, Any]) -> dict[str, Any]:
-    users, rows = scored["users"], scored["rows"]
-    zeros = np.zeros(len(users))
-    means = {r: user_bootstrap(v, zeros, users) for r, v in rows.items()}
-    out: dict[str, Any] = {
-        "means": {r: [d.mean, d.lo, d.hi] for r, d in means.items()},
-        "comparisons": {},
-    }
-    for a, b in COMPARISONS:
-        d = user_bootstrap(rows[a], rows[b], users)
-        per_user: dict[str, list[float]] = {}
-        for u, x, y in zip(users, rows[a], rows[b], strict=True):
-            per_user.setdefault(u, []).append(x - y)
-        better = sum(1 for v in per_user.values() if np.mean(v) < 0)
-        out["comparisons"][f"{a} - {b}"] = {
-            "mean": d.mean,
-            "lo": d.lo,
-            "hi": d.hi,
-            "p": d.p,
-            "mde": d.mde,
-            "users_a_better": f"{better}/{len(per_user)}",
-        }
-    return out
-
-
-def markdown(result: dict[str, Any]) -> str:
-    lines = ["| row | NLL (nats/token), test | 95 % CI (users) | validation |", "|---|---|---|---|"]
-    test, val = result["test"]["means"], result["validation"]["means"]
+def generate(scorer: RowScorer, task: Task, args: argparse.Namespace) -> dict[str, Any]:
+    """Each row's answers to the test queries and their scores, summarized over users."""
+    pairs = [(u, q) for u in sorted(task.users) for q in task.users[u].test]
+    users = [u for u, _ in pairs]
+    options = GenerationOptions(max_new_tokens=args.max_new_tokens)
+    texts: dict[str, list[str]] = {}
     for row in ROWS:
-        m, lo, hi = test[row]
-        lines.append(f"| {row} | {m:.3f} | [{lo:.3f}, {hi:.3f}] | {val[row][0]:.3f} |")
-    lines += [
-        "",
-        "| a - b | diff | 95 % CI | users a better | p | MDE |",
-        "|---|---|---|---|---|---|",
-    ]
-    for name, c in result["test"]["comparisons"].items():
-        lines.append(
-            f"| {name} | {c['mean']:+.3f} | [{c['lo']:+.3f}, {c['hi']:+.3f}] | "
-            f"{c['users_a_better']} | {c['p']:.4f} | {c['mde']:.3f} |"
-        )
-    return "\n".join(lines) + "\n"
-
-
-def plot(result: dict[str, Any], path: Path) -> None:
-    """Left: each row's mean NLL; right: the paired differences (both with 95% CIs over
-    users; the differences' intervals are the ones that compare rows)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    def bars(ax: Any, names: list[str], stats: list[tuple[float, float, float]]) -> None:
-        m = np.array([s[0] for s in stats])
-        err = np.array([[s[0] - s[1], s[2] - s[0]] for s in stats]).T
-        ax.barh(names, m, xerr=err, color="#4c72b0", ecolor="black", capsize=3)
-        ax.invert_yaxis()
-
-    fig, (left, right) = plt.subplots(1, 2, figsize=(13, 4))
-    means = result["test"]["means"]
-    bars(left, list(ROWS), [tuple(means[r]) for r in ROWS])
-    low = min(means[r][1] for r in ROWS)
-    left.set_xlim(low - 0.2, max(means[r][2] for r in ROWS) + 0.1)
-    left.set_xlabel("per-token NLL of the gold headline (nats)")
-    comparisons = result["test"]["comparisons"]
-    bars(right, list(comparisons), [(c["mean"], c["lo"], c["hi"]) for c in comparisons.values()])
-    right.axvline(0, color="grey", linewidth=0.8)
-    right.set_xlabel("paired difference a - b (nats/token; < 0: a better)")
-    fig.suptitle(
-        f"Headlines, SmolLM2, {result['authors']} authors, {result['queries']} test queries; "
-        "95% CIs resample users"
-    )
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
+        t0 = time.perf_counter()
+        texts[row] = scorer.generate(row, pairs, options, args.batch_size)
+        print(f"generated {row}: {time.perf_counter() - t0:.0f}s", flush=True)
+    scores = generation_scores(texts, [q.reference for _, q in pairs], task)
+    out: dict[str, Any] = {
+        m: summary(users, rows, lower_better=False) for m, rows in scores.items()
+    }
+    out["per_query"] = {"users": users, "scores": scores}
+    out["answers"] = texts
+    return out
 
 
 def main() -> None:
     args = arguments()
     if args.plot_only:
-        plot(json.loads((args.out / "results.json").read_text()), args.out / "nll.png")
+        saved = json.loads((args.out / "results.json").read_text())
+        plot(saved, args.out / "nll.png", title(saved, args.task))
         return
+    torch.set_num_threads(args.threads)
     args.out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     model = load_model()
@@ -236,44 +150,56 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         store = Store(Path(tmp) / "store.sqlite")
         # the paper's context contrast, as measured (the product's default is "trained")
-        extraction = ExtractionConfig.for_model(model.num_layers, method="context")
-        engine = Personalizer(model, store, template="headline", extraction=extraction)
+        extraction = ExtractionConfig.for_model(model.num_layers, method=args.contrast)
+        engine = Personalizer(model, store, template=task.template, extraction=extraction)
         timings: dict[str, dict[str, float]] = {}
         for user in sorted(task.users):
             t0 = time.perf_counter()
             engine.add_history(user, task.users[user].history)
             timings[user] = {"dictionary_seconds": time.perf_counter() - t0}
-        template = get_template("headline")
+        print(f"dictionaries: {time.perf_counter() - started:.0f}s", flush=True)
         task_config = LoraTrainConfig(lr=args.task_lr, epochs=args.epochs)
         user_config = LoraTrainConfig(lr=args.user_lr, epochs=args.epochs)
         t0 = time.perf_counter()
-        stored_task = train_task(Job(model, store, template, task_config), "headlines")
+        stored_task = train_task(Job(model, store, engine.template, task_config), args.task)
         task_seconds = time.perf_counter() - t0
+        print(f"task adapter: {task_seconds:.0f}s", flush=True)
         done = train_users(
-            Job(model, store, template, user_config), sorted(task.users), task="headlines"
+            Job(model, store, engine.template, user_config), sorted(task.users), task=args.task
         )
-        host = AdapterHost(model, capacity=len(done) + 1)
+        print(f"user adapters: {time.perf_counter() - started:.0f}s", flush=True)
+        # the lora mode's own host: generation looks the users' adapters up through it
+        (lora,) = [m for m in engine.modes if isinstance(m, LoraMode)]
+        host = lora.host(model)
+        host.capacity = max(host.capacity, len(done) + 1)
         names = {d.user: host.load(d.stored.folder) for d in done}
-        task_name = host.load(stored_task.folder)
-        scorer = Scorer(model, engine, host)
+        scorer = RowScorer(Scorer(model, engine, host), task, names, host.load(stored_task.folder))
+        options = {k: v for k, v in vars(args).items() if k not in ("out", "plot_only")}
         result: dict[str, Any] = {
             "command": "benchmarks/lora_headlines.py "
             + " ".join(
-                f"--{k.replace('_', '-')} {v}"
-                for k, v in vars(args).items()
-                if k not in ("out", "plot_only")
-            ),
+                f"--{k.replace('_', '-')}" + ("" if v is True else f" {v}")
+                for k, v in options.items()
+                if v is not None and v is not False
+            )
+            + f" --out {args.out}",
+            "task": args.task,
             "authors": len(task.users),
             "queries": len(task.queries("test")),
+            "max_new_tokens": args.max_new_tokens,
+            "extraction": extraction.to_dict(),
             "task_config": task_config.to_dict(),
             "user_config": user_config.to_dict(),
             "task_train_seconds": task_seconds,
             "task_items": stored_task.meta.items,
         }
         for split in ("validation", "test"):
-            scored = score_split(scorer, task, split, names, task_name)
-            result[split] = summary(scored)
+            scored = score_split(scorer, task, split)
+            result[split] = summary(scored["users"], scored["rows"], lower_better=True)
             result[split]["per_query"] = scored
+        print(f"NLL: {time.perf_counter() - started:.0f}s", flush=True)
+        if args.generate:
+            result["generation"] = generate(scorer, task, args)
         per_user = {}
         for d in done:
             dictionary = engine.dictionary(d.user)
@@ -295,13 +221,21 @@ def main() -> None:
     result["seconds"] = time.perf_counter() - started
     (args.out / "results.json").write_text(json.dumps(result, indent=1))
     (args.out / "report.md").write_text(markdown(result))
-    plot(result, args.out / "nll.png")
+    plot(result, args.out / "nll.png", title(result, args.task))
     print(markdown(result))
     medians = {
         k: float(np.median([u[k] for u in per_user.values()]))
         for k in next(iter(per_user.values()))
     }
     print(json.dumps({"median_per_user": medians, "seconds": result["seconds"]}, indent=1))
+
+
+def title(result: dict[str, Any], task: str) -> str:
+    users = "moods" if task == "persona" else "authors"
+    return (
+        f"{task.capitalize()}, SmolLM2, {result['authors']} {users}, {result['queries']} test "
+        "queries; 95% CIs resample users"
+    )
 
 
 if __name__ == "__main__":
