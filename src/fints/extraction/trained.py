@@ -31,15 +31,25 @@ from fints.steps import Steps
 from fints.target_nll import Example
 from fints.vector_training import TrainingConfig, holdout_latest, training_steps
 
-# A stage's TrainingConfig field -> the TrainedConfig field it comes from (where renamed)
-_STAGE_FIELDS = {
+# Each stage's optimizer settings: TrainingConfig field -> the TrainedConfig field it is
+# read from (a string), or its fixed value
+_STAGES: dict[str, dict[str, Any]] = {
     "shared": {
-        "steps": "shared_steps", "lr": "shared_lr", "patience": "shared_patience",
+        "steps": "shared_steps", "lr": "shared_lr", "l2": 0.0, "patience": "shared_patience",
         "valid_fraction": "shared_valid_fraction",
     },
-    "user": {},
-    "incremental": {"steps": "incremental_steps"},
-    "item": {"steps": "item_steps", "lr": "item_lr", "l2": "item_l2"},
+    "user": {
+        "steps": "steps", "lr": "lr", "l2": "l2", "patience": "patience",
+        "valid_fraction": "valid_fraction",
+    },
+    "incremental": {
+        "steps": "incremental_steps", "lr": "lr", "l2": "l2", "patience": None,
+        "valid_fraction": 0.0,
+    },
+    "item": {
+        "steps": "item_steps", "lr": "item_lr", "l2": "item_l2", "patience": None,
+        "valid_fraction": 0.0,
+    },
 }  # fmt: skip
 
 
@@ -83,11 +93,11 @@ class TrainedConfig(MethodConfig):
                 + ", ".join(f"{n} >= {at_least[n]}" for n in bad),
                 param=bad[0],
             )
-        for stage, names in _STAGE_FIELDS.items():  # the optimizer settings of every stage
+        for stage, names in _STAGES.items():  # the optimizer settings of every stage
             try:
                 self.training(stage)
             except InvalidInputError as exc:
-                name = names.get(exc.param or "", exc.param or "")
+                name = str(names.get(exc.param or "", exc.param or ""))
                 raise InvalidInputError(
                     f"trained method, {stage} stage: bad {name} ({exc})", param=name
                 ) from None
@@ -120,23 +130,15 @@ class TrainedConfig(MethodConfig):
 
     def training(self, stage: str) -> TrainingConfig:
         """The optimizer settings of one stage: shared, user, incremental or item."""
-        lr, l2, patience, steps, valid_fraction = {
-            "shared": (
-                self.shared_lr, 0.0, self.shared_patience, self.shared_steps,
-                self.shared_valid_fraction,
-            ),
-            "user": (self.lr, self.l2, self.patience, self.steps, self.valid_fraction),
-            "incremental": (self.lr, self.l2, None, self.incremental_steps, 0.0),
-            "item": (self.item_lr, self.item_l2, None, self.item_steps, 0.0),
-        }[stage]  # fmt: skip
+        settings = {
+            field: getattr(self, source) if isinstance(source, str) else source
+            for field, source in _STAGES[stage].items()
+        }
         return TrainingConfig(
-            steps=max(1, steps),  # shared and item stages run only when their steps are > 0
-            lr=lr,
-            l2=l2,
+            # shared and item stages run only when their steps are > 0
+            **settings | {"steps": max(1, settings["steps"])},
             batch_size=self.batch_size,
             max_target_tokens=self.max_target_tokens,
-            patience=patience,
-            valid_fraction=valid_fraction,
         )
 
 
