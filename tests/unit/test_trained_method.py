@@ -191,10 +191,12 @@ def test_the_shared_vector_keeps_its_best_step_on_held_out_pool_items(tiny: Load
     pool = history("ann", 6) + history("bob", 6) + history("cy", 4)
     settings = {"shared_steps": 6, "shared_lr": 5.0, "batch_size": 4}
 
+    def fresh_context() -> MethodContext:  # its own tenant state: nothing cached
+        return MethodContext(tiny, encoder, TEMPLATES["generic"], SITES, 4, 16, 0)
+
     def shared(**extra: object) -> torch.Tensor:
-        context = MethodContext(tiny, encoder, TEMPLATES["generic"], SITES, 4, 16, 0)
         config = TrainedConfig(**settings, **extra)
-        return run_to_end(shared_vector(context, config, pool))
+        return run_to_end(shared_vector(fresh_context(), config, pool))
 
     def trajectory(examples: list, training: TrainingConfig) -> list[torch.Tensor]:
         steps = [torch.zeros(1, tiny.hidden_size)]
@@ -203,8 +205,7 @@ def test_the_shared_vector_keeps_its_best_step_on_held_out_pool_items(tiny: Load
                       on_step=lambda _, values: steps.append(values))  # fmt: skip
         return steps
 
-    context = MethodContext(tiny, encoder, TEMPLATES["generic"], SITES, 4, 16, 0)
-    examples = _examples(context, pool)
+    examples = _examples(fresh_context(), pool)
     config = TrainedConfig(**settings, shared_valid_fraction=0.25)
     train, valid = holdout_latest(examples, 0.25)
     prompts, targets = zip(*valid, strict=True)
