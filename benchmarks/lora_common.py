@@ -8,10 +8,14 @@ engine's steering plan for the query; generated rows through ``Personalizer.prep
 ``lora`` mode's lookup of the stored adapter (``adapter=True``), the task adapter a
 :class:`fints.adapters.mode.LoraAddition` on the same host; steering off is
 ``SteeringConfig(enabled=False)``.
+
+With ``--through-adapter`` one NLL row more (:data:`THROUGH`): the user's adapter and a
+steering vector trained through it (:func:`train_through`), the plug-in trained to stack.
 """
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -30,7 +34,8 @@ from fints.modes import SteeringAddition
 from fints.prompts import build_prompt_ids
 from fints.sites import Site
 from fints.steering import SteeringConfig
-from fints.target_nll import target_nll
+from fints.target_nll import Example, target_nll
+from fints.vector_training import TrainingConfig, train_vectors
 
 #: row: (whose adapter: None, "task", "user" or "other"; steered by the user's dictionary)
 ROWS: dict[str, tuple[str | None, bool]] = {
@@ -52,6 +57,9 @@ COMPARISONS = (
     ("task LoRA + steering", "task LoRA"),
     ("per-user LoRA + steering", "steering"),
 )
+#: The NLL row of a vector trained through the user's own adapter, and its comparisons.
+THROUGH = "per-user LoRA + vector trained through it"
+THROUGH_COMPARISONS = ((THROUGH, "per-user LoRA"), (THROUGH, "per-user LoRA + steering"))
 #: generation metrics (higher is better) and their labels in the report
 GENERATION = {"rouge1": "ROUGE-1", "rougeL": "ROUGE-L", "judge": "judge", "judge_heldout": ""}
 OFF = SteeringConfig(enabled=False)
@@ -111,6 +119,12 @@ class RowScorer:
 
     def __init__(self, scorer: Scorer, task: Task, names: dict[str, str], task_adapter: str):
         self.scorer, self.task, self.names, self.task_adapter = scorer, task, names, task_adapter
+        #: per user, the vectors of the :data:`THROUGH` row by site, if trained
+        self.through: dict[str, dict[Site, torch.Tensor]] = {}
+
+    @property
+    def rows(self) -> list[str]:
+        return [*ROWS, *([THROUGH] if self.through else [])]
 
     def adapter(self, row: str, user: str) -> str | None:
         kind = ROWS[row][0]
@@ -124,6 +138,10 @@ class RowScorer:
         self, row: str, user: str, queries: Sequence[Any], plan: dict[Site, torch.Tensor]
     ) -> list[float]:
         """Per query of ``user``; ``plan``: their steering vectors (used if the row steers)."""
+        if row == THROUGH:
+            n = len(queries)
+            through = {s: v.expand(n, -1) for s, v in self.through[user].items()}
+            return self.scorer.nll(queries, self.names[user], through)
         return self.scorer.nll(queries, self.adapter(row, user), plan if ROWS[row][1] else None)
 
     def generate(
@@ -155,6 +173,30 @@ class RowScorer:
                 assert r.adapter == expected, (row, r.adapter)
             texts += [r.text for r in results]
         return texts
+
+
+def train_through(scorer: RowScorer, config: TrainingConfig) -> dict[str, float]:
+    """Per user, a vector at the dictionaries' sites trained from zero (``config``: the
+    trained method's per-user settings) on the user's history, every forward pass through
+    the user's own adapter (``AdapterHost.routing``): it learns what the adapter left out,
+    where the dictionaries' vectors were trained on the base model. Sets
+    ``scorer.through``; returns each user's training seconds."""
+    inner = scorer.scorer
+    tok = inner.model.tokenizer
+    sites = inner.engine.extraction.sites
+    seconds = {}
+    for user in sorted(scorer.task.users):
+        examples: list[Example] = []
+        for item in scorer.task.users[user].history:
+            ids = [*tok(item.output, add_special_tokens=False)["input_ids"], tok.eos_token_id]
+            prompt = build_prompt_ids(tok, inner.engine.template, item.input)
+            examples.append((prompt, ids[: config.max_target_tokens]))
+        start = time.perf_counter()
+        with inner.host.routing([scorer.names[user]]):
+            trained = train_vectors(inner.model, sites, examples, config=config)
+        seconds[user] = time.perf_counter() - start
+        scorer.through[user] = {s: trained.values[i] for i, s in enumerate(trained.sites)}
+    return seconds
 
 
 def judges(task: Task) -> dict[str, tuple[TextClassifier, list[str]]]:
@@ -196,7 +238,7 @@ def summary(users: list[str], rows: dict[str, list[float]], lower_better: bool) 
         "means": {r: [d.mean, d.lo, d.hi] for r, d in means.items()},
         "comparisons": {},
     }
-    for a, b in COMPARISONS:
+    for a, b in [c for c in (*COMPARISONS, *THROUGH_COMPARISONS) if c[0] in rows]:
         d = user_bootstrap(rows[a], rows[b], users)
         per_user: dict[str, list[float]] = {}
         for u, x, y in zip(users, rows[a], rows[b], strict=True):
@@ -230,7 +272,7 @@ def comparison_table(comparisons: dict[str, Any], unit: str) -> list[str]:
 def markdown(result: dict[str, Any]) -> str:
     lines = ["| row | NLL (nats/token), test | 95 % CI (users) | validation |", "|---|---|---|---|"]
     test, val = result["test"]["means"], result["validation"]["means"]
-    for row in ROWS:
+    for row in test:
         m, lo, hi = test[row]
         lines.append(f"| {row} | {m:.3f} | [{lo:.3f}, {hi:.3f}] | {val[row][0]:.3f} |")
     lines += ["", *comparison_table(result["test"]["comparisons"], "NLL")]
@@ -270,9 +312,9 @@ def plot(result: dict[str, Any], path: Any, title: str) -> None:
 
     fig, (left, right) = plt.subplots(1, 2, figsize=(13, 4))
     means = result["test"]["means"]
-    bars(left, list(ROWS), [tuple(means[r]) for r in ROWS])
-    low = min(means[r][1] for r in ROWS)
-    left.set_xlim(low - 0.2, max(means[r][2] for r in ROWS) + 0.1)
+    bars(left, list(means), [tuple(m) for m in means.values()])
+    low = min(m[1] for m in means.values())
+    left.set_xlim(low - 0.2, max(m[2] for m in means.values()) + 0.1)
     left.set_xlabel("per-token NLL of the gold output (nats)")
     comparisons = result["test"]["comparisons"]
     bars(right, list(comparisons), [(c["mean"], c["lo"], c["hi"]) for c in comparisons.values()])

@@ -1,9 +1,10 @@
-"""Per-user LoRA (OPPU) beside Fints on headlines or persona: NLL, ROUGE and the judge.
+"""Per-user LoRA (OPPU) beside Fints on headlines, abstracts or persona: NLL, ROUGE, judge.
 
 ``--task headlines`` (``short_description`` -> ``headline``, the headline prompt without
 examples): per author (>= 20 articles, by date) the last ``--test`` articles are test
 queries, the ``--val`` before them validation queries, the ``--history`` before those
-the history. ``--task persona``: each of moodswapper's moods is a user
+the history. ``--task abstracts`` (title -> abstract, >= 20 papers): the same split.
+``--task persona``: each of moodswapper's moods is a user
 (:func:`fints.benchmark.persona.load_persona`, the generic prompt; by default 24
 history answers, 3 validation and 12 test prompts per mood, the split of
 ``trained_probe.py --task persona``). SmolLM2. Trained through the product's paths
@@ -17,7 +18,10 @@ Rows (teacher-forced NLL of the gold output, ``<|im_end|>`` included):
 * task LoRA: one adapter trained on all users' histories;  task LoRA + steering;
 * per-user LoRA: OPPU, the user's adapter on top of the task adapter;
 * per-user LoRA + steering: the plug-in mode;
-* other user's LoRA: another user's adapter (fixed per user): the control.
+* other user's LoRA: another user's adapter (fixed per user): the control;
+* with ``--through-adapter`` (``--contrast trained``; NLL only): per-user LoRA + a vector
+  trained from zero on the user's history through their adapter (the plug-in trained to
+  stack; the dictionaries' vectors were trained on the base model).
 
 ``--generate``: each row's greedy answers to the test queries (``--max-new-tokens``,
 the engine's ``prepare``/``decode``, see ``lora_common.py``), scored by ROUGE-1/L
@@ -45,23 +49,39 @@ from typing import Any
 
 import numpy as np
 import torch
-from lora_common import ROWS, RowScorer, Scorer, generation_scores, markdown, plot, summary
+from lora_common import (
+    ROWS,
+    RowScorer,
+    Scorer,
+    generation_scores,
+    markdown,
+    plot,
+    summary,
+    train_through,
+)
 
 from fints.adapters.config import LoraTrainConfig
 from fints.adapters.jobs import Job, train_task, train_users
 from fints.adapters.mode import LoraMode
 from fints.benchmark.persona import PersonaConfig, load_persona
-from fints.benchmark.tasks import SplitConfig, Task, load_headlines
+from fints.benchmark.tasks import SplitConfig, Task, load_abstracts, load_headlines
 from fints.engine import Personalizer
 from fints.extraction.config import ExtractionConfig
+from fints.extraction.trained import TrainedConfig
 from fints.generation import GenerationOptions
 from fints.models import load_model
 from fints.store import Store
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "news_headlines.jsonl"
+DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+#: the real-data task: (its file under DATA, its loader)
+FILES = {
+    "headlines": ("news_headlines.jsonl", load_headlines),
+    "abstracts": ("arxiv_abstracts.jsonl", load_abstracts),
+}
 #: per task, what an argument left out means
 DEFAULTS: dict[str, dict[str, Any]] = {
     "headlines": {"authors": 12, "history": 16, "test": 4, "val": 2, "max_new_tokens": 32},
+    "abstracts": {"authors": 12, "history": 16, "test": 4, "val": 2, "max_new_tokens": 128},
     "persona": {"authors": 9, "history": 24, "test": 12, "val": 3, "max_new_tokens": 64},
 }
 
@@ -69,7 +89,7 @@ DEFAULTS: dict[str, dict[str, Any]] = {
 def arguments() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--task", choices=sorted(DEFAULTS), default="headlines")
-    parser.add_argument("--data", type=Path, help="headlines: the JSONL; persona: mood folder")
+    parser.add_argument("--data", type=Path, help="the task's JSONL; persona: the mood folder")
     parser.add_argument("--authors", type=int, help="users (the first by name)")
     parser.add_argument("--history", type=int)
     parser.add_argument("--test", type=int)
@@ -79,6 +99,11 @@ def arguments() -> argparse.Namespace:
     parser.add_argument("--epochs", type=int, default=2)
     parser.add_argument("--contrast", default="context", help="the dictionaries' method")
     parser.add_argument("--generate", action="store_true", help="also ROUGE and the judge")
+    parser.add_argument(
+        "--through-adapter",
+        action="store_true",
+        help="also (NLL) each user's adapter with a vector trained through it (trained method)",
+    )
     parser.add_argument("--max-new-tokens", type=int, help="default: 32 headlines, 64 persona")
     parser.add_argument("--batch-size", type=int, default=12, help="generation batch")
     parser.add_argument("--threads", type=int, default=1)
@@ -100,19 +125,20 @@ def load_task(args: argparse.Namespace) -> Task:
         split = SplitConfig(
             min_items=20, n_test=args.test, n_val=args.val, max_history=args.history, seed=0
         )
-        task = load_headlines(args.data or DATA, split, max_new_tokens=args.max_new_tokens)
+        name, loader = FILES[args.task]
+        task = loader(args.data or DATA / name, split, max_new_tokens=args.max_new_tokens)
     return task.subset_users(sorted(task.users)[: args.authors])
 
 
 def score_split(scorer: RowScorer, task: Task, split: str) -> dict[str, Any]:
     """Per row, the NLL of every query of ``split`` (users in order); and their users."""
-    rows: dict[str, list[float]] = {r: [] for r in ROWS}
+    rows: dict[str, list[float]] = {r: [] for r in scorer.rows}
     users: list[str] = []
     for user in sorted(task.users):
         queries = getattr(task.users[user], split)
         plan = scorer.scorer.steering(user, queries)
         users += [user] * len(queries)
-        for row in ROWS:
+        for row in scorer.rows:
             rows[row] += scorer.nll(row, user, queries, plan)
     return {"users": users, "rows": rows}
 
@@ -174,6 +200,13 @@ def main() -> None:
         host.capacity = max(host.capacity, len(done) + 1)
         names = {d.user: host.load(d.stored.folder) for d in done}
         scorer = RowScorer(Scorer(model, engine, host), task, names, host.load(stored_task.folder))
+        through_seconds = {}
+        if args.through_adapter:
+            settings = extraction.settings
+            if not isinstance(settings, TrainedConfig):
+                raise SystemExit("--through-adapter trains the trained method's vectors")
+            through_seconds = train_through(scorer, settings.training("user"))
+            print(f"vectors through the adapters: {time.perf_counter() - started:.0f}s")
         options = {k: v for k, v in vars(args).items() if k not in ("out", "plot_only")}
         result: dict[str, Any] = {
             "command": "benchmarks/lora_headlines.py "
@@ -215,6 +248,7 @@ def main() -> None:
                 "user_part_bytes": d.trained.weights.parameters * 4,
                 "dictionary_vector_bytes": (folder / "vectors.safetensors").stat().st_size,
                 "dictionary_entries": len(dictionary),
+                **({"through_seconds": through_seconds[d.user]} if through_seconds else {}),
             }
         result["per_user"] = per_user
         store.close()

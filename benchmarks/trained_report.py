@@ -64,8 +64,11 @@ def comparison_line(name: str, c: dict[str, Any], better: int, users: int) -> st
 
 
 def markdown(result: dict[str, Any]) -> str:
+    args = result["args"]
+    model = args.get("model", "None")
     lines = [
-        f"# Trained steering vectors: shared + per-user delta ({result['args']['task']}, SmolLM2)",
+        "# Trained steering vectors: shared + per-user delta "
+        f"({args['task']}, {'SmolLM2' if model == 'None' else model})",
         "",
         f"Command: `{result['command']}`",
         "",
