@@ -210,6 +210,14 @@ def generate(
             "--adapter requires it, --no-adapter leaves it off",
         ),
     ] = None,
+    steer: Annotated[
+        bool,
+        typer.Option(
+            "--steer/--no-steer",
+            help="the user's steering vectors; --no-steer leaves them off (e.g. to be "
+            "served by the adapter alone, the better choice measured on persona)",
+        ),
+    ] = True,
     compare: Annotated[
         bool, typer.Option(help="also show the plain answer (no steering, adapter, guidance)")
     ] = True,
@@ -235,7 +243,8 @@ def generate(
     name = None if user == "-" else user
     with _store(store) as db:
         engine = _engine(db, model, dtype, None, template)
-        steering = engine.steering = user_steering(engine, name, tenant, flags)
+        steering = user_steering(engine, name, tenant, flags)
+        engine.steering = steering if steer else steering.with_(enabled=False)
         if classifiers is not None:
             library = ClassifierLibrary(classifiers)
             engine.modes = [

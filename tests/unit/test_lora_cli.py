@@ -60,6 +60,12 @@ def test_train_show_import_and_delete(model_dir: Path, tmp_path: Path) -> None:
     assert answer(out)["adapter"] == "ann"  # served with their adapter
     code, out = run(*ask, "--no-adapter")
     assert code == 0 and answer(out)["adapter"] is None, out
+    code, out = run("build", "ann", *common, "--contrast", "context")
+    assert code == 0, out
+    code, out = run(*ask)  # the plug-in: her adapter and her dictionary in one row
+    assert code == 0 and answer(out)["adapter"] == "ann" and answer(out)["steered"], out
+    code, out = run(*ask, "--no-steer")  # the adapter alone
+    assert code == 0 and answer(out)["adapter"] == "ann" and not answer(out)["steered"], out
     with Store(db) as store:
         store.add_items("default", "cy", history("cy"))
     code, out = run(*ask[:1], "cy", *ask[2:], "--adapter")
