@@ -7,7 +7,7 @@ the history. ``--task abstracts`` (title -> abstract, >= 20 papers): the same sp
 ``--task persona``: each of moodswapper's moods is a user
 (:func:`fints.benchmark.persona.load_persona`, the generic prompt; by default 24
 history answers, 3 validation and 12 test prompts per mood, the split of
-``trained_probe.py --task persona``). SmolLM2. Trained through the product's paths
+``trained_probe.py --task persona``). SmolLM2, or ``--model``. Trained through the product's paths
 (``fints.adapters.jobs``: ``fints lora train-task`` / ``fints lora train --task``) in a
 temporary store, with the users' steering dictionaries built by
 ``Personalizer.add_history`` (``--contrast``, default context; default sites and encoder).
@@ -94,6 +94,8 @@ def arguments() -> argparse.Namespace:
     parser.add_argument("--history", type=int)
     parser.add_argument("--test", type=int)
     parser.add_argument("--val", type=int)
+    parser.add_argument("--model", default=None, help="fints model name, HF id or folder")
+    parser.add_argument("--dtype", default="auto")
     parser.add_argument("--task-lr", type=float, default=1e-4)
     parser.add_argument("--user-lr", type=float, default=1e-4)
     parser.add_argument("--epochs", type=int, default=2)
@@ -171,7 +173,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     args.out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
-    model = load_model()
+    model = load_model(args.model, dtype=args.dtype)
     task = load_task(args)
     with tempfile.TemporaryDirectory() as tmp:
         store = Store(Path(tmp) / "store.sqlite")
@@ -217,6 +219,7 @@ def main() -> None:
             )
             + f" --out {args.out}",
             "task": args.task,
+            "model": model.name,
             "authors": len(task.users),
             "queries": len(task.queries("test")),
             "max_new_tokens": args.max_new_tokens,
@@ -267,8 +270,8 @@ def main() -> None:
 def title(result: dict[str, Any], task: str) -> str:
     users = "moods" if task == "persona" else "authors"
     return (
-        f"{task.capitalize()}, SmolLM2, {result['authors']} {users}, {result['queries']} test "
-        "queries; 95% CIs resample users"
+        f"{task.capitalize()}, {result.get('model', 'smollm2')}, {result['authors']} {users}, "
+        f"{result['queries']} test queries; 95% CIs resample users"
     )
 
 
