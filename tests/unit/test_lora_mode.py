@@ -145,3 +145,34 @@ def test_a_deleted_users_adapter_leaves_the_model_at_the_next_batch(tmp_path: Pa
     assert result.adapter == "bob"
     assert host.loaded() == {adapters.require_user_adapter("default", "bob").name}
     store.close()
+
+
+def test_trained_dictionaries_ride_on_adapters_in_a_mixed_batch(tmp_path: Path) -> None:
+    """The plug-in with the default method's dictionaries (a tenant's shared vector plus
+    each user's delta): rows with an adapter and trained vectors, an adapter alone and
+    trained vectors alone, in one batch, each equal to its unbatched run."""
+    model = tiny_llama()
+    store = Store(tmp_path / "store.sqlite")
+    adapters = AdapterStore(store, model)
+    engine = Personalizer(model, store, encoder=HashEncoder())
+    for user in ("dave", "erin"):
+        engine.add_history(user, history(user))
+        store_user_adapter(adapters, user, train_user(model, user))
+    dave = engine.dictionary("dave")
+    assert dave is not None and dave.meta.method == "trained"
+    batch = [
+        GenerationRequest("dave", "dave asks about topic 1"),
+        GenerationRequest("erin", "erin asks about topic 2"),
+        GenerationRequest("dave", "dave asks about topic 3", steering=OFF),
+        GenerationRequest("erin", "erin asks about topic 0", adapter=False),
+    ]
+    batched = engine.generate(batch, OPTIONS)
+    alone = [engine.generate([r], OPTIONS)[0] for r in batch]
+    assert [r.text for r in batched] == [r.text for r in alone]
+    assert [r.adapter for r in batched] == ["dave", "erin", "dave", None]
+    assert [r.steered for r in batched] == [True, True, False, True]
+    plain = engine.generate(
+        [GenerationRequest("dave", "dave asks about topic 1", steering=OFF, adapter=False)], OPTIONS
+    )
+    assert plain[0].text != batched[0].text  # adapter and vectors change what is written
+    store.close()
