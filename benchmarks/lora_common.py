@@ -24,6 +24,7 @@ import torch
 
 from fints.adapters.host import AdapterHost
 from fints.adapters.mode import LoraAddition
+from fints.adapters.training import training_examples
 from fints.benchmark.metrics import TextClassifier, rouge
 from fints.benchmark.stats import user_bootstrap
 from fints.benchmark.tasks import Task
@@ -34,7 +35,7 @@ from fints.modes import SteeringAddition
 from fints.prompts import build_prompt_ids
 from fints.sites import Site
 from fints.steering import SteeringConfig
-from fints.target_nll import Example, target_nll
+from fints.target_nll import target_nll
 from fints.vector_training import TrainingConfig, train_vectors
 
 #: row: (whose adapter: None, "task", "user" or "other"; steered by the user's dictionary)
@@ -182,15 +183,13 @@ def train_through(scorer: RowScorer, config: TrainingConfig) -> dict[str, float]
     where the dictionaries' vectors were trained on the base model. Sets
     ``scorer.through``; returns each user's training seconds."""
     inner = scorer.scorer
-    tok = inner.model.tokenizer
     sites = inner.engine.extraction.sites
     seconds = {}
     for user in sorted(scorer.task.users):
-        examples: list[Example] = []
-        for item in scorer.task.users[user].history:
-            ids = [*tok(item.output, add_special_tokens=False)["input_ids"], tok.eos_token_id]
-            prompt = build_prompt_ids(tok, inner.engine.template, item.input)
-            examples.append((prompt, ids[: config.max_target_tokens]))
+        history = scorer.task.users[user].history
+        examples = training_examples(
+            inner.model, inner.engine.template, history, config.max_target_tokens
+        )
         start = time.perf_counter()
         with inner.host.routing([scorer.names[user]]):
             trained = train_vectors(inner.model, sites, examples, config=config)

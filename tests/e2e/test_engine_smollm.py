@@ -110,7 +110,7 @@ def test_steering_changes_output_and_zero_strength_does_not(engine):
 
 def test_batch_of_users_equals_each_alone(engine, tmp_path):
     """Greedy text of each row equals its solo run (float32: bf16 rounding differs by padding)."""
-    fp32 = load_model(dtype="float32")
+    fp32 = engine.model  # the session's SmolLM2 is float32 (tests/conftest.py)
     engine = Personalizer(
         fp32, engine.store, encoder=engine.encoder, steering=STEER, extraction=engine.extraction
     )
