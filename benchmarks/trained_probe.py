@@ -13,8 +13,10 @@ of the gold test headline (teacher-forced, ``<|im_end|>`` included), per row:
   delta), random delta (shared + a random direction of the own delta's norm);
 * ICL k=3 own and wrong user (the k history items nearest the query in the prompt, as
   the product retrieves them), own + ICL, shared + ICL;
-* shared + the mean of the other authors' deltas, own from zero (``--zero``), and the
-  per-item rows with retrieval (``--item-steps``, see ``trained_items.py``).
+* shared + the mean of the other authors' deltas, own from zero (``--zero``), the
+  per-item rows with retrieval (``--item-steps``, see ``trained_items.py``) and deltas
+  trained from that mean instead of the shared vector (``--rebase``, see
+  ``trained_rebase.py``).
 
 Paired differences get 95% bootstrap intervals resampling users (not queries),
 sign-flip p-values over users and the minimum detectable effect
@@ -42,7 +44,9 @@ import torch
 from trained_generation import generation_scores
 from trained_items import add_arguments as add_item_arguments
 from trained_items import per_item_rows
-from trained_report import generation_report, markdown, report
+from trained_rebase import OWN_REBASED, REBASED, rebased_rows
+from trained_rebase import add_arguments as add_rebase_arguments
+from trained_report import cluster_stats, generation_report, markdown, report
 
 from fints.benchmark.persona import PersonaConfig, load_persona
 from fints.benchmark.tasks import (
@@ -460,6 +464,7 @@ def main() -> None:
     parser.add_argument("--max-new-tokens", type=int, default=32)
     parser.add_argument("--rows", default="", help="only these rows (comma-separated) and own")
     add_item_arguments(parser)
+    add_rebase_arguments(parser)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     model = load_model(args.model, dtype=args.dtype)
@@ -476,10 +481,15 @@ def main() -> None:
     rows = probe_rows(model, evaluated, shared, deltas, zeros, 0, args.icl_k)
     made_with = (configs(args)["delta"].to_dict(), args.patience, args.shared_steps, args.dev)
     tag = cache_key(model, args, [str(s) for s in sites], *made_with)
+    own = {n: d.values for n, d in deltas.items()}
+    bare = {a.name: [list(p) for p, _ in a.test] for a in evaluated}
     if args.item_steps:
-        own = {n: d.values for n, d in deltas.items()}
-        bare = {a.name: [list(p) for p, _ in a.test] for a in evaluated}
         rows |= per_item_rows(model, sites, evaluated, own, bare, args, tag)
+    if args.rebase:
+        delta_config = configs(args)["delta"]
+        rows |= rebased_rows(
+            model, sites, evaluated, shared.values, own, delta_config, bare, args.cache, tag
+        )
     wanted = ["own", *args.rows.split(",")] if args.rows else list(rows)
     scores = evaluate(model, evaluated, sites, {k: rows[k] for k in wanted}, args.cache, tag)
     delta_norms = [float((d.values - shared.values).norm()) for d in deltas.values()]
@@ -501,7 +511,12 @@ def main() -> None:
         f"wall time {time.perf_counter() - start:.0f}s on {args.threads} thread(s) "
         "(cached vectors are not retrained)",
     ]
-    result = report(scores, args, {"settings": {"sites": args.sites}, "training": training})
+    pairs = {}  # comparisons that are not "own minus a row"
+    if OWN_REBASED in scores and REBASED in scores:
+        diff = scores[OWN_REBASED] - scores[REBASED]
+        pairs[f"{OWN_REBASED} minus {REBASED}"] = cluster_stats(diff, seed=0)
+    extra = {"settings": {"sites": args.sites}, "training": training, "pairs": pairs}
+    result = report(scores, args, extra)
     result["per_user_nll"] = {k: v.mean(axis=1).tolist() for k, v in scores.items()}
     if args.generate:
         generated, texts = generation_scores(

@@ -87,6 +87,11 @@ def markdown(result: dict[str, Any]) -> str:
     ]
     for k, c in result["own_minus"].items():
         lines.append(comparison_line(k, c, c["users_better"], result["users"]))
+    if result.get("pairs"):
+        lines += ["", "| comparison | diff | 95% CI | MDE | users first better | p | - |"]
+        lines += ["|---|---|---|---|---|---|---|"]
+        for k, c in result["pairs"].items():
+            lines.append(comparison_line(k, c, c["users_better"], result["users"]))
     if "generation" in result:
         lines += generation_markdown(result)
     lines += ["", "Training:", "", *[f"- {line}" for line in result["training"]], ""]

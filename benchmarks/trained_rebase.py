@@ -1,0 +1,89 @@
+"""Deltas trained from a better task vector, for ``trained_probe.py --rebase``.
+
+The control "shared + mean other deltas" can beat the shared vector itself (the shared
+vector stopped early, and every author's delta carries on with the task); then "own
+minus shared" mixes task learning with the author. Here each author's delta is trained
+again, with the same settings, from a *rebased* start: the shared vector plus the mean
+of the other evaluated authors' deltas. The rows "rebased" (that start) and "own
+(rebased)" (the start plus the new delta) ask whether anything personal is left above
+a task vector that no longer lags: the comparison "own (rebased) minus rebased".
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+
+from fints.models import LoadedModel
+from fints.sites import Site
+from fints.vector_training import TrainedVectors, TrainingConfig, train_vectors
+
+if TYPE_CHECKING:
+    from trained_probe import Author, Row
+
+REBASED, OWN_REBASED = "rebased", "own (rebased)"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--rebase",
+        action="store_true",
+        help="also deltas trained from shared + the mean of the other authors' deltas",
+    )
+
+
+def rebased_delta(
+    model: LoadedModel,
+    sites: tuple[Site, ...],
+    author: Author,
+    start: torch.Tensor,
+    config: TrainingConfig,
+    path: Path,
+) -> torch.Tensor:
+    """``[sites, hidden]``: the author's vector trained from ``start`` (cached)."""
+    if path.is_file():
+        cached: torch.Tensor = torch.load(path)
+        return cached
+    valid = author.valid if config.patience is not None else None
+    trained: TrainedVectors = train_vectors(
+        model, sites, author.train, init=start, config=config, valid=valid
+    )
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(trained.values, path.with_suffix(".tmp"))
+    path.with_suffix(".tmp").rename(path)
+    return trained.values
+
+
+def rebased_rows(
+    model: LoadedModel,
+    sites: tuple[Site, ...],
+    authors: list[Author],
+    shared: torch.Tensor,
+    own: dict[str, torch.Tensor],
+    config: TrainingConfig,
+    bare: dict[str, list[list[int]]],
+    cache: Path,
+    cache_tag: str,
+) -> dict[str, dict[str, Row]]:
+    """Rows :data:`REBASED` and :data:`OWN_REBASED` for every author (``own``: each
+    author's vector, shared + their delta)."""
+    deltas = {a.name: own[a.name] - shared for a in authors}
+    rows: dict[str, dict[str, Row]] = {}
+    for n, a in enumerate(authors):
+        others = torch.stack([d for name, d in deltas.items() if name != a.name])
+        start = shared + others.mean(dim=0)
+        tag = hashlib.sha256(f"{cache_tag}{config.to_dict()}{a.name}".encode()).hexdigest()[:16]
+        vector = rebased_delta(model, sites, a, start, config, cache / f"rebased-{tag}.pt")
+        queries = len(bare[a.name])
+        rows.setdefault(REBASED, {})[a.name] = (bare[a.name], [start] * queries)
+        rows.setdefault(OWN_REBASED, {})[a.name] = (bare[a.name], [vector] * queries)
+        print(
+            f"  rebased [{n + 1}/{len(authors)}] {a.name}: new delta norm "
+            f"{(vector - start).norm():.2f}",
+            flush=True,
+        )
+    return rows
