@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -49,20 +50,28 @@ def item_vectors(
     path: Path,
 ) -> torch.Tensor:
     """``[history items, sites, hidden]``: each item's refinement of ``own`` (cached)."""
+    examples = author.train + author.valid  # the whole history, oldest first
+    return cached_tensor(
+        path,
+        lambda: torch.stack(
+            [
+                train_vectors(model, sites, [example], init=own, config=config).values
+                for example in examples
+            ]
+        ),
+    )
+
+
+def cached_tensor(path: Path, make: Callable[[], torch.Tensor]) -> torch.Tensor:
+    """The tensor saved at ``path``, or ``make()``'s, saved there (atomically) first."""
     if path.is_file():
         cached: torch.Tensor = torch.load(path)
         return cached
-    examples = author.train + author.valid  # the whole history, oldest first
-    vectors = torch.stack(
-        [
-            train_vectors(model, sites, [example], init=own, config=config).values
-            for example in examples
-        ]
-    )
+    tensor = make()
     path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save(vectors, path.with_suffix(".tmp"))
+    torch.save(tensor, path.with_suffix(".tmp"))
     path.with_suffix(".tmp").rename(path)
-    return vectors
+    return tensor
 
 
 def per_item_rows(

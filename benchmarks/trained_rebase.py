@@ -13,14 +13,16 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
+from trained_items import cached_tensor
 
 from fints.models import LoadedModel
 from fints.sites import Site
-from fints.vector_training import TrainedVectors, TrainingConfig, train_vectors
+from fints.vector_training import TrainingConfig, train_vectors
 
 if TYPE_CHECKING:
     from trained_probe import Author, Row
@@ -36,26 +38,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def rebased_delta(
+def trained_from(
     model: LoadedModel,
     sites: tuple[Site, ...],
     author: Author,
     start: torch.Tensor,
     config: TrainingConfig,
-    path: Path,
 ) -> torch.Tensor:
-    """``[sites, hidden]``: the author's vector trained from ``start`` (cached)."""
-    if path.is_file():
-        cached: torch.Tensor = torch.load(path)
-        return cached
+    """``[sites, hidden]``: the author's vector trained from ``start`` (early-stopped on
+    their latest items when ``config.patience`` is set, as the probe's deltas are)."""
     valid = author.valid if config.patience is not None else None
-    trained: TrainedVectors = train_vectors(
-        model, sites, author.train, init=start, config=config, valid=valid
-    )
-    path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save(trained.values, path.with_suffix(".tmp"))
-    path.with_suffix(".tmp").rename(path)
-    return trained.values
+    return train_vectors(model, sites, author.train, init=start, config=config, valid=valid).values
 
 
 def rebased_rows(
@@ -77,7 +70,8 @@ def rebased_rows(
         others = torch.stack([d for name, d in deltas.items() if name != a.name])
         start = shared + others.mean(dim=0)
         tag = hashlib.sha256(f"{cache_tag}{config.to_dict()}{a.name}".encode()).hexdigest()[:16]
-        vector = rebased_delta(model, sites, a, start, config, cache / f"rebased-{tag}.pt")
+        train = partial(trained_from, model, sites, a, start, config)
+        vector = cached_tensor(cache / f"rebased-{tag}.pt", train)
         queries = len(bare[a.name])
         rows.setdefault(REBASED, {})[a.name] = (bare[a.name], [start] * queries)
         rows.setdefault(OWN_REBASED, {})[a.name] = (bare[a.name], [vector] * queries)
