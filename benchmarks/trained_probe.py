@@ -44,7 +44,7 @@ import torch
 from trained_generation import generation_scores
 from trained_items import add_arguments as add_item_arguments
 from trained_items import per_item_rows
-from trained_rebase import OWN_REBASED, REBASED, rebased_rows
+from trained_rebase import OWN_REBASED, REBASED, mean_of_others, rebased_rows
 from trained_rebase import add_arguments as add_rebase_arguments
 from trained_report import cluster_stats, generation_report, markdown, report
 
@@ -382,6 +382,7 @@ def probe_rows(
     bare = {a.name: [p for p, _ in a.test] for a in authors}
     own_icl = icl_prompts(model, authors, {n: n for n in names}, icl_k)
     wrong_icl = icl_prompts(model, authors, wrong, icl_k)
+    others = mean_of_others(delta)
     g = torch.Generator().manual_seed(seed)
     rows: dict[str, dict[str, Row]] = {}
 
@@ -393,7 +394,6 @@ def probe_rows(
     for n in names:
         direction = torch.randn(delta[n].shape, generator=g)
         scale = delta[n].norm(dim=1, keepdim=True) / direction.norm(dim=1, keepdim=True)
-        others = torch.stack([delta[m] for m in names if m != n]).mean(0)
         own = shared.values + delta[n]
         add("none", n, bare[n], None)
         add("shared", n, bare[n], shared.values)
@@ -406,7 +406,7 @@ def probe_rows(
         add(f"shared + icl k={icl_k}", n, own_icl[n], shared.values)
         if zeros:
             add("own from zero", n, bare[n], zeros[n].values)
-        add("shared + mean other deltas", n, bare[n], shared.values + others)
+        add("shared + mean other deltas", n, bare[n], shared.values + others[n])
     return rows
 
 

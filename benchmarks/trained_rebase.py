@@ -38,6 +38,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def mean_of_others(deltas: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Per author, the mean of every other author's delta."""
+    return {n: torch.stack([d for m, d in deltas.items() if m != n]).mean(dim=0) for n in deltas}
+
+
 def trained_from(
     model: LoadedModel,
     sites: tuple[Site, ...],
@@ -64,11 +69,10 @@ def rebased_rows(
 ) -> dict[str, dict[str, Row]]:
     """Rows :data:`REBASED` and :data:`OWN_REBASED` for every author (``own``: each
     author's vector, shared + their delta)."""
-    deltas = {a.name: own[a.name] - shared for a in authors}
+    others = mean_of_others({a.name: own[a.name] - shared for a in authors})
     rows: dict[str, dict[str, Row]] = {}
     for n, a in enumerate(authors):
-        others = torch.stack([d for name, d in deltas.items() if name != a.name])
-        start = shared + others.mean(dim=0)
+        start = shared + others[a.name]
         tag = hashlib.sha256(f"{cache_tag}{config.to_dict()}{a.name}".encode()).hexdigest()[:16]
         train = partial(trained_from, model, sites, a, start, config)
         vector = cached_tensor(cache / f"rebased-{tag}.pt", train)
